@@ -1,0 +1,230 @@
+"""The experiment configuration: one frozen dataclass, presets, config files; read once at the edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+PARTITIONS = ("iid", "dirichlet")
+OPTIMIZERS = ("sgd", "adam")
+FORGET_SAMPLES = ("all", "poisoned", "random")
+STEP_RULES = ("adam-first-step", "sgd")
+CACHE_DTYPES = ("float64", "float32", "bfloat16", "float16")
+MODELS = ("auto", "mlp", "cnn", "mcmahan-cnn", "resnet18")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every setting of one experiment; field names are the CLI flags with '_' for '-'."""
+
+    # data
+    dataset: str = field(default="digits", metadata={"help": f"dataset: {', '.join(DATASETS)} (digits ships with scikit-learn: offline)"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder holding torchvision datasets (MNIST, FashionMNIST, CIFAR-10)"})
+    download: bool = field(default=False, metadata={"help": "let torchvision download the dataset into --data-dir if it is missing"})
+    train_limit: int | None = field(default=None, metadata={"help": "use at most this many training examples (seeded subset)"})
+    num_clients: int = field(default=10, metadata={"help": "number of federated clients (Flower SuperNodes)"})
+    partition: str = field(default="iid", metadata={"help": f"how data is split over clients: {', '.join(PARTITIONS)}"})
+    alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration for --partition dirichlet (smaller = more label skew)"})
+    heldout_fraction: float = field(default=0.2, metadata={"help": "fraction of each client's data held out (evaluation, MIA non-members)"})
+    # backdoor used to verify removal
+    backdoor: bool = field(default=True, metadata={"help": "stamp a pixel trigger on part of the forgetting client's data (removal check)"})
+    backdoor_fraction: float = field(default=0.8, metadata={"help": "fraction of the forgetting client's training examples that carry the trigger"})
+    backdoor_target: int = field(default=0, metadata={"help": "label the triggered examples are relabelled to"})
+    trigger_size: int = field(default=3, metadata={"help": "side in pixels of the square trigger in the bottom-right corner"})
+    # model and training
+    model: str = field(default="auto", metadata={"help": f"model: {', '.join(MODELS)} (auto: cnn for digits/MNIST, resnet18 for CIFAR-10)"})
+    rounds: int = field(default=30, metadata={"help": "FedAvg training rounds"})
+    local_epochs: int = field(default=2, metadata={"help": "local epochs per round"})
+    batch_size: int = field(default=32, metadata={"help": "local mini-batch size"})
+    optimizer: str = field(default="sgd", metadata={"help": f"local optimiser: {', '.join(OPTIMIZERS)}"})
+    lr: float = field(default=0.1, metadata={"help": "local learning rate"})
+    momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
+    fraction_fit: float = field(default=1.0, metadata={"help": "fraction of clients sampled per training round"})
+    gr_alpha: float = field(default=0.0, metadata={"help": "Gradient Restriction weight alpha during training (0 = off; IAU uses 0.005)"})
+    # deletion
+    forget_client: int = field(default=0, metadata={"help": "partition id of the client that asks to forget"})
+    forget_samples: str = field(default="all", metadata={"help": "what it forgets: all (client-level), poisoned (its triggered examples), random"})
+    forget_fraction: float = field(default=0.1, metadata={"help": "fraction of its examples forgotten with --forget-samples random"})
+    withdraw_round: int | None = field(default=None, metadata={"help": "round after which the request arrives (default: after training); training then continues without the forgotten data"})
+    # methods
+    methods: tuple[str, ...] = field(default=("retrain", "iau", "iau-cached"), metadata={"help": "comma-separated unlearning methods to compare"})
+    iau_eta: float = field(default=3e-3, metadata={"help": "IAU step size eta"})
+    iau_steps: int = field(default=1, metadata={"help": "IAU steps K (each a round in the fresh protocol)"})
+    iau_step_rule: str = field(default="adam-first-step", metadata={"help": f"IAU step rule: {', '.join(STEP_RULES)}"})
+    allow_stale_cache: bool = field(default=False, metadata={"help": "let clients answer from a cache at another model version instead of refreshing it"})
+    cache_dtype: str = field(default="float32", metadata={"help": f"storage precision of client gradient caches: {', '.join(CACHE_DTYPES)}"})
+    # execution
+    seed: int = field(default=0, metadata={"help": "seed of data split, initial weights, client sampling and local shuffles"})
+    num_cpus_per_client: float = field(default=1.0, metadata={"help": "Ray CPUs per client actor"})
+    num_gpus_per_client: float = field(default=0.0, metadata={"help": "Ray GPUs per client actor (fractions share a GPU)"})
+    device: str = field(default="auto", metadata={"help": "torch device for clients and evaluation: auto, cpu, cuda"})
+    ray_address: str = field(default="local", metadata={"help": "Ray cluster to use: 'local' starts a private one; 'auto' or host:port joins an existing cluster"})
+    round_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for client replies in one round"})
+    eval_every: int = field(default=1, metadata={"help": "evaluate the global model on the test set every N rounds (progress and curves)"})
+    verbose: bool = field(default=False, metadata={"help": "show Flower's and Ray's own logs"})
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("forget-samples", self.forget_samples, FORGET_SAMPLES)
+        _check_choice("iau-step-rule", self.iau_step_rule, STEP_RULES)
+        _check_choice("cache-dtype", self.cache_dtype, CACHE_DTYPES)
+        _check_choice("model", self.model, MODELS)
+        _check_range("num-clients", self.num_clients, 2, None, "at least 2 clients (one forgets, one remains)")
+        _check_range("rounds", self.rounds, 1, None)
+        _check_range("local-epochs", self.local_epochs, 1, None)
+        _check_range("batch-size", self.batch_size, 1, None)
+        _check_range("iau-steps", self.iau_steps, 1, None)
+        _check_range("trigger-size", self.trigger_size, 1, None)
+        _check_range("eval-every", self.eval_every, 1, None)
+        _check_open("lr", self.lr, 0.0, None)
+        _check_open("iau-eta", self.iau_eta, 0.0, None)
+        _check_open("alpha", self.alpha, 0.0, None)
+        _check_open("round-timeout", self.round_timeout, 0.0, None)
+        _check_range("momentum", self.momentum, 0.0, 1.0)
+        _check_range("gr-alpha", self.gr_alpha, 0.0, None)
+        _check_range("num-cpus-per-client", self.num_cpus_per_client, 0.0, None)
+        _check_range("num-gpus-per-client", self.num_gpus_per_client, 0.0, None)
+        _check_open("fraction-fit", self.fraction_fit, 0.0, 1.0, upper_inclusive=True)
+        _check_open("heldout-fraction", self.heldout_fraction, 0.0, 1.0)
+        _check_open("backdoor-fraction", self.backdoor_fraction, 0.0, 1.0, upper_inclusive=True)
+        _check_open("forget-fraction", self.forget_fraction, 0.0, 1.0, upper_inclusive=True)
+        if not 0 <= self.forget_client < self.num_clients:
+            raise ConfigError(f"forget-client={self.forget_client}: must be a partition id in [0, {self.num_clients - 1}] (num-clients={self.num_clients})")
+        if self.withdraw_round is not None and not 1 <= self.withdraw_round < self.rounds:
+            raise ConfigError(f"withdraw-round={self.withdraw_round}: must be in [1, {self.rounds - 1}] (rounds={self.rounds}); omit it to withdraw after training")
+        if self.forget_samples == "poisoned" and not self.backdoor:
+            raise ConfigError("forget-samples=poisoned needs --backdoor: without a backdoor no example is poisoned; use random or all")
+        if self.train_limit is not None and self.train_limit < self.num_clients * 4:
+            raise ConfigError(f"train-limit={self.train_limit}: too small for {self.num_clients} clients (need at least 4 examples each)")
+        if not self.methods:
+            raise ConfigError("methods is empty: name at least one, e.g. --methods retrain,iau")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods={','.join(self.methods)}: a method is listed twice")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device={self.device!r}: must be auto, cpu, cuda or cuda:N")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting under its kebab-case key (what results.json records)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes: Any) -> "ExperimentConfig":
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}{hint}")
+
+
+def _check_range(key: str, value: float, low: float | None, high: float | None, why: str = "") -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{key}={value}: must be {bounds}{'; ' + why if why else ''}")
+
+
+def _check_open(key: str, value: float, low: float, high: float | None, upper_inclusive: bool = False) -> None:
+    ok = value > low and (high is None or (value <= high if upper_inclusive else value < high))
+    if not ok:
+        upper = "" if high is None else (f" and <= {high}" if upper_inclusive else f" and < {high}")
+        raise ConfigError(f"{key}={value}: must be > {low}{upper}")
+
+
+FIELD_NAMES = tuple(f.name for f in fields(ExperimentConfig))
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The default scenario: digits, 10 IID clients, client 0 backdoored (80% of its examples).
+    "default": {},
+    # Seconds-scale end-to-end check of the whole pipeline.
+    "smoke": {"num_clients": 5, "rounds": 6, "local_epochs": 1},
+    "sample-level": {"forget_samples": "poisoned"},
+    "dirichlet": {"partition": "dirichlet", "alpha": 0.5},
+    "mid-training": {"withdraw_round": 20},
+}
+
+
+def normalise_key(key: str) -> str:
+    """'num-clients' / 'num_clients' -> 'num_clients'; unknown keys raise with the closest valid key."""
+    name = key.strip().replace("-", "_")
+    if name not in FIELD_NAMES:
+        valid = [n.replace("_", "-") for n in FIELD_NAMES]
+        close = difflib.get_close_matches(key.replace("_", "-"), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+        raise ConfigError(f"unknown configuration key {key!r}{hint}")
+    return name
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Cast a raw value (from a file or a command line) to the type of field `name`."""
+    kind = {f.name: f.type for f in fields(ExperimentConfig)}[name]
+    default = ExperimentConfig.__dataclass_fields__[name].default
+    if value is None:
+        return None
+    try:
+        if name == "methods":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(m.strip() for m in items if str(m).strip())
+        if isinstance(default, bool) or kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if "int" in str(kind) and "float" not in str(kind):
+            if isinstance(value, str) and value.lower() in ("none", ""):
+                return None
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if "float" in str(kind):
+            return float(value)
+        return str(value) if not (isinstance(value, str) and value.lower() == "none" and default is None) else None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name.replace('_', '-')}={value!r}: expected a value of type {kind}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML or JSON file whose keys are the CLI flags (without '--')."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from None
+    if "tool" in raw:  # a pyproject-style file: [tool.flwr.app.config]
+        raw = raw.get("tool", {}).get("flwr", {}).get("app", {}).get("config", raw)
+    return {normalise_key(k): coerce(normalise_key(k), v) for k, v in raw.items()}
+
+
+def build_config(preset: str = "default", file_settings: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Preset, then config file, then explicit overrides (the command line): later wins."""
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(preset, PRESETS, n=1)
+        raise ConfigError(f"preset={preset!r}: must be one of {', '.join(PRESETS)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    settings: dict[str, Any] = dict(PRESETS[preset])
+    for source in (file_settings or {}, overrides or {}):
+        for key, value in source.items():
+            name = normalise_key(key)
+            settings[name] = coerce(name, value)
+    return ExperimentConfig(**settings)

@@ -1,0 +1,237 @@
+"""The ClientApp: FedAvg training, evaluation that fills the gradient cache, and gradient queries for unlearning.
+
+Handlers are thin: they read the message, call the math in `fedunlearn`, and write the reply.
+Everything heavy (data, model, cache store) is resident per worker process in `ClientRuntime`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedunlearn.cache import CacheStore, GradientCache, exclusion_digest
+from fedunlearn.data import DataSpec, DatasetStore, FederatedData
+from fedunlearn.deletion import DeletionRequest, decode_ledger, excluded_indices, forget_indices, kept_indices
+from fedunlearn.gradients import ParamLayout, gradient_sum
+from fedunlearn.iau import remaining_contribution, withdrawing_contribution
+from fedunlearn.models import build_model
+from fedunlearn.training import TrainSettings, local_train
+
+from . import keys
+
+WIRE_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """What a worker needs to serve any client: the data, the model, where caches live, the device."""
+
+    data: DataSpec
+    model: str
+    cache_dir: str
+    cache_dtype: str = "float32"
+    device: str = "cpu"
+
+
+class ClientRuntime:
+    """Per-process resident data, model and cache store for one ClientSpec (built once per worker).
+
+    Ray worker processes live for the whole run while the ClientApp object is re-pickled with
+    every message, so this class-level registry is where loaded data can stay resident.
+    """
+
+    _instances: ClassVar[dict[ClientSpec, "ClientRuntime"]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, spec: ClientSpec) -> None:
+        self.spec = spec
+        self.data: FederatedData = DatasetStore.get(spec.data)
+        self.device = torch.device(spec.device)
+        self.model = build_model(spec.model, self.data.input_shape, self.data.num_classes).to(self.device)
+        self.layout = ParamLayout.of(self.model)
+        self.store = CacheStore(spec.cache_dir, spec.cache_dtype)
+
+    @classmethod
+    def get(cls, spec: ClientSpec) -> "ClientRuntime":
+        """The resident runtime of this process for `spec`."""
+        with cls._lock:
+            if spec not in cls._instances:
+                cls._instances[spec] = cls(spec)
+            return cls._instances[spec]
+
+    def load(self, arrays: ArrayRecord) -> None:
+        """Load the server's parameters into the resident model."""
+        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+
+    def arrays_xy(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training examples by global index."""
+        return self.data.x_train[indices], self.data.y_train[indices]
+
+    def gradient_record(self, flat: torch.Tensor, dtype: str) -> ArrayRecord:
+        """A flat gradient as an ArrayRecord keyed by parameter name."""
+        named = self.layout.unflatten(flat)
+        np_dtype = WIRE_DTYPES[dtype]
+        return ArrayRecord(OrderedDict((n, t.numpy().astype(np_dtype)) for n, t in named.items()))
+
+    def cached_gradient(self, pid: int, indices: torch.Tensor, version: str, scope: str, allow_stale: bool) -> tuple[GradientCache, bool, bool]:
+        """G over `indices` at `version`: from the cache when it matches, else computed and stored. Returns (cache, hit, stale)."""
+        cache = self.store.get(pid)
+        if cache is not None and cache.scope == scope and (cache.version == version or allow_stale):
+            return cache, True, cache.version != version
+        x, y = self.arrays_xy(indices)
+        flat, _, _ = gradient_sum(self.model, x, y)
+        cache = GradientCache(flat, len(indices), version, scope)
+        self.store.put(pid, cache)
+        return cache, False, False
+
+
+def _spec_from_context(context: Context) -> ClientSpec:
+    """Build a ClientSpec from a `flwr run` run_config (keys as in the CLI)."""
+    from fedunlearn.config import build_config
+
+    from .app_config import client_spec_for
+
+    settings = {k: v for k, v in context.run_config.items()}
+    return client_spec_for(build_config(file_settings=settings))
+
+
+def _reply(msg: Message, metrics: dict[str, float | int], arrays: dict[str, ArrayRecord] | None = None) -> Message:
+    content = RecordDict({keys.METRICS: MetricRecord(metrics)})
+    for name, record in (arrays or {}).items():
+        content[name] = record
+    return Message(content=content, reply_to=msg)
+
+
+def build_client_app(spec: ClientSpec | None = None) -> ClientApp:
+    """The fedunlearn ClientApp; `spec=None` reads its settings from the Flower run config."""
+    app = ClientApp()
+
+    def runtime_for(context: Context) -> ClientRuntime:
+        return ClientRuntime.get(spec if spec is not None else _spec_from_context(context))
+
+    @app.query("info")
+    def info(msg: Message, context: Context) -> Message:
+        runtime = runtime_for(context)
+        pid = int(context.node_config["partition-id"])
+        return _reply(msg, {
+            keys.PARTITION_ID: pid,
+            keys.NUM_TRAIN: len(runtime.data.client_train[pid]),
+            keys.NUM_HELDOUT: len(runtime.data.client_heldout[pid]),
+        })
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        start = time.perf_counter()
+        runtime = runtime_for(context)
+        pid = int(context.node_config["partition-id"])
+        config = msg.content[keys.CONFIG]
+        settings = TrainSettings(
+            epochs=int(config[keys.EPOCHS]), lr=float(config[keys.LR]), batch_size=int(config[keys.BATCH_SIZE]),
+            optimizer=str(config[keys.OPTIMIZER]), momentum=float(config.get(keys.MOMENTUM, 0.0)),
+            gr_alpha=float(config.get(keys.GR_ALPHA, 0.0)),
+        )
+        ledger = decode_ledger(str(config.get(keys.LEDGER, "")))
+        indices = kept_indices(runtime.data, pid, ledger)
+        runtime.load(msg.content[keys.ARRAYS])
+        # One generator per (seed, round, client): the same client in the same round shuffles alike in every run.
+        generator = torch.Generator().manual_seed(int(config[keys.SEED]) * 1_000_003 + int(config[keys.SERVER_ROUND]) * 10_007 + pid)
+        x, y = runtime.arrays_xy(indices)
+        loss = local_train(runtime.model, x, y, settings, generator)
+        state = OrderedDict((k, v.detach().cpu()) for k, v in runtime.model.state_dict().items())
+        return _reply(msg, {keys.NUM_EXAMPLES: len(indices), keys.TRAIN_LOSS: loss, keys.COMPUTE_S: time.perf_counter() - start},
+                      {keys.ARRAYS: ArrayRecord(state)})
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        start = time.perf_counter()
+        runtime = runtime_for(context)
+        pid = int(context.node_config["partition-id"])
+        config = msg.content[keys.CONFIG]
+        runtime.load(msg.content[keys.ARRAYS])
+        model = runtime.model
+        model.eval()
+        hx, hy = runtime.data.client_heldout_arrays(pid)
+        with torch.no_grad():
+            logits = model(hx.to(runtime.device))
+            eval_loss = float(torch.nn.functional.cross_entropy(logits, hy.to(runtime.device)))
+            eval_acc = float((logits.argmax(1).cpu() == hy).float().mean())
+        metrics: dict[str, float | int] = {keys.NUM_EXAMPLES: len(hy), keys.EVAL_LOSS: eval_loss, keys.EVAL_ACC: eval_acc}
+        arrays: dict[str, ArrayRecord] = {}
+        if bool(config.get(keys.CACHE_FILL, False)):
+            ledger = decode_ledger(str(config.get(keys.LEDGER, "")))
+            indices = kept_indices(runtime.data, pid, ledger)
+            scope = exclusion_digest(excluded_indices(runtime.data, pid, ledger))
+            x, y = runtime.arrays_xy(indices)
+            # The forward pass that yields the training loss also yields the cache: one pass, add the backward.
+            flat, loss_sum, correct = gradient_sum(model, x, y)
+            runtime.store.put(pid, GradientCache(flat, len(indices), str(config[keys.MODEL_VERSION]), scope))
+            metrics.update({"train-loss": loss_sum / max(len(indices), 1), "train-acc": correct / max(len(indices), 1),
+                            keys.GRADIENT_COUNT: len(indices)})
+            if bool(config.get(keys.CACHE_UPLOAD, False)):
+                arrays[keys.GRADIENT] = runtime.gradient_record(flat, str(config.get("gradient-dtype", "float32")))
+        metrics[keys.COMPUTE_S] = time.perf_counter() - start
+        return _reply(msg, metrics, arrays)
+
+    @app.query("gradient")
+    def gradient(msg: Message, context: Context) -> Message:
+        start = time.perf_counter()
+        runtime = runtime_for(context)
+        pid = int(context.node_config["partition-id"])
+        config = msg.content[keys.CONFIG]
+        runtime.load(msg.content[keys.ARRAYS])
+        version = str(config[keys.MODEL_VERSION])
+        role = str(config[keys.ROLE])
+        wire = str(config.get("gradient-dtype", "float32"))
+        allow_stale = bool(config.get(keys.ALLOW_STALE, False))
+        ledger = decode_ledger(str(config.get(keys.LEDGER, "")))
+        request = DeletionRequest(**json.loads(str(config[keys.REQUEST])))
+        remaining_count = int(config[keys.REMAINING_COUNT])
+        before = excluded_indices(runtime.data, pid, ledger)
+        before_scope = exclusion_digest(before)
+        if role == keys.ROLE_REMAINING:
+            kept = kept_indices(runtime.data, pid, ledger)
+            cache, hit, stale = runtime.cached_gradient(pid, kept, version, before_scope, allow_stale)
+            vector = remaining_contribution(cache.gradient_sum, remaining_count)
+            metrics = {keys.NUM_EXAMPLES: cache.num_examples, keys.CACHE_HIT: int(hit), keys.CACHE_STALE: int(stale)}
+        else:
+            forget = forget_indices(runtime.data, request)
+            forget = forget[~torch.isin(forget, before)] if before.numel() else forget
+            after = torch.unique(torch.cat([before, forget]))
+            after_scope = exclusion_digest(after)
+            cache = runtime.store.get(pid)
+            hit = 0
+            if request.client_level and cache is not None and cache.is_at(version, before_scope):
+                forget_sum, hit = cache.gradient_sum, 1  # S is all that remains of the client: G_S is the cache itself
+            else:
+                forget_sum, _, _ = gradient_sum(runtime.model, *runtime.arrays_xy(forget))
+            metrics = {keys.FORGET_SIZE: len(forget), keys.CACHE_HIT: hit, keys.CACHE_STALE: 0}
+            if role == keys.ROLE_FORGET_ONLY:
+                vector = forget_sum
+                metrics[keys.NUM_EXAMPLES] = len(forget)
+            else:
+                kept_sum = None
+                if not request.client_level:
+                    if cache is not None and cache.is_at(version, before_scope):
+                        kept_cache = cache.without(forget_sum, len(forget), after_scope)
+                        hit = 1
+                    else:
+                        kept = kept_indices(runtime.data, pid, [*ledger, request])
+                        kept_cache, hit, _ = runtime.cached_gradient(pid, kept, version, after_scope, False)
+                    runtime.store.put(pid, kept_cache)  # the client keeps a cache consistent with what it still holds
+                    kept_sum = kept_cache.gradient_sum
+                    metrics[keys.CACHE_HIT] = int(hit)
+                vector = withdrawing_contribution(kept_sum, forget_sum, remaining_count, len(forget), bool(config.get(keys.CORRECTION, True)))
+                metrics[keys.NUM_EXAMPLES] = len(forget)
+        metrics[keys.COMPUTE_S] = time.perf_counter() - start
+        return _reply(msg, metrics, {keys.GRADIENT: runtime.gradient_record(vector, wire)})
+
+    return app

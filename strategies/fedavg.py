@@ -1,0 +1,138 @@
+"""FedAvg that knows about clients and deletions: seeded sampling by partition id, withdrawn clients excluded."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedunlearn.deletion import DeletionRequest, encode_ledger
+from fedunlearn.errors import MissingRepliesError
+from fedunlearn.training import TrainSettings
+
+from . import keys
+
+
+def model_version(arrays: ArrayRecord) -> str:
+    """Content digest of a model's parameters: caches are valid only at exactly these parameters."""
+    digest = hashlib.sha256()
+    for name, array in arrays.items():
+        digest.update(name.encode())
+        digest.update(array.data)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class ClientDirectory:
+    """Which Flower node serves which partition, and how many examples each holds."""
+
+    node_of: dict[int, int] = field(default_factory=dict)
+    num_train: dict[int, int] = field(default_factory=dict)
+    num_heldout: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def partitions(self) -> list[int]:
+        """Partition ids, sorted."""
+        return sorted(self.node_of)
+
+
+def discover_clients(grid: Grid, expected: int, timeout: float = 120.0) -> ClientDirectory:
+    """Ask every node for its partition id and data sizes (node ids are random per run)."""
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise MissingRepliesError(f"only {len(node_ids)} of {expected} nodes connected within {timeout:.0f} s")
+        time.sleep(0.1)
+    messages = [Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=nid, message_type=keys.QUERY_INFO) for nid in node_ids]
+    directory = ClientDirectory()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise MissingRepliesError(f"node {reply.metadata.src_node_id} failed the info query: {reply.error.reason}")
+        metrics = reply.content[keys.METRICS]
+        pid = int(metrics[keys.PARTITION_ID])
+        directory.node_of[pid] = reply.metadata.src_node_id
+        directory.num_train[pid] = int(metrics[keys.NUM_TRAIN])
+        directory.num_heldout[pid] = int(metrics[keys.NUM_HELDOUT])
+    if len(directory.node_of) != expected:
+        raise MissingRepliesError(f"{len(directory.node_of)} of {expected} clients answered the info query; missing partitions: "
+                                  f"{sorted(set(range(expected)) - set(directory.node_of))}")
+    return directory
+
+
+def sample_partitions(seed: int, server_round: int, partitions: list[int], fraction: float) -> list[int]:
+    """The partitions trained in a round: a seeded function of (seed, round) only, so retraining samples alike."""
+    count = max(1, int(round(fraction * len(partitions))))
+    if count >= len(partitions):
+        return list(partitions)
+    rng = np.random.default_rng([seed, server_round])
+    return sorted(int(p) for p in rng.choice(partitions, size=count, replace=False))
+
+
+class UnlearningFedAvg(FedAvg):
+    """FedAvg over a ClientDirectory with seeded sampling and a ledger of deletions in force.
+
+    Client-level withdrawals are never sampled again; sample-level deletions travel in the
+    train config so the client leaves those examples out. Sampling is drawn over all
+    partitions and the withdrawn are then dropped, so a retrained run sees the same cohorts
+    minus the forgotten client (ALGORITHMS.md section 1).
+    """
+
+    def __init__(
+        self,
+        *,
+        directory: ClientDirectory,
+        train: TrainSettings,
+        seed: int,
+        fraction_train: float = 1.0,
+        ledger: tuple[DeletionRequest, ...] = (),
+        round_offset: int = 0,
+        on_round_end: Callable[[int, ArrayRecord, MetricRecord | None], None] | None = None,
+    ) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+        self.directory = directory
+        self.train_settings = train
+        self.seed = seed
+        self.ledger: tuple[DeletionRequest, ...] = tuple(ledger)
+        self.round_offset = round_offset
+        self.on_round_end = on_round_end
+        self._last_arrays: ArrayRecord | None = None
+
+    @property
+    def withdrawn(self) -> set[int]:
+        """Partitions that left entirely."""
+        return {r.client for r in self.ledger if r.client_level}
+
+    def active_partitions(self) -> list[int]:
+        """Partitions still taking part."""
+        return [p for p in self.directory.partitions if p not in self.withdrawn]
+
+    def base_config(self) -> ConfigRecord:
+        """Config every message carries: seed and the deletions in force."""
+        return ConfigRecord({keys.SEED: self.seed, keys.LEDGER: encode_ledger(self.ledger)})
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Seeded cohort minus the withdrawn, each told the training settings and the ledger."""
+        absolute_round = server_round + self.round_offset
+        cohort = [p for p in sample_partitions(self.seed, absolute_round, self.directory.partitions, self.fraction_train) if p not in self.withdrawn]
+        s = self.train_settings
+        record = ConfigRecord(dict(config))
+        record.update(self.base_config())
+        record.update({
+            keys.SERVER_ROUND: absolute_round, keys.LR: s.lr, keys.EPOCHS: s.epochs, keys.BATCH_SIZE: s.batch_size,
+            keys.OPTIMIZER: s.optimizer, keys.MOMENTUM: s.momentum, keys.GR_ALPHA: s.gr_alpha,
+        })
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: record})
+        return [Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.TRAIN) for p in cohort]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's weighted average; then report the round to the progress hook."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.on_round_end is not None and arrays is not None:
+            self.on_round_end(server_round + self.round_offset, arrays, metrics)
+        return arrays, metrics

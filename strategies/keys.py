@@ -1,0 +1,51 @@
+"""Message types, record names and config keys shared by the server strategies and the ClientApp."""
+
+# Message types (Flower: "train", "evaluate" or "query.<name>")
+TRAIN = "train"
+EVALUATE = "evaluate"
+QUERY_INFO = "query.info"
+QUERY_GRADIENT = "query.gradient"
+
+# Record names inside a RecordDict
+ARRAYS = "arrays"          # model parameters (server -> client, client -> server in train)
+GRADIENT = "gradient"      # a gradient vector by parameter name (client -> server)
+CONFIG = "config"
+METRICS = "metrics"
+
+# Config keys (server -> client)
+SERVER_ROUND = "server-round"
+SEED = "seed"
+LR = "lr"
+EPOCHS = "local-epochs"
+BATCH_SIZE = "batch-size"
+OPTIMIZER = "optimizer"
+MOMENTUM = "momentum"
+GR_ALPHA = "gr-alpha"
+LEDGER = "deletion-ledger"        # JSON list of DeletionRequest in force (what clients must not train on)
+MODEL_VERSION = "model-version"   # content digest of the parameters sent
+CACHE_FILL = "cache-fill"         # evaluate: also compute and store the gradient cache
+CACHE_UPLOAD = "cache-upload"     # evaluate: also send the cache up (cached protocol)
+REQUEST = "request"               # query.gradient: the DeletionRequest being served (JSON)
+ROLE = "role"                     # query.gradient: "remaining", "withdrawing" or "forget-only"
+REMAINING_COUNT = "remaining-count"  # n - |S|
+FORGET_COUNT = "forget-count"        # |S|
+CORRECTION = "correction"         # query.gradient: include the remaining-data term
+ALLOW_STALE = "allow-stale"
+
+# Metric keys (client -> server)
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+NUM_TRAIN = "num-train"
+NUM_HELDOUT = "num-heldout"
+TRAIN_LOSS = "train-loss"
+EVAL_LOSS = "eval-loss"
+EVAL_ACC = "eval-acc"
+COMPUTE_S = "compute-s"
+CACHE_HIT = "cache-hit"
+CACHE_STALE = "cache-stale"
+FORGET_SIZE = "forget-size"
+GRADIENT_COUNT = "gradient-count"
+
+ROLE_REMAINING = "remaining"
+ROLE_WITHDRAWING = "withdrawing"
+ROLE_FORGET_ONLY = "forget-only"

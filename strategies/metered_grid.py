@@ -1,0 +1,84 @@
+"""A Grid wrapper that counts rounds, participations, bytes and client compute from the real messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedunlearn.costs import CostMeter
+
+from . import keys
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message payload: the sum of its records' sizes (Flower's own `count_bytes`)."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+def reply_compute_seconds(reply: Message) -> float:
+    """Client compute seconds a reply reports (0 if it reports none)."""
+    if reply.has_error():
+        return 0.0
+    for record in reply.content.metric_records.values():
+        if keys.COMPUTE_S in record:
+            return float(record[keys.COMPUTE_S])
+    return 0.0
+
+
+class MeteredGrid(Grid):
+    """Delegates to another Grid and records every round into a CostMeter.
+
+    One `send_and_receive` call with at least one message is one round.
+    """
+
+    def __init__(self, grid: Grid, meter: CostMeter) -> None:
+        self.grid = grid
+        self.meter = meter
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        """Pass through."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        """Pass through."""
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        """Pass through."""
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Pass through."""
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push and count the bytes sent down (a round if non-empty)."""
+        messages = list(messages)
+        if messages:
+            self.meter.record_round(len(messages), sum(payload_bytes(m.content) for m in messages))
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull and count the bytes sent up."""
+        replies = list(self.grid.pull_messages(message_ids))
+        for reply in replies:
+            self._record(reply)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Send, wait, and count the round."""
+        messages = list(messages)
+        if not messages:
+            return []
+        self.meter.record_round(len(messages), sum(payload_bytes(m.content) for m in messages))
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            self._record(reply)
+        return replies
+
+    def _record(self, reply: Message) -> None:
+        ok = not reply.has_error()
+        self.meter.record_reply(payload_bytes(reply.content) if ok else 0, reply_compute_seconds(reply), ok)
