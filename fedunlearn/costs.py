@@ -89,3 +89,7 @@ class CostMeter:
     def get(self, name: str) -> PhaseCost:
         """The cost of a phase (zero if it never ran)."""
         return self.phases.get(name, PhaseCost())
+
+    def exclude_wall(self, seconds: float) -> None:
+        """Take `seconds` of simulator bookkeeping (e.g. progress evaluation) out of the current phase's wall time."""
+        self._cost().wall_s -= seconds

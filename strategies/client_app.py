@@ -28,7 +28,7 @@ from fedunlearn.training import TrainSettings, local_train
 
 from . import keys
 
-WIRE_DTYPES = {"float32": np.float32, "float64": np.float64}
+WIRE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,9 @@ class ClientRuntime:
     def gradient_record(self, flat: torch.Tensor, dtype: str) -> ArrayRecord:
         """A flat gradient as an ArrayRecord keyed by parameter name."""
         named = self.layout.unflatten(flat)
-        np_dtype = WIRE_DTYPES[dtype]
-        return ArrayRecord(OrderedDict((n, t.numpy().astype(np_dtype)) for n, t in named.items()))
+        if dtype not in WIRE_DTYPES:
+            raise ValueError(f"gradient-dtype={dtype!r}: must be one of {', '.join(WIRE_DTYPES)}")
+        return ArrayRecord(OrderedDict((n, t.detach().cpu().to(WIRE_DTYPES[dtype]).contiguous()) for n, t in named.items()))
 
     def cached_gradient(self, pid: int, indices: torch.Tensor, version: str, scope: str, allow_stale: bool) -> tuple[GradientCache, bool, bool]:
         """G over `indices` at `version`: from the cache when it matches, else computed and stored. Returns (cache, hit, stale)."""
@@ -98,10 +99,10 @@ def _spec_from_context(context: Context) -> ClientSpec:
     """Build a ClientSpec from a `flwr run` run_config (keys as in the CLI)."""
     from fedunlearn.config import build_config
 
-    from .app_config import client_spec_for
+    from .app_config import client_spec_for, default_cache_dir
 
     settings = {k: v for k, v in context.run_config.items()}
-    return client_spec_for(build_config(file_settings=settings))
+    return client_spec_for(build_config(file_settings=settings), default_cache_dir(context.run_id))
 
 
 def _reply(msg: Message, metrics: dict[str, float | int], arrays: dict[str, ArrayRecord] | None = None) -> Message:

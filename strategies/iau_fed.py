@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -95,6 +96,12 @@ class IAUFed(UnlearningFedAvg):
         self.gradient_total_count = 0
         self.gradient_total_version = ""
         self._excluded_counts: dict[int, int] = {}
+
+    def branch(self) -> "IAUFed":
+        """An independent copy (ledger, counts, aggregate cache) so several methods can start from one state."""
+        other = copy.copy(self)
+        other._excluded_counts = dict(self._excluded_counts)
+        return other
 
     def fill_caches(self, grid: Grid, arrays: ArrayRecord, upload: bool = False) -> dict[str, float]:
         """Final federated evaluation; each client also fills its gradient cache (and uploads it if `upload`)."""

@@ -1,0 +1,108 @@
+"""Unlearning methods as registered, swappable pieces: each turns the trained model into an unlearned one.
+
+A method gets a `MethodContext` (the metered grid, the strategy state at request time, the
+model, the request) and returns a `MethodOutcome`. The runner meters its cost, continues
+training when the request came mid-training, and evaluates the result. Register a new method
+with `@register("name")`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+
+from fedunlearn.config import ExperimentConfig
+from fedunlearn.deletion import DeletionRequest
+from fedunlearn.errors import UnknownMethodError
+from strategies.fedavg import UnlearningFedAvg
+from strategies.iau_fed import IAUFed
+
+
+@dataclass
+class MethodContext:
+    """What a method may use: the experiment, the (metered) grid and the state when the request arrives."""
+
+    cfg: ExperimentConfig
+    grid: Grid
+    strategy: IAUFed                 # training strategy after training and cache filling (branch it before mutating)
+    initial_arrays: ArrayRecord      # the weights training started from (retraining starts here too)
+    arrays: ArrayRecord              # the global model when the request arrives
+    request: DeletionRequest
+    forget_count: int                # |S|
+    fedavg: Callable[..., UnlearningFedAvg]  # factory: fedavg(ledger=..., round_offset=..., label=...) with progress
+
+
+@dataclass
+class MethodOutcome:
+    """The unlearned model and what the method wants recorded beside it."""
+
+    arrays: ArrayRecord
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: `run` does the work; `continues` says whether mid-training requests resume FedAvg after it."""
+
+    name: str
+    run: Callable[[MethodContext], MethodOutcome]
+    summary: str
+    continues: bool = True
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, summary: str, continues: bool = True) -> Callable[[Callable[[MethodContext], MethodOutcome]], Callable[[MethodContext], MethodOutcome]]:
+    """Decorator adding a method to the registry under `name`."""
+    def wrap(fn: Callable[[MethodContext], MethodOutcome]) -> Callable[[MethodContext], MethodOutcome]:
+        if name in REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        REGISTRY[name] = Method(name, fn, summary, continues)
+        return fn
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`; unknown names raise UnknownMethodError listing the valid ones."""
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownMethodError(f"unknown method {name!r}{hint}; available: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def check_methods(names: tuple[str, ...] | list[str]) -> list[Method]:
+    """Resolve every name before anything runs, so a typo costs nothing."""
+    return [get_method(n) for n in names]
+
+
+@register("retrain", "gold standard: FedAvg from the same initial weights without the forgotten data", continues=False)
+def retrain(ctx: MethodContext) -> MethodOutcome:
+    """Retrain from scratch: same initial weights, seeds, rounds and client sampling, forgotten data left out."""
+    strategy = ctx.fedavg(ledger=(*ctx.strategy.ledger, ctx.request), round_offset=0, label="retrain")
+    result = strategy.start(grid=ctx.grid, initial_arrays=ctx.initial_arrays, num_rounds=ctx.cfg.rounds, timeout=ctx.cfg.round_timeout)
+    return MethodOutcome(result.arrays)
+
+
+def _iau(ctx: MethodContext, protocol: str, name: str) -> MethodOutcome:
+    strategy = ctx.strategy.branch()
+    arrays, report = strategy.unlearn(ctx.grid, ctx.arrays, ctx.request, ctx.forget_count, protocol=protocol, method=name)
+    return MethodOutcome(arrays, details={"unlearning": report.to_dict()})
+
+
+@register("iau", "IAU-Fed, fresh protocol: one round, every remaining client sends its (cached) gradient")
+def iau_fresh(ctx: MethodContext) -> MethodOutcome:
+    """IAU correction with the fresh protocol."""
+    return _iau(ctx, "fresh", "iau")
+
+
+@register("iau-cached", "IAU-Fed, cached protocol: only the withdrawing client sends G_S; the server holds G_tot")
+def iau_cached(ctx: MethodContext) -> MethodOutcome:
+    """IAU correction with the cached protocol."""
+    return _iau(ctx, "cached", "iau-cached")

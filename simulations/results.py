@@ -1,0 +1,68 @@
+"""Results on disk: results.json (the contract in README.md) and results.csv, rewritten atomically as they grow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRIC_KEYS = ("acc_test", "acc_remained", "acc_deleted", "backdoor_asr", "dist_para", "dist_output", "mia_auc")
+MODEL_ORDER = ("original", "retrain")
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no inf/NaN: write them as null (recursively)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per model: metrics, then cost_* and speedup_* columns."""
+    rows = []
+    for name, model in results.get("models", {}).items():
+        row: dict[str, Any] = {"model": name}
+        for key, value in model.items():
+            if isinstance(value, dict):
+                if key in ("cost", "speedup"):
+                    row.update({f"{key}_{k}": v for k, v in value.items()})
+            elif not isinstance(value, list):
+                row[key] = value
+        rows.append(row)
+    return rows
+
+
+def write_results(out_dir: str | Path, results: dict[str, Any]) -> None:
+    """Write DIR/results.json and DIR/results.csv (each replaced atomically, never left half-written)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = finite_or_none(results)
+    _atomic_write(out / "results.json", json.dumps(clean, indent=2, sort_keys=False) + "\n")
+    rows = csv_rows(clean)
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(out / "results.csv", buffer.getvalue())
+
+
+def read_results(out_dir: str | Path) -> dict[str, Any]:
+    """Load DIR/results.json."""
+    return json.loads((Path(out_dir) / "results.json").read_text())

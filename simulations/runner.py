@@ -1,0 +1,272 @@
+"""One experiment end to end: FedAvg on Flower's simulation engine (Ray), caches, unlearning methods, evaluation.
+
+The ServerApp's `main` drives every phase through one metered Grid, so each phase's rounds,
+participations, bytes and client compute come from the real messages. The driver evaluates
+every model on the same data the clients hold and writes results as they are produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedunlearn.config import ExperimentConfig
+from fedunlearn.costs import CostMeter, PhaseCost, speedup
+from fedunlearn.data import DatasetStore, FederatedData
+from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
+from fedunlearn.gradients import ParamLayout
+from fedunlearn.metrics import accuracy, attack_success_rate, evaluate_model
+from fedunlearn.models import build_model
+from strategies import app_config
+from strategies.client_app import build_client_app
+from strategies.fedavg import UnlearningFedAvg, discover_clients
+from strategies.iau_fed import IAUFed
+from strategies.metered_grid import MeteredGrid
+
+from .methods import MethodContext, check_methods
+from .progress import Progress
+from .results import write_results
+
+REFERENCE = "retrain"
+
+
+class Evaluator:
+    """Driver-side evaluation of global models on the experiment's data (same data the clients hold)."""
+
+    def __init__(self, cfg: ExperimentConfig, data: FederatedData, request: DeletionRequest) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.device = torch.device(app_config.device_for(cfg))
+        self.model_name = app_config.model_name_for(cfg)
+        withdrawn = {request.client} if request.client_level else set()
+        remained = torch.cat([kept_indices(data, p, [request]) for p in range(data.num_clients) if p not in withdrawn])
+        deleted = forget_indices(data, request)
+        heldout = torch.cat(data.client_heldout)
+        self.test = (data.x_test, data.y_test)
+        self.remained = (data.x_train[remained], data.y_train[remained])
+        self.deleted = (data.x_train[deleted], data.y_train[deleted])
+        self.heldout = (data.x_train[heldout], data.y_train[heldout])
+        self.triggered = data.triggered_test()[0] if cfg.backdoor else None
+
+    def model(self, arrays: ArrayRecord) -> torch.nn.Module:
+        """A fresh model holding `arrays`."""
+        model = build_model(self.model_name, self.data.input_shape, self.data.num_classes)
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        return model.to(self.device).eval()
+
+    def quick(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Test accuracy and backdoor ASR (the per-round curves)."""
+        model = self.model(arrays)
+        out = {"acc_test": accuracy(model, *self.test)}
+        if self.triggered is not None:
+            out["backdoor_asr"] = attack_success_rate(model, self.triggered, self.cfg.backdoor_target)
+        return out
+
+    def full(self, arrays: ArrayRecord, reference: ArrayRecord | None) -> dict[str, float | None]:
+        """Every removal-quality metric, distances against the retrained model when it exists."""
+        metrics: dict[str, float | None] = dict(evaluate_model(
+            self.model(arrays), test=self.test, remained=self.remained, deleted=self.deleted, triggered=self.triggered,
+            target=self.cfg.backdoor_target, heldout=self.heldout, reference=self.model(reference) if reference is not None else None,
+        ))
+        for key in ("dist_para", "dist_output"):
+            metrics.setdefault(key, None)
+        return metrics
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    import flwr
+
+    return {
+        "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "flwr": flwr.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+class Experiment:
+    """Runs one configured experiment and collects its results (`run()` returns the results dict)."""
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.methods = check_methods(self._method_names(cfg))
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.request = app_config.deletion_request_for(cfg)
+        self.data_spec = app_config.data_spec_for(cfg)
+        self.progress = Progress(enabled=show_progress)
+        self.meter = CostMeter()
+        self.results: dict[str, Any] = {
+            "config": cfg.to_dict(), "machine": machine_info(), "status": "running",
+            "request": asdict(self.request), "models": {}, "phases": {}, "history": {},
+        }
+        self._error: BaseException | None = None
+
+    @staticmethod
+    def _method_names(cfg: ExperimentConfig) -> list[str]:
+        names = list(cfg.methods)
+        if REFERENCE not in names:  # every distance and speedup is measured against retraining
+            names.insert(0, REFERENCE)
+        return [REFERENCE, *[n for n in names if n != REFERENCE]]
+
+    # ----- the outer shell: Ray, Flower, files -------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Start the Flower simulation on Ray, run every phase, write and return the results."""
+        from flwr.simulation import run_simulation
+
+        os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        if not self.cfg.verbose:
+            for name in ("flwr", "ray"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        cache_dir = tempfile.mkdtemp(prefix="fedunlearn-caches-")
+        client_app = build_client_app(app_config.client_spec_for(self.cfg, cache_dir))
+        server_app = ServerApp()
+
+        @server_app.main()
+        def main(grid: Grid, context: Context) -> None:
+            try:
+                self.drive(grid)
+            except BaseException as err:  # kept so run() can re-raise it after the engine shuts down
+                self._error = err
+                self.results["status"] = f"failed: {type(err).__name__}: {err}"
+                self.results["traceback"] = traceback.format_exc()
+                self._write()
+                raise
+
+        backend_config: dict[str, Any] = {
+            "client_resources": {"num_cpus": self.cfg.num_cpus_per_client, "num_gpus": self.cfg.num_gpus_per_client},
+            "init_args": {"address": self.cfg.ray_address, "include_dashboard": False,
+                          "logging_level": logging.INFO if self.cfg.verbose else logging.ERROR, "log_to_driver": self.cfg.verbose},
+        }
+        started = time.perf_counter()
+        try:
+            with self.progress:
+                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=self.cfg.num_clients,
+                               backend_config=backend_config, verbose_logging=self.cfg.verbose)
+        finally:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        if self._error is not None:
+            raise self._error
+        if self.results["status"] != "complete":
+            self.results["status"] = "failed: the simulation ended before the experiment finished (see the Flower/Ray log above)"
+            self._write()
+            raise RuntimeError(self.results["status"])
+        self.results["total_wall_s"] = time.perf_counter() - started
+        self._write()
+        return self.results
+
+    def _write(self) -> None:
+        if self.out_dir is not None:
+            write_results(self.out_dir, self.results)
+
+    # ----- the inside: every phase, driven through one metered grid -----------------------------
+    def drive(self, grid: Grid) -> None:
+        """All phases of the experiment on `grid` (a Flower Grid, or a LocalGrid in tests)."""
+        cfg = self.cfg
+        metered = MeteredGrid(grid, self.meter)
+        with self.meter.phase("setup"):
+            directory = discover_clients(metered, cfg.num_clients, timeout=cfg.round_timeout)
+            data = DatasetStore.get(self.data_spec)
+            self.evaluator = Evaluator(cfg, data, self.request)
+            forget_count = len(forget_indices(data, self.request))
+            torch.manual_seed(cfg.seed)
+            initial_model = build_model(app_config.model_name_for(cfg), data.input_shape, data.num_classes)
+            initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in initial_model.state_dict().items()))
+        self.results["forget_count"] = forget_count
+        self.results["num_parameters"] = ParamLayout.of(initial_model).numel
+
+        def fedavg(ledger: tuple[DeletionRequest, ...] = (), round_offset: int = 0, label: str = "original") -> UnlearningFedAvg:
+            return UnlearningFedAvg(directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
+                                    fraction_train=cfg.fraction_fit, ledger=ledger, round_offset=round_offset,
+                                    on_round_end=self._round_hook(label))
+
+        strategy = IAUFed(layout=ParamLayout.of(initial_model), iau=app_config.iau_settings_for(cfg),
+                          allow_stale=cfg.allow_stale_cache, round_timeout=cfg.round_timeout, directory=directory,
+                          train=app_config.train_settings_for(cfg), seed=cfg.seed, fraction_train=cfg.fraction_fit,
+                          on_round_end=self._round_hook("original"))
+        request_round = cfg.withdraw_round or cfg.rounds
+        self.progress.start_phase("training", request_round)
+        with self.meter.phase("training"):
+            trained = strategy.start(grid=metered, initial_arrays=initial, num_rounds=request_round, timeout=cfg.round_timeout).arrays
+        # The final evaluation of training fills every client's gradient cache (and uploads it for iau-cached).
+        upload = any(m.name == "iau-cached" for m in self.methods)
+        self.progress.start_phase("caching (final evaluation)", 1)
+        with self.meter.phase("caching"):
+            self.results["final_evaluation"] = strategy.fill_caches(metered, trained, upload=upload)
+        self.progress.advance()
+        original = trained
+        if cfg.withdraw_round is not None:  # what the model would have become had nobody asked
+            self.progress.start_phase("original: training on", cfg.rounds - request_round)
+            with self.meter.phase("original-continuation"):
+                original = fedavg(ledger=(), round_offset=request_round, label="original").start(
+                    grid=metered, initial_arrays=trained, num_rounds=cfg.rounds - request_round, timeout=cfg.round_timeout).arrays
+        self.results["phases"] = {name: cost.to_dict() for name, cost in self.meter.phases.items()}
+        self.results["models"]["original"] = self.evaluator.full(original, None)
+        self._write()
+
+        context = MethodContext(cfg=cfg, grid=metered, strategy=strategy, initial_arrays=initial, arrays=trained,
+                                request=self.request, forget_count=forget_count, fedavg=fedavg)
+        reference: ArrayRecord | None = None
+        reference_cost: PhaseCost | None = None
+        for method in self.methods:
+            self.progress.start_phase(f"unlearning: {method.name}", cfg.rounds if method.name == REFERENCE else 1)
+            with self.meter.phase(f"unlearn:{method.name}"):
+                outcome = method.run(context)
+            if method.name != REFERENCE:
+                self.progress.advance()
+            cost = self.meter.get(f"unlearn:{method.name}")
+            arrays = outcome.arrays
+            entry: dict[str, Any] = {}
+            if cfg.withdraw_round is not None and method.continues:
+                remaining = cfg.rounds - request_round
+                self.progress.start_phase(f"{method.name}: training on without the forgotten data", remaining)
+                with self.meter.phase(f"continue:{method.name}"):
+                    arrays = fedavg(ledger=(self.request,), round_offset=request_round, label=method.name).start(
+                        grid=metered, initial_arrays=arrays, num_rounds=remaining, timeout=cfg.round_timeout).arrays
+                entry["unlearning_cost"] = cost.to_dict()
+                cost = cost + self.meter.get(f"continue:{method.name}")
+            if method.name == REFERENCE:
+                reference, reference_cost = arrays, cost
+                entry.update(self.evaluator.full(arrays, reference))
+                self.results["models"]["original"] = self.evaluator.full(original, reference)
+            else:
+                entry.update(self.evaluator.full(arrays, reference))
+            entry["cost"] = cost.to_dict()
+            if method.name != REFERENCE and reference_cost is not None:
+                entry["speedup"] = speedup(reference_cost, cost)
+            entry.update(outcome.details)
+            self.results["models"][method.name] = entry
+            self.results["phases"] = {name: c.to_dict() for name, c in self.meter.phases.items()}
+            self.progress.note(method.name, entry)
+            self._write()
+        self.results["status"] = "complete"
+        self._write()
+
+    def _round_hook(self, label: str) -> Callable[[int, ArrayRecord, MetricRecord | None], None]:
+        """Per-round progress and curves; its evaluation time is taken out of the phase's wall seconds."""
+        def hook(server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> None:
+            start = time.perf_counter()
+            point: dict[str, float] = {"round": server_round}
+            if metrics is not None and "train-loss" in metrics:
+                point["train_loss"] = float(metrics["train-loss"])
+            if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
+                point.update(self.evaluator.quick(arrays))
+            self.results["history"].setdefault(label, []).append(point)
+            self.progress.advance(point)
+            self.meter.exclude_wall(time.perf_counter() - start)
+        return hook

@@ -1,0 +1,68 @@
+"""From the one ExperimentConfig to the typed settings each side needs (read once at the edge)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from fedunlearn.config import ExperimentConfig
+from fedunlearn.data import DataSpec
+from fedunlearn.deletion import DeletionRequest
+from fedunlearn.iau import IAUSettings
+from fedunlearn.models import default_model_for
+from fedunlearn.training import TrainSettings
+
+from .client_app import ClientSpec
+
+
+def data_spec_for(cfg: ExperimentConfig) -> DataSpec:
+    """The federated dataset of an experiment (the withdrawing client carries the backdoor)."""
+    return DataSpec(
+        dataset=cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, num_clients=cfg.num_clients,
+        partition=cfg.partition, alpha=cfg.alpha, heldout_fraction=cfg.heldout_fraction, train_limit=cfg.train_limit,
+        seed=cfg.seed, backdoor_client=cfg.forget_client if cfg.backdoor else None,
+        backdoor_fraction=cfg.backdoor_fraction, backdoor_target=cfg.backdoor_target, trigger_size=cfg.trigger_size,
+    )
+
+
+def model_name_for(cfg: ExperimentConfig) -> str:
+    """The model architecture: `cfg.model`, or the dataset's default for `auto`."""
+    return default_model_for(cfg.dataset) if cfg.model == "auto" else cfg.model
+
+
+def device_for(cfg: ExperimentConfig) -> str:
+    """`auto` becomes cuda when a GPU is visible and asked for, else cpu."""
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if torch.cuda.is_available() and cfg.num_gpus_per_client > 0 else "cpu"
+
+
+def default_cache_dir(run_id: int | str) -> str:
+    """Where clients of run `run_id` keep gradient caches unless told otherwise (node-local, same in every worker)."""
+    return os.path.join(tempfile.gettempdir(), "fedunlearn-caches", f"run-{run_id}")
+
+
+def client_spec_for(cfg: ExperimentConfig, cache_dir: str) -> ClientSpec:
+    """What every worker needs to serve any client of this experiment."""
+    return ClientSpec(data=data_spec_for(cfg), model=model_name_for(cfg), cache_dir=cache_dir,
+                      cache_dtype=cfg.cache_dtype, device=device_for(cfg))
+
+
+def train_settings_for(cfg: ExperimentConfig) -> TrainSettings:
+    """Local training settings."""
+    return TrainSettings(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+                         momentum=cfg.momentum, gr_alpha=cfg.gr_alpha)
+
+
+def iau_settings_for(cfg: ExperimentConfig, correction: bool = True) -> IAUSettings:
+    """IAU correction settings (`correction=False` is plain gradient ascent)."""
+    return IAUSettings(eta=cfg.iau_eta, steps=cfg.iau_steps, step_rule=cfg.iau_step_rule, correction=correction)
+
+
+def deletion_request_for(cfg: ExperimentConfig) -> DeletionRequest:
+    """The experiment's deletion request."""
+    return DeletionRequest(client=cfg.forget_client, samples=cfg.forget_samples,
+                           fraction=cfg.forget_fraction if cfg.forget_samples == "random" else 1.0,
+                           at_round=cfg.withdraw_round)
