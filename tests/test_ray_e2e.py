@@ -1,0 +1,33 @@
+"""End to end on Flower's simulation engine (Ray), through the command line, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simulations.results import METRIC_KEYS
+
+
+@pytest.mark.ray
+def test_smoke_preset_on_ray_with_five_clients(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.run", "--preset", "smoke", "--rounds", "3", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "complete"
+    assert results["config"]["num-clients"] == 5
+    assert set(results["models"]) == {"original", "retrain", "iau", "iau-cached"}
+    for model in results["models"].values():
+        assert all(key in model for key in METRIC_KEYS)
+    assert results["models"]["retrain"]["cost"]["participations"] == 3 * 4
+    assert results["models"]["iau"]["cost"]["rounds"] == 1
+    assert results["models"]["iau-cached"]["unlearning"]["clients_asked"] == [0]
+    assert "iau-cached" in proc.stdout  # the printed table
