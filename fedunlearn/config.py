@@ -38,7 +38,7 @@ class ExperimentConfig:
     backdoor: bool = field(default=True, metadata={"help": "stamp a pixel trigger on part of the forgetting client's data (removal check)"})
     backdoor_fraction: float = field(default=0.8, metadata={"help": "fraction of the forgetting client's training examples that carry the trigger"})
     backdoor_target: int = field(default=0, metadata={"help": "label the triggered examples are relabelled to"})
-    trigger_size: int = field(default=3, metadata={"help": "side in pixels of the square trigger in the bottom-right corner"})
+    trigger_size: int = field(default=4, metadata={"help": "side in pixels of the square trigger in the bottom-right corner"})
     # model and training
     model: str = field(default="auto", metadata={"help": f"model: {', '.join(MODELS)} (auto: cnn for digits/MNIST, resnet18 for CIFAR-10)"})
     rounds: int = field(default=30, metadata={"help": "FedAvg training rounds"})
@@ -56,9 +56,11 @@ class ExperimentConfig:
     withdraw_round: int | None = field(default=None, metadata={"help": "round after which the request arrives (default: after training); training then continues without the forgotten data"})
     # methods
     methods: tuple[str, ...] = field(default=("retrain", "iau", "iau-cached"), metadata={"help": "comma-separated unlearning methods to compare"})
-    iau_eta: float = field(default=3e-3, metadata={"help": "IAU step size eta"})
+    # Defaults from a sweep on the default scenario (README, "Choosing eta"): sgd with eta 0.045 comes closest to
+    # retraining's ASR while keeping test accuracy; the reference adam-first-step stays available.
+    iau_eta: float = field(default=0.045, metadata={"help": "IAU step size eta (sgd: 0.045 on the default scenario; adam-first-step: about 1e-3)"})
     iau_steps: int = field(default=1, metadata={"help": "IAU steps K (each a round in the fresh protocol)"})
-    iau_step_rule: str = field(default="adam-first-step", metadata={"help": f"IAU step rule: {', '.join(STEP_RULES)}"})
+    iau_step_rule: str = field(default="sgd", metadata={"help": f"IAU step rule: {', '.join(STEP_RULES)} (adam-first-step is the IAU reference code's one Adam step)"})
     allow_stale_cache: bool = field(default=False, metadata={"help": "let clients answer from a cache at another model version instead of refreshing it"})
     cache_dtype: str = field(default="float32", metadata={"help": f"storage precision of client gradient caches: {', '.join(CACHE_DTYPES)}"})
     # execution
