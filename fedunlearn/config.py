@@ -154,7 +154,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The default scenario: digits, 10 IID clients, client 0 backdoored (80% of its examples).
     "default": {},
     # Seconds-scale end-to-end check of the whole pipeline.
-    "smoke": {"num_clients": 5, "rounds": 6, "local_epochs": 1},
+    "smoke": {"num_clients": 5, "rounds": 6, "local_epochs": 2},
     "sample-level": {"forget_samples": "poisoned"},
     "dirichlet": {"partition": "dirichlet", "alpha": 0.5},
     "mid-training": {"withdraw_round": 20},

@@ -112,6 +112,11 @@ class UnlearningFedAvg(FedAvg):
         """Partitions still taking part."""
         return [p for p in self.directory.partitions if p not in self.withdrawn]
 
+    def in_partition_order(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies sorted by partition id: arrival order varies between runs, and float sums depend on order."""
+        partition_of = {nid: p for p, nid in self.directory.node_of.items()}
+        return sorted(replies, key=lambda r: partition_of.get(r.metadata.src_node_id, -1))
+
     def base_config(self) -> ConfigRecord:
         """Config every message carries: seed and the deletions in force."""
         return ConfigRecord({keys.SEED: self.seed, keys.LEDGER: encode_ledger(self.ledger)})
@@ -131,8 +136,8 @@ class UnlearningFedAvg(FedAvg):
         return [Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.TRAIN) for p in cohort]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg's weighted average; then report the round to the progress hook."""
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        """FedAvg's weighted average over replies in partition order; then report the round to the progress hook."""
+        arrays, metrics = super().aggregate_train(server_round, self.in_partition_order(replies))
         if self.on_round_end is not None and arrays is not None:
             self.on_round_end(server_round + self.round_offset, arrays, metrics)
         return arrays, metrics

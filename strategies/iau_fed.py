@@ -111,7 +111,7 @@ class IAUFed(UnlearningFedAvg):
         content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: record})
         partitions = self.active_partitions()
         messages = [Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.EVALUATE) for p in partitions]
-        replies = list(grid.send_and_receive(messages, timeout=self.round_timeout))
+        replies = self.in_partition_order(grid.send_and_receive(messages, timeout=self.round_timeout))
         failed = [r for r in replies if r.has_error()]
         if failed or len(replies) < len(messages):
             raise MissingRepliesError(f"{len(messages) - len(replies) + len(failed)} client(s) did not complete the caching round")
@@ -176,7 +176,7 @@ class IAUFed(UnlearningFedAvg):
         partition_of = {nid: p for p, nid in self.directory.node_of.items()}
         report.rounds += 1
         report.clients_asked = sorted(set(report.clients_asked) | {partition_of[m.metadata.dst_node_id] for m in messages})
-        replies = [r for r in grid.send_and_receive(messages, timeout=self.round_timeout) if not r.has_error()]
+        replies = [r for r in self.in_partition_order(grid.send_and_receive(messages, timeout=self.round_timeout)) if not r.has_error()]
         answered = {partition_of[r.metadata.src_node_id] for r in replies}
         report.clients_answered = sorted(set(report.clients_answered) | answered)
         missing = sorted({partition_of[m.metadata.dst_node_id] for m in messages} - answered)
