@@ -71,6 +71,8 @@ class ExperimentConfig:
     ray_address: str = field(default="local", metadata={"help": "Ray cluster to use: 'local' starts a private one; 'auto' or host:port joins an existing cluster"})
     round_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for client replies in one round"})
     eval_every: int = field(default=1, metadata={"help": "evaluate the global model on the test set every N rounds (progress and curves)"})
+    shadow_mia: bool = field(default=True, metadata={"help": "also run the shadow-model membership-inference attack (shadow models trained on the test split, ART attack classifier)"})
+    shadow_models: int = field(default=3, metadata={"help": "number of shadow models for the shadow-model attack"})
     verbose: bool = field(default=False, metadata={"help": "show Flower's and Ray's own logs"})
 
     def __post_init__(self) -> None:
@@ -88,6 +90,7 @@ class ExperimentConfig:
         _check_range("iau-steps", self.iau_steps, 1, None)
         _check_range("trigger-size", self.trigger_size, 1, None)
         _check_range("eval-every", self.eval_every, 1, None)
+        _check_range("shadow-models", self.shadow_models, 1, 20)
         _check_open("lr", self.lr, 0.0, None)
         _check_open("iau-eta", self.iau_eta, 0.0, None)
         _check_open("alpha", self.alpha, 0.0, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default="results", help="where results.json and results.csv go (default: results)")
     parser.add_argument("--print-config", action="store_true", help="print the effective configuration as JSON and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument("--seeds", metavar="LIST", help="repeat the scenario for each seed (e.g. 0,1,2) into DIR/seed-N/, "
+                        "then report mean and std per metric and method in DIR/report.md and DIR/summary.json")
     group = parser.add_argument_group("experiment settings (also valid as config-file keys)")
     for f in fields(ExperimentConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -69,14 +72,35 @@ def main(argv: list[str] | None = None) -> int:
         from .report import print_report
         from .runner import Experiment
 
-        experiment = Experiment(cfg, out_dir=args.out, show_progress=not args.quiet)
+        seeds = parse_seeds(args.seeds) if args.seeds else None
+        experiments = ([Experiment(cfg.replace(seed=s), out_dir=Path(args.out) / f"seed-{s}", show_progress=not args.quiet) for s in seeds]
+                       if seeds else [Experiment(cfg, out_dir=args.out, show_progress=not args.quiet)])
     except (ConfigError, FedUnlearnError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = experiment.run()
-    print_report(results)
-    print(f"results: {args.out}/results.json, {args.out}/results.csv")
+    from .summary import write_summary
+
+    runs = []
+    for experiment in experiments:
+        results = experiment.run()
+        print_report(results)
+        runs.append(results)
+    title = f"fedunlearn report: preset {args.preset}" + (f", seeds {args.seeds}" if seeds else "")
+    summary = write_summary(args.out, runs, title)
+    where = f"{args.out}/seed-N/results.json" if seeds else f"{args.out}/results.json, {args.out}/results.csv"
+    print(f"results: {where}; report: {args.out}/report.md ({len(summary['plots'])} plots in {args.out}/plots)")
     return 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; a bad list raises ConfigError naming it."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"seeds={text!r}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"seeds={text!r}: give distinct integers >= 0, e.g. --seeds 0,1,2")
+    return seeds
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from fedunlearn.data import DatasetStore, FederatedData
 from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
 from fedunlearn.gradients import ParamLayout
 from fedunlearn.iau import CorrectionStepper
+from fedunlearn.mia import ShadowModelAttack, ShadowSettings
 from fedunlearn.metrics import accuracy, attack_success_rate, evaluate_model
 from fedunlearn.models import build_model
 from strategies import app_config
@@ -62,6 +63,11 @@ class Evaluator:
         self.deleted = (data.x_train[deleted], data.y_train[deleted])
         self.heldout = (data.x_train[heldout], data.y_train[heldout])
         self.triggered = data.triggered_test()[0] if cfg.backdoor else None
+        self.shadow: ShadowModelAttack | None = None
+        if cfg.shadow_mia:  # fitted once; the test split is disjoint from every target's training data
+            self.shadow = ShadowModelAttack(lambda: build_model(self.model_name, data.input_shape, data.num_classes),
+                                            data.x_test, data.y_test, data.num_classes,
+                                            ShadowSettings(num_shadow_models=cfg.shadow_models), seed=cfg.seed)
 
     def model(self, arrays: ArrayRecord) -> torch.nn.Module:
         """A fresh model holding `arrays`."""
@@ -85,6 +91,8 @@ class Evaluator:
         ))
         for key in ("dist_para", "dist_output"):
             metrics.setdefault(key, None)
+        if self.shadow is not None:
+            metrics["mia_shadow_auc"] = self.shadow.auc(self.model(arrays), self.deleted, self.heldout)
         return metrics
 
 

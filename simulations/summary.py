@@ -1,0 +1,220 @@
+"""Across seeds: mean and standard deviation per metric and method, rankings, DIR/report.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .results import METRIC_KEYS, finite_or_none
+
+COST_COLUMNS = ("wall_s", "rounds", "bytes")
+EXTRA_METRICS = ("mia_shadow_auc", "dist_output_deleted")
+# (column, label, lower is better) used to rank methods against retraining.
+RANKINGS = (
+    ("asr_gap", "ASR gap to retrain", True),
+    ("acc_test", "ACC test", False),
+    ("dist_output", "DIST output", True),
+    ("mia_gap", "MIA AUC gap to retrain", True),
+    ("wall_s", "seconds", True),
+    ("rounds", "rounds", True),
+    ("bytes", "bytes", True),
+)
+
+
+def _model_values(results: dict[str, Any], name: str) -> dict[str, float]:
+    model = results["models"][name]
+    retrain = results["models"].get("retrain", {})
+    values: dict[str, float] = {}
+    for key in (*METRIC_KEYS, *EXTRA_METRICS):
+        if isinstance(model.get(key), (int, float)):
+            values[key] = float(model[key])
+    cost = model.get("cost")
+    if cost:
+        values["wall_s"] = float(cost["wall_s"])
+        values["rounds"] = float(cost["rounds"])
+        values["bytes"] = float(cost["bytes_down"] + cost["bytes_up"])
+    for key, gap in (("backdoor_asr", "asr_gap"), ("mia_auc", "mia_gap")):
+        if isinstance(model.get(key), (int, float)) and isinstance(retrain.get(key), (int, float)):
+            values[gap] = abs(float(model[key]) - float(retrain[key]))
+    storage = model.get("storage")
+    if isinstance(storage, dict):
+        for key, value in storage.items():
+            if isinstance(value, (int, float)):
+                values[f"storage_{key}"] = float(value)
+    return values
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {quantity: {"mean", "std", "n"}}} over the runs (std is the sample std; 0 for one run)."""
+    names: list[str] = []
+    for run in runs:
+        names.extend(n for n in run["models"] if n not in names)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in names:
+        samples: dict[str, list[float]] = {}
+        for run in runs:
+            if name in run["models"]:
+                for key, value in _model_values(run, name).items():
+                    samples.setdefault(key, []).append(value)
+        out[name] = {
+            key: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+            for key, v in samples.items()
+        }
+    return out
+
+
+def rankings(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, list[str]]:
+    """For each ranking criterion, the unlearning methods (not original/retrain) best first."""
+    methods = [n for n in summary if n not in ("original", "retrain")]
+    ranked: dict[str, list[str]] = {}
+    for key, _, lower in RANKINGS:
+        having = [m for m in methods if key in summary[m]]
+        ranked[key] = sorted(having, key=lambda m: summary[m][key]["mean"] * (1 if lower else -1))
+    return ranked
+
+
+def _cell(stats: dict[str, float] | None, digits: int = 3) -> str:
+    if stats is None:
+        return "-"
+    if stats["n"] > 1:
+        return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f}"
+
+
+def _bytes_cell(stats: dict[str, float] | None) -> str:
+    if stats is None:
+        return "-"
+    return f"{stats['mean'] / 2**20:.2f} MB"
+
+
+def markdown_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[str, float]]], title: str) -> str:
+    """The report: settings, a table with methods as rows (retrain the reference row), rankings, notes."""
+    cfg = runs[0]["config"]
+    seeds = [r["config"]["seed"] for r in runs]
+    machine = runs[0].get("machine", {})
+    lines = [f"# {title}", "",
+             f"{cfg['dataset']}, {cfg['num-clients']} clients ({cfg['partition']}"
+             + (f", alpha {cfg['alpha']}" if cfg["partition"] == "dirichlet" else "") + f"), {cfg['rounds']} rounds; "
+             f"client {cfg['forget-client']} forgets `{cfg['forget-samples']}`"
+             + (f" after round {cfg['withdraw-round']}" if cfg.get("withdraw-round") else " after training")
+             + f". Seeds: {', '.join(map(str, seeds))} (mean ± sample std). Machine: {machine.get('cpus', '?')} CPUs, "
+             f"{machine.get('platform', '?')}, GPU: {machine.get('gpu') or 'none'}.", ""]
+    columns = [("acc_test", "ACC test"), ("acc_remained", "ACC rem"), ("acc_deleted", "ACC del"), ("backdoor_asr", "ASR"),
+               ("asr_gap", "ASR gap"), ("mia_auc", "MIA loss"), ("mia_shadow_auc", "MIA shadow"), ("dist_output", "DIST out"),
+               ("dist_para", "DIST para"), ("wall_s", "seconds"), ("rounds", "rounds")]
+    lines.append("| model | " + " | ".join(label for _, label in columns) + " | bytes | x seconds |")
+    lines.append("|" + "---|" * (len(columns) + 3))
+    retrain_wall = summary.get("retrain", {}).get("wall_s", {}).get("mean")
+    for name, stats in summary.items():
+        label = f"**{name}** (reference)" if name == "retrain" else name
+        speed = "-"
+        if retrain_wall and "wall_s" in stats and name != "retrain" and stats["wall_s"]["mean"] > 0:
+            speed = f"{retrain_wall / stats['wall_s']['mean']:.1f}x"
+        digits = {"wall_s": 2, "rounds": 0}
+        row = [_cell(stats.get(key), digits.get(key, 3)) for key, _ in columns]
+        lines.append(f"| {label} | " + " | ".join(row) + f" | {_bytes_cell(stats.get('bytes'))} | {speed} |")
+    lines += ["", "## Rankings (best first)", ""]
+    for key, label, lower in RANKINGS:
+        order = rankings(summary)[key]
+        if order:
+            lines.append(f"- {label} ({'lower' if lower else 'higher'} is better): " + " > ".join(order))
+    lines += ["", "## Notes", ""]
+    original = summary.get("original", {})
+    for key, label in (("mia_auc", "loss-threshold"), ("mia_shadow_auc", "shadow-model")):
+        if key in original:
+            auc = original[key]["mean"]
+            verdict = ("distinguishes deleted from held-out data better than chance" if auc > 0.55
+                       else "does NOT distinguish deleted from held-out data better than chance here: its numbers measure nothing in this scenario")
+            lines.append(f"- The {label} attack on the original model has AUC {auc:.3f}: it {verdict}.")
+    lines.append("- ASR gap and MIA gap are |method - retrain|: the goal is to behave as the retrained model, not to reach zero.")
+    lines.append("- Costs are the unlearning phase only (plus the rounds trained afterwards for a mid-training request);"
+                 " training and cache filling are one-time costs listed in each results.json under `phases`.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[str, float]]], out_dir: Path) -> list[Path]:
+    """PNG plots: per-metric bars with error bars, removal quality vs cost, accuracy per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    names = list(summary)
+    metrics = [k for k in ("acc_test", "backdoor_asr", "mia_auc", "mia_shadow_auc", "dist_output") if any(k in summary[n] for n in names)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6))
+    for ax, key in zip(np.atleast_1d(axes), metrics):
+        having = [n for n in names if key in summary[n]]
+        ax.bar(range(len(having)), [summary[n][key]["mean"] for n in having], yerr=[summary[n][key]["std"] for n in having],
+               capsize=3, color=["#888" if n in ("original", "retrain") else "#3a7" for n in having])
+        ax.set_xticks(range(len(having)), having, rotation=60, ha="right", fontsize=8)
+        ax.set_title(key)
+    fig.tight_layout()
+    path = out_dir / "metrics.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    methods = [n for n in names if n not in ("original",) and "asr_gap" in summary[n] and "wall_s" in summary[n]]
+    if methods:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for n in methods:
+            x, y = summary[n]["wall_s"]["mean"], summary[n]["asr_gap"]["mean"]
+            ax.errorbar(x, y, xerr=summary[n]["wall_s"]["std"], yerr=summary[n]["asr_gap"]["std"], fmt="o", capsize=3)
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("unlearning cost (wall seconds, log)")
+        ax.set_ylabel("|ASR - ASR retrain| (lower is better)")
+        ax.set_title("removal quality vs cost")
+        fig.tight_layout()
+        path = out_dir / "quality_vs_cost.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    history = runs[0].get("history", {})
+    if history:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, points in history.items():
+            pts = [p for p in points if "acc_test" in p]
+            if pts:
+                ax.plot([p["round"] for p in pts], [p["acc_test"] for p in pts], marker=".", label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"accuracy per round (seed {runs[0]['config']['seed']})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "accuracy_per_round.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_summary(out_dir: str | Path, runs: list[dict[str, Any]], title: str = "fedunlearn report") -> dict[str, Any]:
+    """Write DIR/summary.json, DIR/summary.csv, DIR/report.md and DIR/plots/*.png; return the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = aggregate(runs)
+    document = {"seeds": [r["config"]["seed"] for r in runs], "models": summary, "rankings": rankings(summary)}
+    (out / "summary.json").write_text(json.dumps(finite_or_none(document), indent=2) + "\n")
+    keys: list[str] = []
+    for stats in summary.values():
+        keys.extend(k for k in stats if k not in keys)
+    rows = ["model," + ",".join(f"{k}_mean,{k}_std" for k in keys)]
+    for name, stats in summary.items():
+        cells = []
+        for k in keys:
+            s = stats.get(k)
+            cells += ["", ""] if s is None else [repr(s["mean"]), repr(s["std"])]
+        rows.append(name + "," + ",".join(cells))
+    (out / "summary.csv").write_text("\n".join(rows) + "\n")
+    (out / "report.md").write_text(markdown_report(runs, summary, title))
+    plots = plot_report(runs, summary, out / "plots")
+    document["plots"] = [str(p) for p in plots]
+    return document
+
