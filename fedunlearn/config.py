@@ -154,12 +154,17 @@ def _check_open(key: str, value: float, low: float, high: float | None, upper_in
 FIELD_NAMES = tuple(f.name for f in fields(ExperimentConfig))
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The default scenario: digits, 10 IID clients, client 0 backdoored (80% of its examples).
+    # The default scenario: digits, 10 IID clients, client 0 backdoored (80% of its examples) withdraws after training.
     "default": {},
     # Seconds-scale end-to-end check of the whole pipeline.
     "smoke": {"num_clients": 5, "rounds": 6, "local_epochs": 2},
+    "client-level": {"forget_samples": "all"},
+    # Client 0 asks to forget only its poisoned (triggered) examples.
     "sample-level": {"forget_samples": "poisoned"},
     "dirichlet": {"partition": "dirichlet", "alpha": 0.5},
+    "dirichlet-0.5": {"partition": "dirichlet", "alpha": 0.5},
+    "dirichlet-0.1": {"partition": "dirichlet", "alpha": 0.1},
+    # The request arrives after round 20 of 30; training then continues without client 0.
     "mid-training": {"withdraw_round": 20},
 }
 
