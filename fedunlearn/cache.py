@@ -99,3 +99,8 @@ class CacheStore:
     def total_bytes(self) -> int:
         """Bytes on disk over all stored caches."""
         return sum(p.stat().st_size for p in self.root.glob("client-*.safetensors"))
+
+    def client_bytes(self, client: int) -> int:
+        """Bytes on disk of `client`'s cache (0 if it has none)."""
+        path = self._path(client)
+        return path.stat().st_size if path.exists() else 0

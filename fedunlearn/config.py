@@ -19,6 +19,8 @@ FORGET_SAMPLES = ("all", "poisoned", "random")
 STEP_RULES = ("adam-first-step", "sgd")
 CACHE_DTYPES = ("float64", "float32", "bfloat16", "float16")
 MODELS = ("auto", "mlp", "cnn", "mcmahan-cnn", "resnet18")
+UNLEARN_POLICIES = ("renormalise", "abort")
+NORM_ACTIONS = ("clip", "reject")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,30 @@ class ExperimentConfig:
     iau_step_rule: str = field(default="sgd", metadata={"help": f"IAU step rule: {', '.join(STEP_RULES)} (adam-first-step is the IAU reference code's one Adam step)"})
     allow_stale_cache: bool = field(default=False, metadata={"help": "let clients answer from a cache at another model version instead of refreshing it"})
     cache_dtype: str = field(default="float32", metadata={"help": f"storage precision of client gradient caches: {', '.join(CACHE_DTYPES)}"})
+    # baselines
+    finetune_rounds: int = field(default=3, metadata={"help": "finetune: FedAvg rounds on the remaining clients (0 returns the model unchanged)"})
+    federaser_interval: int = field(default=2, metadata={"help": "FedEraser: the server stores client updates every N rounds (rounds 1, 1+N, ...)"})
+    federaser_calibration_ratio: float = field(default=0.5, metadata={"help": "FedEraser: calibration trains ceil(ratio * local-epochs) epochs (at least 1)"})
+    pga_radius: float = field(default=0.0, metadata={"help": "PGA: L2 radius of the ball around w_ref (0 = the authors' rule: sqrt(mean squared distance of w_ref to random models / 3))"})
+    # PGA and IMU step sizes from a short sweep on the default scenario (the authors' PGA lr 0.01 left the model at chance accuracy).
+    pga_lr: float = field(default=0.002, metadata={"help": "PGA: learning rate of the withdrawing client's gradient ascent (SGD, momentum 0.9; the authors use 0.01)"})
+    pga_epochs: int = field(default=5, metadata={"help": "PGA: epochs of gradient ascent over the forget set"})
+    pga_rounds: int = field(default=2, metadata={"help": "PGA: FedAvg rounds among the remaining clients after the ascent"})
+    imu_lr: float = field(default=0.0012, metadata={"help": "IMU-head: learning rate of the influence-weighted ascent on the final layer (SGD)"})
+    imu_epochs: int = field(default=5, metadata={"help": "IMU-head: epochs of ascent over the forget set"})
+    # faults and validation
+    dropout_prob: float = field(default=0.0, metadata={"help": "fault injection: probability that a client drops out of a training, caching or unlearning round (seeded per client and message; 0 = none)"})
+    crash_client: int | None = field(default=None, metadata={"help": "fault injection: partition id of a client whose ClientApp raises at --crash-round"})
+    crash_round: int | None = field(default=None, metadata={"help": "fault injection: training round at which --crash-client crashes (in every training run that reaches it)"})
+    slow_clients: tuple[int, ...] = field(default=(), metadata={"help": "fault injection: comma-separated partition ids of clients that sleep --slow-seconds before every reply"})
+    slow_seconds: float = field(default=0.0, metadata={"help": "fault injection: delay of each --slow-clients reply in seconds (past --round-timeout the reply is missing)"})
+    withdrawing_offline: bool = field(default=False, metadata={"help": "fault injection: the withdrawing client is offline at request time; the server keeps uploaded caches and uses its upload (iau-cached's caching round), else the method aborts"})
+    malicious_client: int | None = field(default=None, metadata={"help": "fault injection: partition id of a client whose unlearning gradients are rescaled to --malicious-norm"})
+    malicious_norm: float = field(default=1e6, metadata={"help": "fault injection: L2 norm of --malicious-client's gradient replies"})
+    unlearn_retries: int = field(default=2, metadata={"help": "times the server asks again the clients that did not answer (or sent a rejected reply) in a caching or unlearning round"})
+    unlearn_policy: str = field(default="abort", metadata={"help": f"after the retries, clients still missing from the correction round: {', '.join(UNLEARN_POLICIES)} (renormalise: g_r over the clients that answered; abort: model unchanged, recorded as aborted)"})
+    gradient_norm_bound: float = field(default=0.0, metadata={"help": "bound on the L2 norm of each client's contribution to the IAU direction d (0 = none)"})
+    gradient_norm_action: str = field(default="clip", metadata={"help": f"a contribution over --gradient-norm-bound is: {', '.join(NORM_ACTIONS)}"})
     # execution
     seed: int = field(default=0, metadata={"help": "seed of data split, initial weights, client sampling and local shuffles"})
     num_cpus_per_client: float = field(default=1.0, metadata={"help": "Ray CPUs per client actor"})
@@ -91,6 +117,15 @@ class ExperimentConfig:
         _check_range("trigger-size", self.trigger_size, 1, None)
         _check_range("eval-every", self.eval_every, 1, None)
         _check_range("shadow-models", self.shadow_models, 1, 20)
+        _check_range("finetune-rounds", self.finetune_rounds, 0, None)
+        _check_range("federaser-interval", self.federaser_interval, 1, None)
+        _check_open("federaser-calibration-ratio", self.federaser_calibration_ratio, 0.0, 1.0, upper_inclusive=True)
+        _check_range("pga-radius", self.pga_radius, 0.0, None, "0 picks the authors' rule")
+        _check_open("pga-lr", self.pga_lr, 0.0, None)
+        _check_range("pga-epochs", self.pga_epochs, 1, None)
+        _check_range("pga-rounds", self.pga_rounds, 0, None)
+        _check_open("imu-lr", self.imu_lr, 0.0, None)
+        _check_range("imu-epochs", self.imu_epochs, 1, None)
         _check_open("lr", self.lr, 0.0, None)
         _check_open("iau-eta", self.iau_eta, 0.0, None)
         _check_open("alpha", self.alpha, 0.0, None)
@@ -117,6 +152,28 @@ class ExperimentConfig:
             raise ConfigError(f"methods={','.join(self.methods)}: a method is listed twice")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r}: must be auto, cpu, cuda or cuda:N")
+        self._check_faults()
+
+    def _check_faults(self) -> None:
+        if not 0.0 <= self.dropout_prob < 1.0:
+            raise ConfigError(f"dropout-prob={self.dropout_prob}: must be in [0, 1) (0 = no dropouts)")
+        last = self.num_clients - 1
+        for key, client in (("crash-client", self.crash_client), ("malicious-client", self.malicious_client)):
+            if client is not None and not 0 <= client <= last:
+                raise ConfigError(f"{key}={client}: must be a partition id in [0, {last}] (num-clients={self.num_clients})")
+        if (self.crash_client is None) != (self.crash_round is None):
+            raise ConfigError(f"crash-client={self.crash_client}, crash-round={self.crash_round}: give both or neither")
+        if self.crash_round is not None and not 1 <= self.crash_round <= self.rounds:
+            raise ConfigError(f"crash-round={self.crash_round}: must be in [1, {self.rounds}] (rounds={self.rounds})")
+        bad = [c for c in self.slow_clients if not 0 <= c <= last]
+        if bad:
+            raise ConfigError(f"slow-clients={','.join(map(str, self.slow_clients))}: {bad} not in [0, {last}] (num-clients={self.num_clients})")
+        _check_range("slow-seconds", self.slow_seconds, 0.0, None)
+        _check_open("malicious-norm", self.malicious_norm, 0.0, None)
+        _check_range("unlearn-retries", self.unlearn_retries, 0, 100)
+        _check_choice("unlearn-policy", self.unlearn_policy, UNLEARN_POLICIES)
+        _check_range("gradient-norm-bound", self.gradient_norm_bound, 0.0, None, "0 = no bound")
+        _check_choice("gradient-norm-action", self.gradient_norm_action, NORM_ACTIONS)
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting under its kebab-case key (what results.json records)."""
@@ -190,6 +247,9 @@ def coerce(name: str, value: Any) -> Any:
         if name == "methods":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(m.strip() for m in items if str(m).strip())
+        if str(kind).startswith("tuple[int"):
+            items = value.split(",") if isinstance(value, str) else ([value] if isinstance(value, int) else list(value))
+            return tuple(int(str(v).strip()) for v in items if str(v).strip())
         if isinstance(default, bool) or kind == "bool":
             if isinstance(value, bool):
                 return value

@@ -21,3 +21,15 @@ class InvalidReplyError(FedUnlearnError):
 
 class MissingRepliesError(FedUnlearnError):
     """Clients that were asked to take part in a round did not answer."""
+
+
+class WithdrawalRequestError(FedUnlearnError, ValueError):
+    """A withdrawal request that cannot be served: unknown client, wrong requester, client already gone."""
+
+
+class UnlearningAbortedError(FedUnlearnError):
+    """An unlearning request that ended without changing the model (the policy said abort); `report` says why."""
+
+    def __init__(self, message: str, report: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.report: dict[str, object] = dict(report or {})

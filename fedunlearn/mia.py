@@ -62,6 +62,8 @@ class ShadowModelAttack:
         estimator = PyTorchClassifier(model=template, loss=nn.CrossEntropyLoss(), input_shape=tuple(x_shadow.shape[1:]),
                                       nb_classes=num_classes, device_type="cpu")
         self.attack = MembershipInferenceBlackBox(estimator, attack_model_type=settings.attack_model)
+        if "random_state" in self.attack.attack_model.get_params():  # ART leaves sklearn's forest unseeded
+            self.attack.attack_model.set_params(random_state=seed)
         member_pred, member_y = np.concatenate(features[True]), np.concatenate(labels[True])
         other_pred, other_y = np.concatenate(features[False]), np.concatenate(labels[False])
         dummy = np.zeros((len(member_pred), *x_shadow.shape[1:]), dtype=np.float32)

@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
+from fedunlearn.baselines import LastModelStore, UpdateHistory
 from fedunlearn.config import ExperimentConfig
 from fedunlearn.deletion import DeletionRequest
 from fedunlearn.errors import UnknownMethodError
@@ -35,6 +36,10 @@ class MethodContext:
     request: DeletionRequest
     forget_count: int                # |S|
     fedavg: Callable[..., UnlearningFedAvg]  # factory: fedavg(ledger=..., round_offset=..., label=...) with progress
+    request_round: int = 0                   # rounds trained when the request arrived
+    update_history: UpdateHistory | None = None  # FedEraser: client updates stored during training (when it was selected)
+    last_models: LastModelStore | None = None    # PGA: every client's latest local model, stored during training
+    round_hook: Callable[[str], Callable[..., None]] | None = None  # round_hook(label) -> per-round progress/curve callback
 
 
 @dataclass
@@ -87,13 +92,30 @@ def retrain(ctx: MethodContext) -> MethodOutcome:
     """Retrain from scratch: same initial weights, seeds, rounds and client sampling, forgotten data left out."""
     strategy = ctx.fedavg(ledger=(*ctx.strategy.ledger, ctx.request), round_offset=0, label="retrain")
     result = strategy.start(grid=ctx.grid, initial_arrays=ctx.initial_arrays, num_rounds=ctx.cfg.rounds, timeout=ctx.cfg.round_timeout)
-    return MethodOutcome(result.arrays)
+    # The server must keep the initial weights to retrain from them.
+    return MethodOutcome(result.arrays, details={"storage": storage(server_bytes=arrays_nbytes(ctx.initial_arrays))})
+
+
+def arrays_nbytes(arrays: ArrayRecord) -> int:
+    """Bytes of the tensors an ArrayRecord holds (what storing it costs)."""
+    return sum(int(array.numpy().nbytes) for array in arrays.values())
+
+
+def storage(server_bytes: int = 0, client_bytes: int = 0, **notes: Any) -> dict[str, Any]:
+    """The `storage` entry of a method's results: bytes the server and all clients together must keep for it."""
+    return {"server_bytes": int(server_bytes), "client_bytes": int(client_bytes), **notes}
 
 
 def _iau(ctx: MethodContext, protocol: str, name: str) -> MethodOutcome:
     strategy = ctx.strategy.branch()
     arrays, report = strategy.unlearn(ctx.grid, ctx.arrays, ctx.request, ctx.forget_count, protocol=protocol, method=name)
-    return MethodOutcome(arrays, details={"unlearning": report.to_dict()})
+    # Every client keeps its gradient cache (any of them may withdraw); the cached protocol also keeps G_tot on the server.
+    total = ctx.strategy.gradient_total if protocol == "cached" else None
+    server = total.numel() * total.element_size() if total is not None else 0
+    # Each client's upload, when the server keeps them for an offline withdrawing client (--withdrawing-offline).
+    server += sum(vector.numel() * vector.element_size() for vector, _, _ in ctx.strategy.client_uploads.values())
+    return MethodOutcome(arrays, details={"unlearning": report.to_dict(),
+                                          "storage": storage(server, sum(ctx.strategy.client_cache_bytes.values()))})
 
 
 @register("iau", "IAU-Fed, fresh protocol: one round, every remaining client sends its (cached) gradient")
@@ -106,3 +128,7 @@ def iau_fresh(ctx: MethodContext) -> MethodOutcome:
 def iau_cached(ctx: MethodContext) -> MethodOutcome:
     """IAU correction with the cached protocol."""
     return _iau(ctx, "cached", "iau-cached")
+
+
+# The baselines register themselves on import; importing them here keeps REGISTRY complete whenever methods is imported.
+from . import baselines as _baselines  # noqa: E402,F401

@@ -45,16 +45,18 @@ def results_table(results: dict[str, Any]) -> Table:
     table.add_column("model")
     for key in METRIC_KEYS:
         table.add_column(HEADERS.get(key, key), justify="right")
-    for key in ("sec", "rounds", "bytes", "x sec", "x rounds", "x bytes"):
+    for key in ("sec", "rounds", "bytes", "x sec", "x rounds", "x bytes", "stored srv/cli"):
         table.add_column(key, justify="right")
     for name, model in results["models"].items():
         cost = model.get("cost", {})
         spd = model.get("speedup", {})
         total_bytes = cost.get("bytes_down", 0) + cost.get("bytes_up", 0) if cost else None
+        stored = model.get("storage")
+        stored_text = f"{_bytes(stored.get('server_bytes'))} / {_bytes(stored.get('client_bytes'))}" if isinstance(stored, dict) else "-"
         table.add_row(
             name, *(_fmt(model.get(k)) for k in METRIC_KEYS),
             _fmt(cost.get("wall_s"), 2) if cost else "-", _fmt(cost.get("rounds")) if cost else "-", _bytes(total_bytes),
-            _speed(spd.get("wall")), _speed(spd.get("rounds")), _speed(spd.get("bytes")),
+            _speed(spd.get("wall")), _speed(spd.get("rounds")), _speed(spd.get("bytes")), stored_text,
         )
     return table
 

@@ -32,13 +32,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat row per model: metrics, then cost_* and speedup_* columns."""
+    """One flat row per model: metrics, then cost_*, speedup_* and storage_* columns."""
     rows = []
     for name, model in results.get("models", {}).items():
         row: dict[str, Any] = {"model": name}
         for key, value in model.items():
             if isinstance(value, dict):
-                if key in ("cost", "speedup"):
+                if key in ("cost", "speedup", "storage"):
                     row.update({f"{key}_{k}": v for k, v in value.items()})
             elif not isinstance(value, list):
                 row[key] = value

@@ -24,10 +24,12 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedunlearn.baselines import LastModelStore, UpdateHistory
 from fedunlearn.config import ExperimentConfig
 from fedunlearn.costs import CostMeter, PhaseCost, speedup
 from fedunlearn.data import DatasetStore, FederatedData
 from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
+from fedunlearn.errors import FedUnlearnError, UnlearningAbortedError
 from fedunlearn.gradients import ParamLayout
 from fedunlearn.iau import CorrectionStepper
 from fedunlearn.mia import ShadowModelAttack, ShadowSettings
@@ -35,15 +37,19 @@ from fedunlearn.metrics import accuracy, attack_success_rate, evaluate_model
 from fedunlearn.models import build_model
 from strategies import app_config
 from strategies.client_app import build_client_app
+from strategies.faults import FAULT_PREFIX, with_faults
 from strategies.fedavg import UnlearningFedAvg, discover_clients
 from strategies.iau_fed import IAUFed
 from strategies.metered_grid import MeteredGrid
+from strategies.update_recorder import TrainingRecorder
 
-from .methods import MethodContext, check_methods
+from .methods import MethodContext, MethodOutcome, check_methods
 from .progress import Progress
 from .results import write_results
 
 REFERENCE = "retrain"
+
+logger = logging.getLogger("fedunlearn.runner")
 
 
 class Evaluator:
@@ -123,6 +129,8 @@ class Experiment:
             "request": asdict(self.request), "models": {}, "phases": {}, "history": {},
         }
         self._error: BaseException | None = None
+        # Every strategy the run drives, by label: their rejected replies and failures feed results["reliability"].
+        self._observed: list[tuple[str, UnlearningFedAvg]] = []
 
     @staticmethod
     def _method_names(cfg: ExperimentConfig) -> list[str]:
@@ -144,7 +152,7 @@ class Experiment:
             for name in ("flwr", "ray"):
                 logging.getLogger(name).setLevel(logging.ERROR)
         cache_dir = tempfile.mkdtemp(prefix="fedunlearn-caches-")
-        client_app = build_client_app(app_config.client_spec_for(self.cfg, cache_dir))
+        client_app = with_faults(build_client_app(app_config.client_spec_for(self.cfg, cache_dir)), app_config.fault_plan_for(self.cfg))
         server_app = ServerApp()
 
         @server_app.main()
@@ -181,6 +189,8 @@ class Experiment:
         return self.results
 
     def _write(self) -> None:
+        if self._observed:
+            self.results["reliability"] = self._reliability()
         if self.out_dir is not None:
             write_results(self.out_dir, self.results)
 
@@ -204,18 +214,30 @@ class Experiment:
         self.results["num_parameters"] = ParamLayout.of(initial_model).numel
 
         def fedavg(ledger: tuple[DeletionRequest, ...] = (), round_offset: int = 0, label: str = "original") -> UnlearningFedAvg:
-            return UnlearningFedAvg(directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
+            made = UnlearningFedAvg(directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
                                     fraction_train=cfg.fraction_fit, ledger=ledger, round_offset=round_offset,
                                     on_round_end=self._round_hook(label))
+            self._observed.append((label, made))
+            return made
 
         strategy = IAUFed(layout=ParamLayout.of(initial_model), iau=app_config.iau_settings_for(cfg),
                           allow_stale=cfg.allow_stale_cache, round_timeout=cfg.round_timeout, directory=directory,
                           train=app_config.train_settings_for(cfg), seed=cfg.seed, fraction_train=cfg.fraction_fit,
-                          on_round_end=self._round_hook("original"))
+                          on_round_end=self._round_hook("original"), policy=app_config.round_policy_for(cfg),
+                          keep_client_uploads=cfg.withdrawing_offline)
+        self._observed.append(("original", strategy))
+        # What some baselines need from training: FedEraser the client updates of every Delta_t-th round, PGA each
+        # client's last local model. Recorded only when they are selected (their storage is reported with them).
+        selected = {m.name for m in self.methods}
+        update_history = UpdateHistory(cfg.federaser_interval) if "federaser" in selected else None
+        last_models = LastModelStore() if "pga" in selected else None
+        if update_history is not None or last_models is not None:
+            strategy.update_recorder = TrainingRecorder(update_history, last_models)
         request_round = cfg.withdraw_round or cfg.rounds
         self.progress.start_phase("training", request_round)
         with self.meter.phase("training"):
             trained = strategy.start(grid=metered, initial_arrays=initial, num_rounds=request_round, timeout=cfg.round_timeout).arrays
+        strategy.update_recorder = None
         # The final evaluation of training fills every client's gradient cache (and uploads it for iau-cached).
         upload = any(m.name == "iau-cached" for m in self.methods)
         self.progress.start_phase("caching (final evaluation)", 1)
@@ -233,13 +255,19 @@ class Experiment:
         self._write()
 
         context = MethodContext(cfg=cfg, grid=metered, strategy=strategy, initial_arrays=initial, arrays=trained,
-                                request=self.request, forget_count=forget_count, fedavg=fedavg)
+                                request=self.request, forget_count=forget_count, fedavg=fedavg, request_round=request_round,
+                                update_history=update_history, last_models=last_models, round_hook=self._round_hook)
         reference: ArrayRecord | None = None
         reference_cost: PhaseCost | None = None
         for method in self.methods:
             self.progress.start_phase(f"unlearning: {method.name}", cfg.rounds if method.name == REFERENCE else 1)
             with self.meter.phase(f"unlearn:{method.name}"):
-                outcome = method.run(context)
+                try:
+                    outcome = method.run(context)
+                except FedUnlearnError as err:  # recorded with the unchanged model; the other methods still run
+                    if method.name == REFERENCE:
+                        raise
+                    outcome = self._unfinished(method.name, context, err)
             if method.name != REFERENCE:
                 self.progress.advance()
             cost = self.meter.get(f"unlearn:{method.name}")
@@ -263,12 +291,55 @@ class Experiment:
             if method.name != REFERENCE and reference_cost is not None:
                 entry["speedup"] = speedup(reference_cost, cost)
             entry.update(outcome.details)
+            unlearning = entry.get("unlearning")
+            entry.setdefault("status", unlearning.get("status", "complete") if isinstance(unlearning, dict) else "complete")
             self.results["models"][method.name] = entry
             self.results["phases"] = {name: c.to_dict() for name, c in self.meter.phases.items()}
             self.progress.note(method.name, entry)
             self._write()
         self.results["status"] = "complete"
         self._write()
+
+    def _unfinished(self, name: str, context: MethodContext, err: FedUnlearnError) -> MethodOutcome:
+        """A method that ended without an unlearned model: the model it was given stays, and the results say why."""
+        aborted = isinstance(err, UnlearningAbortedError)
+        details: dict[str, Any] = {"status": "aborted" if aborted else "failed", "error": f"{type(err).__name__}: {err}"}
+        if aborted and err.report:
+            details["unlearning"] = err.report
+        logger.warning("method %s %s: %s", name, details["status"], err)
+        return MethodOutcome(context.arrays, details=details)
+
+    def _reliability(self) -> dict[str, Any]:
+        """What went wrong in the run and what was done about it: failed and rejected replies, per-method outcomes."""
+        failed: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+        for label, strategy in self._observed:
+            failed.extend({"run": label, **entry} for entry in strategy.failures)
+            rejected.extend({"run": label, **entry} for entry in strategy.rejected)
+        methods: dict[str, Any] = {}
+        for name, model in self.results["models"].items():
+            if name == "original":
+                continue
+            report = model.get("unlearning") if isinstance(model.get("unlearning"), dict) else {}
+            failed.extend({"run": name, **entry} for entry in report.get("failures", []))
+            rejected.extend({"run": name, **entry} for entry in report.get("rejected", []))
+            methods[name] = {"status": model.get("status", "complete"), "missing_clients": report.get("missing_clients", []),
+                             "retries": report.get("retries", 0), "clipped_clients": report.get("clipped_clients", []),
+                             "fallback": report.get("fallback", "")}
+        by_phase: dict[str, int] = {}
+        by_cause: dict[str, int] = {}
+        for entry in failed:
+            by_phase[entry["phase"]] = by_phase.get(entry["phase"], 0) + 1
+            reason = str(entry["reason"])
+            # Injected faults name their kind in the reason ("fault-injection: dropout of client 3, ...").
+            cause = reason.split(f"{FAULT_PREFIX}: ", 1)[1].split(" ", 1)[0] if f"{FAULT_PREFIX}: " in reason else (
+                "no reply" if reason.startswith("no reply") else "client error")
+            by_cause[cause] = by_cause.get(cause, 0) + 1
+        expected = [m.name for m in self.methods]
+        done = self.results["status"] == "complete"
+        return {"failed_replies": len(failed), "failed_by_phase": by_phase, "failed_by_cause": by_cause, "rejected_replies": len(rejected),
+                "rejected": rejected[:100], "methods": methods,
+                "results_lost": sum(1 for n in expected if n not in self.results["models"]) if done else None}
 
     def _round_hook(self, label: str) -> Callable[[int, ArrayRecord, MetricRecord | None], None]:
         """Per-round progress and curves; its evaluation time is taken out of the phase's wall seconds."""

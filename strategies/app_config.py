@@ -7,6 +7,7 @@ import tempfile
 
 import torch
 
+from fedunlearn.baselines import IMUSettings, PGASettings
 from fedunlearn.config import ExperimentConfig
 from fedunlearn.data import DataSpec
 from fedunlearn.deletion import DeletionRequest
@@ -15,6 +16,8 @@ from fedunlearn.models import default_model_for
 from fedunlearn.training import TrainSettings
 
 from .client_app import ClientSpec
+from .faults import FaultPlan
+from .iau_fed import RoundPolicy
 
 
 def data_spec_for(cfg: ExperimentConfig) -> DataSpec:
@@ -61,8 +64,32 @@ def iau_settings_for(cfg: ExperimentConfig, correction: bool = True) -> IAUSetti
     return IAUSettings(eta=cfg.iau_eta, steps=cfg.iau_steps, step_rule=cfg.iau_step_rule, correction=correction)
 
 
+def pga_settings_for(cfg: ExperimentConfig) -> PGASettings:
+    """PGA's ascent settings (momentum, clipping and the radius rule as in the authors' code)."""
+    return PGASettings(lr=cfg.pga_lr, epochs=cfg.pga_epochs, batch_size=cfg.batch_size, radius=cfg.pga_radius)
+
+
+def imu_settings_for(cfg: ExperimentConfig) -> IMUSettings:
+    """IMU-head's ascent settings (Fisher damping 0.01 and weight quantile 0.93 as in the paper)."""
+    return IMUSettings(lr=cfg.imu_lr, epochs=cfg.imu_epochs, batch_size=cfg.batch_size)
+
+
 def deletion_request_for(cfg: ExperimentConfig) -> DeletionRequest:
     """The experiment's deletion request."""
     return DeletionRequest(client=cfg.forget_client, samples=cfg.forget_samples,
                            fraction=cfg.forget_fraction if cfg.forget_samples == "random" else 1.0,
                            at_round=cfg.withdraw_round)
+
+
+def fault_plan_for(cfg: ExperimentConfig) -> FaultPlan:
+    """The faults injected into the clients of this run (none by default); seeded by the run's seed."""
+    return FaultPlan(seed=cfg.seed, dropout_prob=cfg.dropout_prob, crash_client=cfg.crash_client, crash_round=cfg.crash_round,
+                     slow_clients=tuple(cfg.slow_clients), slow_seconds=cfg.slow_seconds,
+                     offline_client=cfg.forget_client if cfg.withdrawing_offline else None,
+                     malicious_client=cfg.malicious_client, malicious_norm=cfg.malicious_norm)
+
+
+def round_policy_for(cfg: ExperimentConfig) -> RoundPolicy:
+    """Retries, the missing-client policy and the gradient-norm bound of caching and unlearning rounds."""
+    return RoundPolicy(retries=cfg.unlearn_retries, on_missing=cfg.unlearn_policy, norm_bound=cfg.gradient_norm_bound,
+                       norm_action=cfg.gradient_norm_action)

@@ -10,18 +10,21 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedunlearn.baselines import (IMUSettings, PGASettings, ball_radius_from_random, head_parameter_names, imu_head_ascent,
+                                  projected_gradient_ascent)
 from fedunlearn.cache import CacheStore, GradientCache, exclusion_digest
 from fedunlearn.data import DataSpec, DatasetStore, FederatedData
 from fedunlearn.deletion import DeletionRequest, decode_ledger, excluded_indices, forget_indices, kept_indices
-from fedunlearn.gradients import ParamLayout, gradient_sum
+from fedunlearn.gradients import ParamLayout, gradient_sum, model_vector
 from fedunlearn.iau import remaining_contribution, withdrawing_contribution
 from fedunlearn.models import build_model
 from fedunlearn.training import TrainSettings, local_train
@@ -95,29 +98,35 @@ class ClientRuntime:
         return cache, False, False
 
 
-def _spec_from_context(context: Context) -> ClientSpec:
-    """Build a ClientSpec from a `flwr run` run_config (keys as in the CLI)."""
+def _spec_from_context(context: Context, overrides: Mapping[str, Any] | None = None) -> ClientSpec:
+    """Build a ClientSpec from a `flwr run` run_config (keys as in the CLI); `overrides` win over it."""
     from fedunlearn.config import build_config
 
     from .app_config import client_spec_for, default_cache_dir
 
     settings = {k: v for k, v in context.run_config.items()}
-    return client_spec_for(build_config(file_settings=settings), default_cache_dir(context.run_id))
+    return client_spec_for(build_config(file_settings=settings, overrides=dict(overrides or {})), default_cache_dir(context.run_id))
 
 
-def _reply(msg: Message, metrics: dict[str, float | int], arrays: dict[str, ArrayRecord] | None = None) -> Message:
+def _reply(msg: Message, metrics: dict[str, float | int], arrays: dict[str, ArrayRecord] | None = None,
+           version: str | None = None) -> Message:
     content = RecordDict({keys.METRICS: MetricRecord(metrics)})
     for name, record in (arrays or {}).items():
         content[name] = record
+    if version is not None:  # the model version the reply was computed at: the server checks it before use
+        content[keys.CONFIG] = ConfigRecord({keys.MODEL_VERSION: version})
     return Message(content=content, reply_to=msg)
 
 
-def build_client_app(spec: ClientSpec | None = None) -> ClientApp:
-    """The fedunlearn ClientApp; `spec=None` reads its settings from the Flower run config."""
+def build_client_app(spec: ClientSpec | None = None, overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """The fedunlearn ClientApp; `spec=None` reads its settings from the Flower run config (then `overrides`)."""
+    if spec is not None and overrides:
+        raise ValueError("build_client_app: give either spec or overrides, not both (a spec already fixes every setting)")
     app = ClientApp()
+    frozen_overrides = dict(overrides or {})
 
     def runtime_for(context: Context) -> ClientRuntime:
-        return ClientRuntime.get(spec if spec is not None else _spec_from_context(context))
+        return ClientRuntime.get(spec if spec is not None else _spec_from_context(context, frozen_overrides))
 
     @app.query("info")
     def info(msg: Message, context: Context) -> Message:
@@ -176,11 +185,11 @@ def build_client_app(spec: ClientSpec | None = None) -> ClientApp:
             flat, loss_sum, correct = gradient_sum(model, x, y)
             runtime.store.put(pid, GradientCache(flat, len(indices), str(config[keys.MODEL_VERSION]), scope))
             metrics.update({"train-loss": loss_sum / max(len(indices), 1), "train-acc": correct / max(len(indices), 1),
-                            keys.GRADIENT_COUNT: len(indices)})
+                            keys.GRADIENT_COUNT: len(indices), keys.CACHE_BYTES: runtime.store.client_bytes(pid)})
             if bool(config.get(keys.CACHE_UPLOAD, False)):
                 arrays[keys.GRADIENT] = runtime.gradient_record(flat, str(config.get("gradient-dtype", "float32")))
         metrics[keys.COMPUTE_S] = time.perf_counter() - start
-        return _reply(msg, metrics, arrays)
+        return _reply(msg, metrics, arrays, version=str(config[keys.MODEL_VERSION]) if keys.MODEL_VERSION in config else None)
 
     @app.query("gradient")
     def gradient(msg: Message, context: Context) -> Message:
@@ -233,6 +242,69 @@ def build_client_app(spec: ClientSpec | None = None) -> ClientApp:
                 vector = withdrawing_contribution(kept_sum, forget_sum, remaining_count, len(forget), bool(config.get(keys.CORRECTION, True)))
                 metrics[keys.NUM_EXAMPLES] = len(forget)
         metrics[keys.COMPUTE_S] = time.perf_counter() - start
-        return _reply(msg, metrics, {keys.GRADIENT: runtime.gradient_record(vector, wire)})
+        # A remaining client may answer from a stale cache (when allowed): it reports the version that cache is at.
+        computed_at = cache.version if role == keys.ROLE_REMAINING else version
+        return _reply(msg, metrics, {keys.GRADIENT: runtime.gradient_record(vector, wire)}, version=computed_at)
+
+    @app.query("pga")
+    def pga(msg: Message, context: Context) -> Message:
+        # PGA (Halimi et al.): this client, the one withdrawing, ascends its loss on S inside a ball around w_ref (sent).
+        start = time.perf_counter()
+        runtime = runtime_for(context)
+        pid = int(context.node_config["partition-id"])
+        config = msg.content[keys.CONFIG]
+        request = _request_for(config, pid)
+        settings = PGASettings(
+            lr=float(config[keys.LR]), epochs=int(config[keys.EPOCHS]), batch_size=int(config[keys.BATCH_SIZE]),
+            momentum=float(config[keys.MOMENTUM]), clip_grad=float(config[keys.CLIP_GRAD]), radius=float(config[keys.PGA_RADIUS]),
+            radius_fraction=float(config[keys.PGA_RADIUS_FRACTION]), random_models=int(config[keys.PGA_RANDOM_MODELS]),
+        )
+        runtime.load(msg.content[keys.ARRAYS])
+        reference = model_vector(runtime.model).to(torch.float64)
+        radius = settings.radius
+        if radius <= 0:  # the authors' rule, over freshly initialised models drawn from a seeded generator
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(config[keys.SEED]))
+                randoms = [model_vector(build_model(runtime.spec.model, runtime.data.input_shape, runtime.data.num_classes))
+                           for _ in range(settings.random_models)]
+            radius = ball_radius_from_random(reference, randoms, settings.radius_fraction)
+        forget = forget_indices(runtime.data, request)
+        generator = torch.Generator().manual_seed(int(config[keys.SEED]) * 1_000_003 + pid)
+        stats = projected_gradient_ascent(runtime.model, *runtime.arrays_xy(forget), reference, radius, settings, generator)
+        state = OrderedDict((k, v.detach().cpu()) for k, v in runtime.model.state_dict().items())
+        return _reply(msg, {
+            keys.NUM_EXAMPLES: len(forget), keys.PGA_RADIUS: radius, keys.PGA_DISTANCE: stats.final_distance,
+            keys.PGA_MAX_DISTANCE: stats.max_distance, keys.PGA_PROJECTIONS: stats.projections, keys.STEPS: stats.steps,
+            keys.LOSS_AFTER: stats.final_loss, keys.COMPUTE_S: time.perf_counter() - start,
+        }, {keys.ARRAYS: ArrayRecord(state)})
+
+    @app.query("imu")
+    def imu(msg: Message, context: Context) -> Message:
+        # IMU-head: this client alone ascends its influence-weighted loss on the final layer; only the head goes back.
+        start = time.perf_counter()
+        runtime = runtime_for(context)
+        pid = int(context.node_config["partition-id"])
+        config = msg.content[keys.CONFIG]
+        request = _request_for(config, pid)
+        settings = IMUSettings(lr=float(config[keys.LR]), epochs=int(config[keys.EPOCHS]), batch_size=int(config[keys.BATCH_SIZE]),
+                               damping=float(config[keys.IMU_DAMPING]), clip_quantile=float(config[keys.IMU_QUANTILE]))
+        runtime.load(msg.content[keys.ARRAYS])
+        forget = forget_indices(runtime.data, request)
+        generator = torch.Generator().manual_seed(int(config[keys.SEED]) * 1_000_003 + pid)
+        stats = imu_head_ascent(runtime.model, *runtime.arrays_xy(forget), settings, generator)
+        state = runtime.model.state_dict()
+        head = ArrayRecord(OrderedDict((name, state[name].detach().cpu()) for name in head_parameter_names(runtime.model)))
+        return _reply(msg, {
+            keys.NUM_EXAMPLES: len(forget), keys.IMU_KEPT: stats.kept, keys.STEPS: stats.steps,
+            keys.LOSS_BEFORE: stats.loss_before, keys.LOSS_AFTER: stats.loss_after, keys.COMPUTE_S: time.perf_counter() - start,
+        }, {keys.ARRAYS: head})
 
     return app
+
+
+def _request_for(config: ConfigRecord, pid: int) -> DeletionRequest:
+    """The DeletionRequest a baseline query serves; only the withdrawing client itself may serve it."""
+    request = DeletionRequest(**json.loads(str(config[keys.REQUEST])))
+    if request.client != pid:
+        raise ValueError(f"partition {pid} got a request for client {request.client}: only the withdrawing client runs this step")
+    return request

@@ -13,10 +13,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedunlearn.deletion import DeletionRequest, encode_ledger
-from fedunlearn.errors import MissingRepliesError
+from fedunlearn.errors import InvalidReplyError, MissingRepliesError
 from fedunlearn.training import TrainSettings
 
 from . import keys
+from .validation import check_train_reply, record_failure, record_rejection
+
+# (absolute round, {partition: (client model, examples it trained on)}, global model the round started from)
+UpdateRecorder = Callable[[int, dict[int, tuple[ArrayRecord, int]], ArrayRecord], None]
 
 
 def model_version(arrays: ArrayRecord) -> str:
@@ -93,6 +97,7 @@ class UnlearningFedAvg(FedAvg):
         ledger: tuple[DeletionRequest, ...] = (),
         round_offset: int = 0,
         on_round_end: Callable[[int, ArrayRecord, MetricRecord | None], None] | None = None,
+        update_recorder: UpdateRecorder | None = None,
     ) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.directory = directory
@@ -101,7 +106,12 @@ class UnlearningFedAvg(FedAvg):
         self.ledger: tuple[DeletionRequest, ...] = tuple(ledger)
         self.round_offset = round_offset
         self.on_round_end = on_round_end
+        # Optional: sees every round's client models (FedEraser stores updates, PGA the last local models).
+        self.update_recorder = update_recorder
         self._last_arrays: ArrayRecord | None = None
+        # Replies refused by validation and clients that answered with an error: logged, counted, never aggregated.
+        self.rejected: list[dict] = []
+        self.failures: list[dict] = []
 
     @property
     def withdrawn(self) -> set[int]:
@@ -133,11 +143,40 @@ class UnlearningFedAvg(FedAvg):
             keys.OPTIMIZER: s.optimizer, keys.MOMENTUM: s.momentum, keys.GR_ALPHA: s.gr_alpha,
         })
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: record})
+        self._last_arrays = arrays  # the global model of this round, before aggregation (what the update recorder needs)
         return [Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.TRAIN) for p in cohort]
 
+    def valid_train_replies(self, absolute_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The training replies that pass validation; rejected ones go to `self.rejected`, error replies to `self.failures`."""
+        partition_of = {nid: p for p, nid in self.directory.node_of.items()}
+        kept: list[Message] = []
+        for reply in replies:
+            partition = partition_of.get(reply.metadata.src_node_id)
+            if reply.has_error():  # kept for FedAvg, which logs and skips it
+                record_failure(self.failures, "train", partition, reply.error.reason, absolute_round)
+                kept.append(reply)
+                continue
+            try:
+                if partition is None:
+                    raise InvalidReplyError(f"reply from node {reply.metadata.src_node_id}, which serves no known partition")
+                check_train_reply(reply, self._last_arrays, self.arrayrecord_key)
+            except InvalidReplyError as err:
+                record_rejection(self.rejected, "train", partition, reply, str(err), absolute_round)
+                continue
+            kept.append(reply)
+        return kept
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg's weighted average over replies in partition order; then report the round to the progress hook."""
-        arrays, metrics = super().aggregate_train(server_round, self.in_partition_order(replies))
+        """FedAvg's weighted average over replies in partition order; then report the round to the recorder and progress hook."""
+        ordered = self.in_partition_order(self.valid_train_replies(server_round + self.round_offset, replies))
+        if self.update_recorder is not None and self._last_arrays is not None:
+            partition_of = {nid: p for p, nid in self.directory.node_of.items()}
+            self.update_recorder(server_round + self.round_offset, {
+                partition_of[r.metadata.src_node_id]: (r.content[self.arrayrecord_key], int(r.content[keys.METRICS][keys.NUM_EXAMPLES]))
+                for r in ordered if not r.has_error() and r.metadata.src_node_id in partition_of
+                and self.arrayrecord_key in r.content.array_records and keys.METRICS in r.content.metric_records
+            }, self._last_arrays)
+        arrays, metrics = super().aggregate_train(server_round, ordered)
         if self.on_round_end is not None and arrays is not None:
             self.on_round_end(server_round + self.round_offset, arrays, metrics)
         return arrays, metrics

@@ -4,22 +4,60 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedunlearn.deletion import DeletionRequest
-from fedunlearn.errors import InvalidReplyError, MissingRepliesError
+from fedunlearn.errors import InvalidReplyError, MissingRepliesError, UnlearningAbortedError
 from fedunlearn.gradients import ParamLayout
-from fedunlearn.iau import PROTOCOLS, CorrectionStepper, IAUSettings, direction_from_total
+from fedunlearn.iau import PROTOCOLS, CorrectionStepper, IAUSettings, direction_from_total, withdrawing_contribution
 
 from . import keys
 from .fedavg import UnlearningFedAvg, model_version
+from .validation import (NORM_ACTIONS, bound_norm, check_gradient_reply, check_version, check_withdrawal, finite_metric,
+                         gradient_vector, metrics_of, positive_count, record_failure, record_rejection)
+
+logger = logging.getLogger("fedunlearn.iau_fed")
+
+MISSING_POLICIES = ("renormalise", "abort")
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """What an unlearning round does about clients that do not answer and contributions that are too large.
+
+    `retries`: extra attempts for the clients that did not answer or sent a rejected reply.
+    `on_missing`: after the retries, "renormalise" aggregates what arrived with g_r normalised
+    over the clients that answered (and lists the missing), "abort" leaves the model unchanged.
+    `norm_bound` (> 0): bound on the L2 norm of each client's contribution to d (fresh: the vector
+    it sends; cached: G_S/|S|); `norm_action` "clip" scales it down to the bound, "reject" refuses it.
+    """
+
+    retries: int = 0
+    on_missing: str = "abort"
+    norm_bound: float = 0.0
+    norm_action: str = "clip"
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"retries={self.retries}: must be >= 0")
+        if self.on_missing not in MISSING_POLICIES:
+            raise ValueError(f"on_missing={self.on_missing!r}: must be one of {', '.join(MISSING_POLICIES)}")
+        if self.norm_bound < 0:
+            raise ValueError(f"norm_bound={self.norm_bound}: must be >= 0 (0 = no bound)")
+        if self.norm_action not in NORM_ACTIONS:
+            raise ValueError(f"norm_action={self.norm_action!r}: must be one of {', '.join(NORM_ACTIONS)}")
+
+
+class _Abort(Exception):
+    """Internal: the round cannot produce a correct update; unlearn() turns it into UnlearningAbortedError."""
 
 
 @dataclass
@@ -37,6 +75,16 @@ class UnlearningReport:
     cache_hits: int = 0
     stale_caches: list[int] = field(default_factory=list)
     direction_norm: float = 0.0
+    # What went wrong and what was done about it (faults and validation).
+    status: str = "complete"        # complete | renormalised | fallback | aborted | repeat
+    missing_clients: list[int] = field(default_factory=list)   # remaining clients left out after the retries
+    retries: int = 0                # extra rounds spent re-asking clients
+    renormalised_count: int = 0     # n_A: examples g_r was normalised by when clients were missing (0: none missing)
+    clipped_clients: list[int] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)   # replies refused by validation, with the reason
+    failures: list[dict[str, Any]] = field(default_factory=list)   # error replies and replies that never came
+    fallback: str = ""              # "uploaded-cache": an offline withdrawing client's uploaded cache stood in for it
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for results.json."""
@@ -58,22 +106,8 @@ def vector_to_arrays(vector: torch.Tensor, template: ArrayRecord, layout: ParamL
 
 
 def gradient_from_reply(reply: Message, layout: ParamLayout) -> torch.Tensor:
-    """The gradient vector a client sent, checked against the model's layout."""
-    if keys.GRADIENT not in reply.content.array_records:
-        raise InvalidReplyError(f"reply from node {reply.metadata.src_node_id} has no '{keys.GRADIENT}' ArrayRecord")
-    record = reply.content[keys.GRADIENT]
-    parts = {}
-    for name, shape in zip(layout.names, layout.shapes):
-        if name not in record:
-            raise InvalidReplyError(f"reply from node {reply.metadata.src_node_id} lacks gradient tensor {name!r}")
-        array = record[name].numpy()
-        if tuple(array.shape) != tuple(shape):
-            raise InvalidReplyError(f"reply from node {reply.metadata.src_node_id}: gradient {name!r} has shape {array.shape}, expected {shape}")
-        parts[name] = torch.from_numpy(np.asarray(array, dtype=np.float64))
-    vector = layout.flatten(parts)
-    if not torch.isfinite(vector).all():
-        raise InvalidReplyError(f"reply from node {reply.metadata.src_node_id} holds non-finite gradient values")
-    return vector
+    """The gradient vector a client sent, checked against the model's layout (names, shapes, finite values)."""
+    return gradient_vector(reply, layout)
 
 
 class IAUFed(UnlearningFedAvg):
@@ -84,8 +118,15 @@ class IAUFed(UnlearningFedAvg):
     """
 
     def __init__(self, *, layout: ParamLayout, iau: IAUSettings, gradient_dtype: str = "float32",
-                 allow_stale: bool = False, round_timeout: float = 600.0, **kwargs: Any) -> None:
+                 allow_stale: bool = False, round_timeout: float = 600.0, policy: RoundPolicy | None = None,
+                 keep_client_uploads: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.policy = policy or RoundPolicy()
+        # Keep each client's uploaded cache (P floats per client on the server): the ALGORITHMS.md fallback
+        # for a withdrawing client that is offline at request time.
+        self.keep_client_uploads = keep_client_uploads
+        self.client_uploads: dict[int, tuple[torch.Tensor, int, str]] = {}
+        self.cache_missing: list[int] = []
         self.layout = layout
         self.iau = iau
         self.gradient_dtype = gradient_dtype
@@ -96,72 +137,118 @@ class IAUFed(UnlearningFedAvg):
         self.gradient_total_count = 0
         self.gradient_total_version = ""
         self._excluded_counts: dict[int, int] = {}
+        # Bytes each client reports its stored gradient cache occupies (filled by fill_caches).
+        self.client_cache_bytes: dict[int, int] = {}
 
     def branch(self) -> "IAUFed":
         """An independent copy (ledger, counts, aggregate cache) so several methods can start from one state."""
         other = copy.copy(self)
         other._excluded_counts = dict(self._excluded_counts)
+        other.rejected, other.failures = [], []
         return other
 
     def fill_caches(self, grid: Grid, arrays: ArrayRecord, upload: bool = False) -> dict[str, float]:
-        """Final federated evaluation; each client also fills its gradient cache (and uploads it if `upload`)."""
+        """Final federated evaluation; each client also fills its gradient cache (and uploads it if `upload`).
+
+        Replies are validated (held-out count, echoed model version, finite metrics, the uploaded
+        gradient's layout); clients that do not answer are asked again up to `policy.retries` times.
+        Without upload, clients still missing are listed in `cache_missing` (they compute their
+        gradient when asked); with upload every client is needed for G_tot, so MissingRepliesError.
+        """
         version = model_version(arrays)
         record = self.base_config()
         record.update({keys.CACHE_FILL: True, keys.CACHE_UPLOAD: upload, keys.MODEL_VERSION: version, "gradient-dtype": self.gradient_dtype})
         content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: record})
         partitions = self.active_partitions()
         messages = [Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.EVALUATE) for p in partitions]
-        replies = self.in_partition_order(grid.send_and_receive(messages, timeout=self.round_timeout))
-        failed = [r for r in replies if r.has_error()]
-        if failed or len(replies) < len(messages):
-            raise MissingRepliesError(f"{len(messages) - len(replies) + len(failed)} client(s) did not complete the caching round")
+
+        def parse(partition: int, reply: Message) -> tuple[Message, torch.Tensor | None, int]:
+            positive_count(reply)
+            check_version(reply, version)
+            finite_metric(reply, keys.EVAL_LOSS)
+            finite_metric(reply, keys.EVAL_ACC)
+            if not upload:
+                return reply, None, 0
+            count = positive_count(reply, keys.GRADIENT_COUNT)
+            return reply, gradient_vector(reply, self.layout, self.gradient_dtype), count
+
+        accepted, missing = self._ask(grid, messages, "caching", parse, None)
+        if missing and upload:
+            raise MissingRepliesError(f"clients {missing} did not complete the caching round after {self.policy.retries} retries: "
+                                      "the aggregate cache of the cached protocol needs every client (see the logged reasons)")
+        self.cache_missing = missing
+        if missing:
+            logger.warning("clients %s did not fill their caches; they will compute their gradients when asked", missing)
         total = torch.zeros(self.layout.numel, dtype=torch.float64)
         count, loss_sum, acc_sum, heldout = 0, 0.0, 0.0, 0
-        for reply in replies:
+        for partition in sorted(accepted):
+            reply, vector, gradient_count = accepted[partition]
             metrics = reply.content[keys.METRICS]
             n = int(metrics[keys.NUM_EXAMPLES])
             loss_sum += float(metrics[keys.EVAL_LOSS]) * n
             acc_sum += float(metrics[keys.EVAL_ACC]) * n
             heldout += n
-            if upload:
-                total += gradient_from_reply(reply, self.layout)
-                count += int(metrics[keys.GRADIENT_COUNT])
+            if keys.CACHE_BYTES in metrics:
+                self.client_cache_bytes[partition] = int(metrics[keys.CACHE_BYTES])
+            if upload and vector is not None:
+                total += vector
+                count += gradient_count
+                if self.keep_client_uploads:
+                    wire = torch.float32 if self.gradient_dtype == "float32" else torch.float64
+                    self.client_uploads[partition] = (vector.to(wire), gradient_count, version)
         if upload:
             self.gradient_total, self.gradient_total_count, self.gradient_total_version = total, count, version
         return {"eval_loss": loss_sum / max(heldout, 1), "eval_acc": acc_sum / max(heldout, 1)}
 
     def unlearn(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int,
-                protocol: str = "fresh", method: str = "iau") -> tuple[ArrayRecord, UnlearningReport]:
-        """Apply the IAU correction for `request` (|S| = forget_count) and add it to the ledger."""
+                protocol: str = "fresh", method: str = "iau", requester: int | None = None) -> tuple[ArrayRecord, UnlearningReport]:
+        """Apply the IAU correction for `request` (|S| = forget_count) and add it to the ledger.
+
+        `requester` is the node the request came from (None: the operator's scenario); only the
+        node serving the partition may ask. A request repeating one already served returns
+        `arrays` unchanged with report.status 'repeat' (idempotent, no second correction).
+        When the policy aborts (clients missing with `on_missing='abort'`, or a withdrawing client
+        that is offline with no uploaded cache), UnlearningAbortedError is raised with the report,
+        and neither the model nor this strategy's state has changed.
+        """
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol={protocol!r}: must be one of {', '.join(PROTOCOLS)}")
-        if request.client not in self.directory.node_of:
-            raise ValueError(f"request for unknown client {request.client}: known partitions are 0..{max(self.directory.node_of)}")
-        if request.client in self.withdrawn:
-            raise ValueError(f"client {request.client} has already withdrawn; a repeated request has nothing left to remove")
         n_total = self.current_examples()
+        if check_withdrawal(self.directory, self.ledger, request, requester):
+            logger.warning("repeated request %s: already served, returning the current model without a second correction", asdict(request))
+            return arrays, UnlearningReport(method, protocol, asdict(request), forget_count, n_total - forget_count, status="repeat",
+                                            reason="repeats a request already served")
         remaining_count = n_total - forget_count
         report = UnlearningReport(method, protocol, asdict(request), forget_count, remaining_count)
         theta = arrays_to_vector(arrays, self.layout)
         stepper = CorrectionStepper(theta, self.iau)
         current = arrays
-        if protocol == "fresh":
-            for _ in range(self.iau.steps):
-                direction = self._fresh_direction(grid, current, request, remaining_count, report)
-                theta = stepper.step(direction)
+        try:
+            if protocol == "fresh":
+                for _ in range(self.iau.steps):
+                    direction = self._fresh_direction(grid, current, request, remaining_count, report)
+                    theta = stepper.step(direction)
+                    current = vector_to_arrays(theta, arrays, self.layout)
+            else:
+                direction = self._cached_direction(grid, current, request, forget_count, report)
+                for _ in range(self.iau.steps):
+                    theta = stepper.step(direction)
                 current = vector_to_arrays(theta, arrays, self.layout)
-        else:
-            direction = self._cached_direction(grid, current, request, forget_count, report)
-            for _ in range(self.iau.steps):
-                theta = stepper.step(direction)
-            current = vector_to_arrays(theta, arrays, self.layout)
+        except _Abort as abort:
+            report.status, report.reason = "aborted", str(abort)
+            logger.warning("%s: request of client %s aborted, model left unchanged: %s", method, request.client, abort)
+            raise UnlearningAbortedError(f"{method}: the request of client {request.client} was aborted and the model left "
+                                         f"unchanged: {abort}", report=report.to_dict()) from None
         self.ledger = (*self.ledger, request)
         self._excluded_counts[request.client] = self._excluded_counts.get(request.client, 0) + forget_count
         return current, report
 
     def current_examples(self) -> int:
         """n: training examples still held by the active clients."""
-        return sum(self.directory.num_train[p] - self._excluded_counts.get(p, 0) for p in self.active_partitions())
+        return sum(self._kept(p) for p in self.active_partitions())
+
+    def _kept(self, partition: int) -> int:
+        return self.directory.num_train[partition] - self._excluded_counts.get(partition, 0)
 
     def _query(self, arrays: ArrayRecord, request: DeletionRequest, role: str, remaining_count: int, forget_count: int) -> RecordDict:
         record = self.base_config()
@@ -172,38 +259,162 @@ class IAUFed(UnlearningFedAvg):
         })
         return RecordDict({keys.ARRAYS: arrays, keys.CONFIG: record})
 
-    def _collect(self, grid: Grid, messages: list[Message], report: UnlearningReport) -> list[Message]:
+    def _ask(self, grid: Grid, messages: list[Message], phase: str, parse: Callable[[int, Message], Any],
+             report: UnlearningReport | None) -> tuple[dict[int, Any], list[int]]:
+        """Send `messages`, validate each reply with `parse`, re-ask the clients still missing up to `policy.retries` times.
+
+        Returns ({partition: parse's result} for the accepted replies, the partitions still missing).
+        A reply `parse` refuses (InvalidReplyError) is logged, recorded and never used.
+        """
         partition_of = {nid: p for p, nid in self.directory.node_of.items()}
-        report.rounds += 1
-        report.clients_asked = sorted(set(report.clients_asked) | {partition_of[m.metadata.dst_node_id] for m in messages})
-        replies = [r for r in self.in_partition_order(grid.send_and_receive(messages, timeout=self.round_timeout)) if not r.has_error()]
-        answered = {partition_of[r.metadata.src_node_id] for r in replies}
-        report.clients_answered = sorted(set(report.clients_answered) | answered)
-        missing = sorted({partition_of[m.metadata.dst_node_id] for m in messages} - answered)
-        if missing:
-            raise MissingRepliesError(f"clients {missing} did not answer the unlearning round; the model is left unchanged")
+        pending = {partition_of[m.metadata.dst_node_id]: m for m in messages}
+        asked = sorted(pending)
+        accepted: dict[int, Any] = {}
+        for attempt in range(self.policy.retries + 1):
+            if attempt:
+                logger.info("%s round: asking clients %s again (retry %d of %d)", phase, sorted(pending), attempt, self.policy.retries)
+            if report is not None:
+                report.rounds += 1
+                report.retries += int(attempt > 0)
+            batch = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type) for m in pending.values()]
+            answered: set[int] = set()
+            for reply in self.in_partition_order(grid.send_and_receive(batch, timeout=self.round_timeout)):
+                partition = partition_of.get(reply.metadata.src_node_id)
+                if partition is None or partition not in pending or partition in answered:
+                    entry = record_rejection(self.rejected, phase, partition, reply, "a reply from a node not asked in this round, or a second one")
+                    if report is not None:
+                        report.rejected.append(entry)
+                    continue
+                answered.add(partition)
+                if reply.has_error():
+                    entry = record_failure(self.failures, phase, partition, reply.error.reason)
+                    if report is not None:
+                        report.failures.append(entry)
+                    continue
+                try:
+                    accepted[partition] = parse(partition, reply)
+                except InvalidReplyError as err:
+                    entry = record_rejection(self.rejected, phase, partition, reply, str(err))
+                    if report is not None:
+                        report.rejected.append(entry)
+            for partition in sorted(set(pending) - answered):
+                entry = record_failure(self.failures, phase, partition, f"no reply within the round timeout ({self.round_timeout:g} s)")
+                if report is not None:
+                    report.failures.append(entry)
+            pending = {p: m for p, m in pending.items() if p not in accepted}
+            if not pending:
+                break
+        if report is not None:
+            report.clients_asked = sorted(set(report.clients_asked) | set(asked))
+            report.clients_answered = sorted(set(report.clients_answered) | set(accepted))
+        return accepted, sorted(pending)
+
+    def _contribution(self, partition: int, reply: Message, version: str, report: UnlearningReport,
+                      count_key: str = keys.NUM_EXAMPLES, bound_scale: float = 1.0) -> tuple[Message, torch.Tensor]:
+        """A validated gradient reply of the correction round, within the norm bound (applied to vector / bound_scale)."""
+        stale_ok = self.allow_stale and bool(int(metrics_of(reply).get(keys.CACHE_STALE, 0)))
+        vector = check_gradient_reply(reply, self.layout, version, dtype=self.gradient_dtype, stale_ok=stale_ok, count_key=count_key)
+        bounded, clipped = bound_norm(vector / bound_scale, self.policy.norm_bound, self.policy.norm_action, f"client {partition}")
+        if clipped:
+            logger.warning("client %s: contribution norm %.4g clipped to the bound %g", partition, float(vector.norm()) / bound_scale,
+                           self.policy.norm_bound)
+            report.clipped_clients.append(partition)
+            vector = bounded * bound_scale
+        return reply, vector
+
+    def _note_cache_use(self, replies: list[Message], report: UnlearningReport) -> None:
+        partition_of = {nid: p for p, nid in self.directory.node_of.items()}
         for reply in replies:
             metrics = reply.content[keys.METRICS]
             report.cache_hits += int(metrics.get(keys.CACHE_HIT, 0))
             if int(metrics.get(keys.CACHE_STALE, 0)):
                 report.stale_caches.append(partition_of[reply.metadata.src_node_id])
-        return replies
+
+    def _offline_withdrawing(self, request: DeletionRequest, version: str, forget_count: int, report: UnlearningReport) -> torch.Tensor:
+        """G_S of a withdrawing client that did not answer: the cache it uploaded (client-level requests only), else abort."""
+        client = request.client
+        upload = self.client_uploads.get(client)
+        if upload is None:
+            raise _Abort(f"withdrawing client {client} did not answer and the server holds no cache it uploaded (only a caching "
+                         "round with upload, the cached protocol's, and kept uploads leaves one): retry when the client is back")
+        if not request.client_level:
+            raise _Abort(f"withdrawing client {client} did not answer and asked to forget part of its data ({request.samples!r}): "
+                         "its uploaded cache sums all its examples, so G_S cannot be taken from it; retry when the client is back")
+        vector, count, uploaded_at = upload
+        if count != forget_count:
+            raise _Abort(f"client {client}'s uploaded cache covers {count} examples, the request {forget_count} (other deletions "
+                         "came after the upload): retry when the client is back")
+        if uploaded_at != version and not self.allow_stale:
+            raise _Abort(f"withdrawing client {client} did not answer and its uploaded cache is at model version {uploaded_at}, "
+                         f"the model at {version}: allow stale caches to use it anyway")
+        report.fallback = "uploaded-cache" + (" (stale)" if uploaded_at != version else "")
+        if report.status == "complete":
+            report.status = "fallback"
+        logger.warning("withdrawing client %s is offline: using the cache it uploaded at version %s", client, uploaded_at)
+        return vector.to(torch.float64)
 
     def _fresh_direction(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, remaining_count: int,
                          report: UnlearningReport) -> torch.Tensor:
-        """One round: remaining clients send G_k/(n-|S|), client u its pre-scaled difference; the sum is d."""
+        """One round: remaining clients send G_k/(n-|S|), client u its pre-scaled difference; the sum is d.
+
+        Remaining clients still missing after the retries: with `on_missing='renormalise'` their
+        share is dropped and g_r renormalised over those that answered. Design: the vectors that
+        arrived stay pre-scaled sums (secure-aggregation compatible); the server rescales their
+        sum by (n-|S|)/n_A, n_A = the examples the answering clients still hold (their own and
+        client u's kept ones), which is exactly sum G_k / n_A. Client u's vector does not depend
+        on n - |S| for a client-level request; a sample-level one mixes both terms, so u is asked
+        once more with n_A (answered from its cache). With 'abort' the round aborts.
+        """
+        version = model_version(arrays)
+        client = request.client
         messages = []
         for p in self.active_partitions():
-            if p == request.client:
+            if p == client:
                 content = self._query(arrays, request, keys.ROLE_WITHDRAWING, remaining_count, report.forget_count)
             elif self.iau.correction:
                 content = self._query(arrays, request, keys.ROLE_REMAINING, remaining_count, report.forget_count)
             else:
                 continue
             messages.append(Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.QUERY_GRADIENT))
-        direction = torch.zeros(self.layout.numel, dtype=torch.float64)
-        for reply in self._collect(grid, messages, report):
-            direction += gradient_from_reply(reply, self.layout)
+
+        def parse(partition: int, reply: Message) -> tuple[Message, torch.Tensor]:
+            return self._contribution(partition, reply, version, report)
+
+        accepted, missing = self._ask(grid, messages, "unlearn", parse, report)
+        self._note_cache_use([reply for reply, _ in accepted.values()], report)
+        if client in missing:
+            forget_sum = self._offline_withdrawing(request, version, report.forget_count, report)
+            accepted[client] = (None, withdrawing_contribution(None, forget_sum, remaining_count, report.forget_count, self.iau.correction))
+        others_missing = [p for p in missing if p != client]
+        if not others_missing:
+            direction = torch.zeros(self.layout.numel, dtype=torch.float64)
+            for p in sorted(accepted):
+                direction += accepted[p][1]
+            report.direction_norm = float(direction.norm())
+            return direction
+        report.missing_clients = sorted(set(report.missing_clients) | set(others_missing))
+        if self.policy.on_missing == "abort":
+            raise _Abort(f"client(s) {others_missing} did not answer the correction round after {self.policy.retries} retries "
+                         "(unlearn-policy=abort)")
+        answering = sorted(p for p in accepted if p != client)
+        withdrawing_kept = 0 if request.client_level else self._kept(client) - report.forget_count
+        answered_count = sum(self._kept(p) for p in answering) + withdrawing_kept
+        if answered_count < 1:
+            raise _Abort(f"no remaining client answered (missing: {others_missing}): g_r cannot be estimated")
+        remaining_sum = torch.zeros(self.layout.numel, dtype=torch.float64)
+        for p in answering:
+            remaining_sum += accepted[p][1]
+        withdrawing_vector = accepted[client][1]
+        if not request.client_level and self.iau.correction:
+            content = self._query(arrays, request, keys.ROLE_WITHDRAWING, answered_count, report.forget_count)
+            again, still = self._ask(grid, [Message(content, dst_node_id=self.directory.node_of[client], message_type=keys.QUERY_GRADIENT)],
+                                     "unlearn", parse, report)
+            if still:
+                raise _Abort(f"withdrawing client {client} did not answer the renormalised request (n_A = {answered_count})")
+            withdrawing_vector = again[client][1]
+        direction = remaining_sum * (remaining_count / answered_count) + withdrawing_vector
+        logger.warning("correction round renormalised over %d examples: clients %s missing", answered_count, others_missing)
+        report.status, report.renormalised_count = "renormalised", answered_count
         report.direction_norm = float(direction.norm())
         return direction
 
@@ -218,11 +429,19 @@ class IAUFed(UnlearningFedAvg):
                                "use the fresh protocol, refresh the caches, or allow stale caches")
         content = self._query(arrays, request, keys.ROLE_FORGET_ONLY, self.gradient_total_count - forget_count, forget_count)
         message = Message(content, dst_node_id=self.directory.node_of[request.client], message_type=keys.QUERY_GRADIENT)
-        (reply,) = self._collect(grid, [message], report)
-        forget_sum = gradient_from_reply(reply, self.layout)
-        sent_count = int(reply.content[keys.METRICS][keys.FORGET_SIZE])
-        if sent_count != forget_count:
-            raise InvalidReplyError(f"client {request.client} reports |S|={sent_count}, the request says {forget_count}")
+
+        def parse(partition: int, reply: Message) -> tuple[Message, torch.Tensor]:
+            sent_count = positive_count(reply, keys.FORGET_SIZE)
+            if sent_count != forget_count:
+                raise InvalidReplyError(f"client {partition} reports |S|={sent_count}, the request says {forget_count}")
+            return self._contribution(partition, reply, version, report, count_key=keys.FORGET_SIZE, bound_scale=float(forget_count))
+
+        accepted, missing = self._ask(grid, [message], "unlearn", parse, report)
+        if missing:
+            forget_sum = self._offline_withdrawing(request, version, forget_count, report)
+        else:
+            reply, forget_sum = accepted[request.client]
+            self._note_cache_use([reply], report)
         direction = direction_from_total(self.gradient_total, self.gradient_total_count, forget_sum, forget_count, self.iau.correction)
         self.gradient_total = self.gradient_total - forget_sum
         self.gradient_total_count -= forget_count

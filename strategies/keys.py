@@ -5,6 +5,8 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 QUERY_INFO = "query.info"
 QUERY_GRADIENT = "query.gradient"
+QUERY_PGA = "query.pga"        # PGA: client u's projected gradient ascent around w_ref
+QUERY_IMU = "query.imu"        # IMU-head: client u's influence-weighted ascent on the final layer
 
 # Record names inside a RecordDict
 ARRAYS = "arrays"          # model parameters (server -> client, client -> server in train)
@@ -31,6 +33,12 @@ REMAINING_COUNT = "remaining-count"  # n - |S|
 FORGET_COUNT = "forget-count"        # |S|
 CORRECTION = "correction"         # query.gradient: include the remaining-data term
 ALLOW_STALE = "allow-stale"
+CLIP_GRAD = "clip-grad"          # query.pga: gradient-norm clip (0 = none)
+PGA_RADIUS = "pga-radius"        # query.pga: L2 radius of the ball around w_ref (<= 0: the authors' rule)
+PGA_RADIUS_FRACTION = "pga-radius-fraction"  # query.pga: the rule's share of the mean squared distance to random models
+PGA_RANDOM_MODELS = "pga-random-models"      # query.pga: random models the rule averages over
+IMU_DAMPING = "imu-damping"      # query.imu: added to the diagonal Fisher
+IMU_QUANTILE = "imu-quantile"    # query.imu: weights are clipped at this quantile
 
 # Metric keys (client -> server)
 NUM_EXAMPLES = "num-examples"
@@ -45,6 +53,14 @@ CACHE_HIT = "cache-hit"
 CACHE_STALE = "cache-stale"
 FORGET_SIZE = "forget-size"
 GRADIENT_COUNT = "gradient-count"
+CACHE_BYTES = "cache-bytes"      # evaluate: bytes the client's stored gradient cache occupies
+PGA_DISTANCE = "pga-distance"    # query.pga: ||w - w_ref|| at the end
+PGA_MAX_DISTANCE = "pga-max-distance"
+PGA_PROJECTIONS = "pga-projections"
+STEPS = "steps"
+IMU_KEPT = "imu-kept"            # query.imu: forget examples with negative influence (weight > 0)
+LOSS_BEFORE = "loss-before"
+LOSS_AFTER = "loss-after"
 
 ROLE_REMAINING = "remaining"
 ROLE_WITHDRAWING = "withdrawing"

@@ -10,7 +10,7 @@ import copy
 from collections.abc import Iterable
 from uuid import uuid4
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -19,9 +19,13 @@ SERVER_NODE_ID = 1
 
 
 class LocalGrid(Grid):
-    """Runs `client_app` for `num_nodes` nodes in this process; `fail` maps node id -> reason to fail."""
+    """Runs `client_app` for `num_nodes` nodes in this process; nodes in `offline` never answer.
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, seed: int = 0) -> None:
+    `capture_errors=True` turns an exception raised by the ClientApp into an error reply, as the
+    simulation engine does (the default lets it propagate, so a test sees the real traceback).
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, seed: int = 0, capture_errors: bool = False) -> None:
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SERVER_NODE_ID
         TaskIdentity.task_id = 1
@@ -33,6 +37,7 @@ class LocalGrid(Grid):
         }
         self._replies: dict[str, Message] = {}
         self.offline: set[int] = set()
+        self.capture_errors = capture_errors
 
     def set_run(self, run):  # type: ignore[no-untyped-def]
         """Not used in-process."""
@@ -62,7 +67,12 @@ class LocalGrid(Grid):
                 continue
             incoming = Message(copy.deepcopy(msg.content), nid, msg.metadata.message_type, group_id=msg.metadata.group_id)
             incoming.metadata.__dict__["_message_id"] = msg_id
-            reply = self.client_app(incoming, self.contexts[nid])
+            try:
+                reply = self.client_app(incoming, self.contexts[nid])
+            except Exception as err:  # noqa: BLE001 - mirrors the engine: the node answers with an error
+                if not self.capture_errors:
+                    raise
+                reply = Message(Error(code=2, reason=f"{type(err)}:<'{err}'>"), reply_to=incoming)  # 2: CLIENT_APP_RAISED_EXCEPTION
             reply = Message(copy.deepcopy(reply.content), reply_to=msg) if not reply.has_error() else reply
             reply.metadata.__dict__["_src_node_id"] = nid
             self._replies[msg_id] = reply

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# Tiny models: thread start-up costs more than it saves, and the 2-core CI machine is shared with Ray workers.
+torch.set_num_threads(1)
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -134,14 +134,21 @@ def test_fresh_round_answers_from_caches_without_recomputing(small_cfg, tmp_path
     assert report.cache_hits == small_cfg.num_clients  # every client answered from its cache at this version
 
 
-def test_repeated_or_unknown_withdrawal_is_refused(small_cfg, tmp_path):
+def test_repeated_withdrawal_is_idempotent_and_unknown_or_withdrawn_client_refused(small_cfg, tmp_path):
     setup = Setup(small_cfg, tmp_path, IAUSettings(eta=1e-3))
     setup.strategy.fill_caches(setup.grid, setup.arrays)
     request = REQUESTS["client-level"]
     forget_count = len(forget_indices(setup.data, request))
-    setup.strategy.unlearn(setup.grid, setup.arrays, request, forget_count)
+    unlearned, first = setup.strategy.unlearn(setup.grid, setup.arrays, request, forget_count)
+    rounds_before = sum(c.rounds for c in setup.meter.phases.values())
+    ledger_before = setup.strategy.ledger
+    # The same request again: the current model comes back unchanged, nothing is sent, the ledger is not extended.
+    again, report = setup.strategy.unlearn(setup.grid, unlearned, request, forget_count)
+    assert again is unlearned and report.status == "repeat" and report.rounds == 0 and first.status == "complete"
+    assert setup.strategy.ledger == ledger_before
+    assert sum(c.rounds for c in setup.meter.phases.values()) == rounds_before
     with pytest.raises(ValueError, match="already withdrawn"):
-        setup.strategy.unlearn(setup.grid, setup.arrays, request, forget_count)
+        setup.strategy.unlearn(setup.grid, unlearned, DeletionRequest(client=1, samples="poisoned"), 5)
     with pytest.raises(ValueError, match="unknown client"):
         setup.strategy.unlearn(setup.grid, setup.arrays, DeletionRequest(client=99), 1)
 
