@@ -99,6 +99,7 @@ class ExperimentConfig:
     eval_every: int = field(default=1, metadata={"help": "evaluate the global model on the test set every N rounds (progress and curves)"})
     shadow_mia: bool = field(default=True, metadata={"help": "also run the shadow-model membership-inference attack (shadow models trained on the test split, ART attack classifier)"})
     shadow_models: int = field(default=3, metadata={"help": "number of shadow models for the shadow-model attack"})
+    checkpoint_every: int = field(default=5, metadata={"help": "save the global model and run state every N training rounds under DIR/checkpoint (0 = never); --resume continues from there"})
     verbose: bool = field(default=False, metadata={"help": "show Flower's and Ray's own logs"})
 
     def __post_init__(self) -> None:
@@ -116,6 +117,7 @@ class ExperimentConfig:
         _check_range("iau-steps", self.iau_steps, 1, None)
         _check_range("trigger-size", self.trigger_size, 1, None)
         _check_range("eval-every", self.eval_every, 1, None)
+        _check_range("checkpoint-every", self.checkpoint_every, 0, None)
         _check_range("shadow-models", self.shadow_models, 1, 20)
         _check_range("finetune-rounds", self.finetune_rounds, 0, None)
         _check_range("federaser-interval", self.federaser_interval, 1, None)

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default="results", help="where results.json and results.csv go (default: results)")
     parser.add_argument("--print-config", action="store_true", help="print the effective configuration as JSON and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out DIR from its last checkpoint (same settings)")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out DIR (otherwise a new run refuses to touch them)")
     parser.add_argument("--seeds", metavar="LIST", help="repeat the scenario for each seed (e.g. 0,1,2) into DIR/seed-N/, "
                         "then report mean and std per metric and method in DIR/report.md and DIR/summary.json")
     group = parser.add_argument_group("experiment settings (also valid as config-file keys)")
@@ -73,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import Experiment
 
         seeds = parse_seeds(args.seeds) if args.seeds else None
-        experiments = ([Experiment(cfg.replace(seed=s), out_dir=Path(args.out) / f"seed-{s}", show_progress=not args.quiet) for s in seeds]
-                       if seeds else [Experiment(cfg, out_dir=args.out, show_progress=not args.quiet)])
+        experiments = ([Experiment(cfg.replace(seed=s), out_dir=Path(args.out) / f"seed-{s}", show_progress=not args.quiet,
+                                  resume=args.resume, overwrite=args.overwrite) for s in seeds]
+                       if seeds else [Experiment(cfg, out_dir=args.out, show_progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)])
     except (ConfigError, FedUnlearnError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ every model on the same data the clients hold and writes results as they are pro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -29,7 +30,7 @@ from fedunlearn.config import ExperimentConfig
 from fedunlearn.costs import CostMeter, PhaseCost, speedup
 from fedunlearn.data import DatasetStore, FederatedData
 from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
-from fedunlearn.errors import FedUnlearnError, UnlearningAbortedError
+from fedunlearn.errors import ConfigError, FedUnlearnError, UnlearningAbortedError
 from fedunlearn.gradients import ParamLayout
 from fedunlearn.iau import CorrectionStepper
 from fedunlearn.mia import ShadowModelAttack, ShadowSettings
@@ -43,6 +44,7 @@ from strategies.iau_fed import IAUFed
 from strategies.metered_grid import MeteredGrid
 from strategies.update_recorder import TrainingRecorder
 
+from .checkpoint import Checkpoints, check_same_experiment
 from .methods import MethodContext, MethodOutcome, check_methods
 from .progress import Progress
 from .results import write_results
@@ -116,7 +118,8 @@ def machine_info() -> dict[str, Any]:
 class Experiment:
     """Runs one configured experiment and collects its results (`run()` returns the results dict)."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, show_progress: bool = True) -> None:
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, show_progress: bool = True,
+                 resume: bool = False, overwrite: bool = False) -> None:
         self.cfg = cfg
         self.methods = check_methods(self._method_names(cfg))
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -131,6 +134,34 @@ class Experiment:
         self._error: BaseException | None = None
         # Every strategy the run drives, by label: their rejected replies and failures feed results["reliability"].
         self._observed: list[tuple[str, UnlearningFedAvg]] = []
+        self._checkpoint_label: str | None = None
+        self._checkpoint_until = 0
+        self.checkpoints = Checkpoints(self.out_dir) if self.out_dir is not None else None
+        self.resume_state: dict[str, Any] | None = None
+        self._prepare_out_dir(resume, overwrite)
+
+    def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
+        """Never let a new (possibly partial) run overwrite finished results; load the checkpoint on resume."""
+        if self.out_dir is None:
+            if resume:
+                raise ConfigError("--resume needs --out DIR: the directory of the interrupted run")
+            return
+        existing = self.out_dir / "results.json"
+        if resume:
+            state = self.checkpoints.load_state() if self.checkpoints else None
+            if state is None:
+                raise ConfigError(f"--resume: {self.out_dir} holds no checkpoint (DIR/checkpoint/state.json); "
+                                  "run without --resume to start, or point --out at the interrupted run")
+            check_same_experiment(state["config"], self.cfg.to_dict())
+            if state["round"] > 0 and {m.name for m in self.methods} & {"federaser", "pga"}:
+                raise ConfigError("--resume with federaser or pga: the client updates they record during training are "
+                                  "not checkpointed; rerun without --resume, or drop those methods")
+            self.resume_state = state
+            self.results["resumed_from_round"] = state["round"]
+        elif existing.exists() and not overwrite:
+            status = json.loads(existing.read_text()).get("status", "?")
+            raise ConfigError(f"{existing} already holds results (status: {status}); use --resume to continue an "
+                              "interrupted run, --overwrite to replace them, or another --out DIR")
 
     @staticmethod
     def _method_names(cfg: ExperimentConfig) -> list[str]:
@@ -234,9 +265,22 @@ class Experiment:
         if update_history is not None or last_models is not None:
             strategy.update_recorder = TrainingRecorder(update_history, last_models)
         request_round = cfg.withdraw_round or cfg.rounds
-        self.progress.start_phase("training", request_round)
+        start_round, start_arrays = 0, initial
+        if self.resume_state is not None and self.checkpoints is not None:
+            saved = self.checkpoints.load_arrays("training")
+            if saved is not None and 0 < self.resume_state["round"] <= request_round:
+                start_round, start_arrays = int(self.resume_state["round"]), saved
+                self.results["history"] = self.resume_state["history"]
+                self.meter.phases["training"] = PhaseCost(**self.resume_state["training_cost"])
+        strategy.round_offset = start_round
+        self._checkpoint_label = "original"
+        self._checkpoint_until = request_round
+        self.progress.start_phase("training", request_round - start_round)
         with self.meter.phase("training"):
-            trained = strategy.start(grid=metered, initial_arrays=initial, num_rounds=request_round, timeout=cfg.round_timeout).arrays
+            trained = start_arrays if start_round == request_round else strategy.start(
+                grid=metered, initial_arrays=start_arrays, num_rounds=request_round - start_round, timeout=cfg.round_timeout).arrays
+        strategy.round_offset = 0
+        self._checkpoint_label = None
         strategy.update_recorder = None
         # The final evaluation of training fills every client's gradient cache (and uploads it for iau-cached).
         upload = any(m.name == "iau-cached" for m in self.methods)
@@ -352,5 +396,10 @@ class Experiment:
                 point.update(self.evaluator.quick(arrays))
             self.results["history"].setdefault(label, []).append(point)
             self.progress.advance(point)
+            if label == self._checkpoint_label and self.checkpoints is not None and self.cfg.checkpoint_every > 0 \
+                    and server_round % self.cfg.checkpoint_every == 0 and server_round <= self._checkpoint_until:
+                self.checkpoints.save_arrays("training", arrays)
+                self.checkpoints.save_state({"round": server_round, "config": self.cfg.to_dict(), "history": self.results["history"],
+                                             "training_cost": self.meter.get("training").to_dict()})
             self.meter.exclude_wall(time.perf_counter() - start)
         return hook

@@ -88,3 +88,57 @@ def test_sample_level_deletion(tmp_path):
     results = drive(cfg, tmp_path)
     check_contract(results, ["original", "retrain", "iau", "iau-cached"])
     assert 0 < results["forget_count"] < 300
+
+
+class Interrupted(Exception):
+    """Stands in for a crash of the driver."""
+
+
+def test_run_killed_after_round_k_and_resumed_ends_with_the_same_model(tmp_path, monkeypatch):
+    from simulations.checkpoint import Checkpoints
+
+    cfg = build_config("smoke", overrides={"model": "mlp", "rounds": 6, "checkpoint_every": 2, "methods": "retrain,iau",
+                                           "shadow_mia": False})
+    whole = drive(cfg, tmp_path / "whole")
+    whole_model = Checkpoints(tmp_path / "whole" / "out").load_arrays("training")
+
+    # Crash in round 5 of training: the last checkpoint is round 4.
+    broken = Experiment(cfg, out_dir=tmp_path / "cut" / "out", show_progress=False)
+    original_hook = broken._round_hook
+
+    def crashing_hook(label):
+        inner = original_hook(label)
+
+        def hook(server_round, arrays, metrics):
+            if label == "original" and server_round == 5:
+                raise Interrupted("killed in round 5")
+            inner(server_round, arrays, metrics)
+        return hook
+
+    monkeypatch.setattr(broken, "_round_hook", crashing_hook)
+    app = build_client_app(app_config.client_spec_for(cfg, str(tmp_path / "cut" / "caches")))
+    with pytest.raises(Interrupted):
+        broken.drive(LocalGrid(app, cfg.num_clients))
+    state = json.loads((tmp_path / "cut" / "out" / "checkpoint" / "state.json").read_text())
+    assert state["round"] == 4
+
+    # A new run into the same directory must not clobber it; --resume continues it.
+    from fedunlearn.errors import ConfigError
+    (tmp_path / "cut" / "out" / "results.json").write_text(json.dumps({"status": "failed"}))
+    with pytest.raises(ConfigError, match="already holds results"):
+        Experiment(cfg, out_dir=tmp_path / "cut" / "out", show_progress=False)
+    with pytest.raises(ConfigError, match="other settings.*rounds"):
+        Experiment(cfg.replace(rounds=7), out_dir=tmp_path / "cut" / "out", show_progress=False, resume=True)
+    resumed = Experiment(cfg, out_dir=tmp_path / "cut" / "out", show_progress=False, resume=True)
+    app = build_client_app(app_config.client_spec_for(cfg, str(tmp_path / "cut" / "caches2")))
+    resumed.drive(LocalGrid(app, cfg.num_clients, seed=3))  # other node ids: nothing may depend on them
+    results = resumed.results
+    assert results["resumed_from_round"] == 4
+    assert [p["round"] for p in results["history"]["original"]] == [1, 2, 3, 4, 5, 6]
+    resumed_model = Checkpoints(tmp_path / "cut" / "out").load_arrays("training")
+    for name in whole_model:
+        assert (whole_model[name].numpy() == resumed_model[name].numpy()).all(), name
+    for key in ("acc_test", "backdoor_asr", "dist_para"):
+        assert results["models"]["iau"][key] == whole["models"]["iau"][key]
+        assert results["models"]["original"][key] == whole["models"]["original"][key]
+    assert results["phases"]["training"]["rounds"] == 6
