@@ -1,0 +1,146 @@
+"""Memory benchmark: peak RSS of the driver and of the Ray workers, and gradient-cache bytes, at 100 and 1000 clients.
+
+    python -m benchmarks.memory                       # 100 x 600 and 1000 x 60, one training round each
+    python -m benchmarks.memory --clients 1000 --examples 60
+
+Same paths and model as the training benchmark. fedunlearn's path also fills every client's gradient
+cache and uploads it (the final evaluation of `iau-cached`), then runs the `iau-cached` and `iau`
+corrections for client 0, so its peaks include the caches; `CacheStore.total_bytes()` gives the bytes
+the client caches occupy on disk. Peaks come from /proc/<pid>/status VmHWM (exact per process);
+`total RSS peak` sums the current RSS of all processes at each 0.25 s sample. A path whose processes
+would exceed the memory cap is stopped and reported as such (others share this machine).
+Writes benchmarks/results/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import data
+from .common import RESULTS_DIR, envelope, format_bytes, table, write_json
+from .training import NOISE_NOTE, add_scale_arguments, parse_variants, run_paths, summarise
+from .variants import LABELS, Scale
+
+TARGET_BYTES = 8 * 10**9  # issue 6: 1000 clients with caches in under 8 GB peak RSS (2-core CPU)
+
+
+def int_list(text: str) -> list[int]:
+    """'100,1000' -> [100, 1000]."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{text!r}: expected comma-separated integers, e.g. 100,1000") from None
+
+
+def cache_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Cache bytes and per-phase driver peaks from fedunlearn's runs (the first successful one)."""
+    ok = [r for r in runs if r.get("ok")]
+    if not ok:
+        return {}
+    first = ok[0]
+    return {key: first.get(key) for key in ("client_cache_bytes", "client_cache_files", "server_aggregate_cache_bytes",
+                                             "client_cache_bytes_after", "phases")}
+
+
+def target_check(scales: list[dict[str, Any]]) -> dict[str, Any]:
+    """The 8 GB target at 1000 clients, on fedunlearn's path with caches."""
+    entry = next((s for s in scales if s["clients"] == 1000), None)
+    base = {"target": "2-core CPU: 1000 clients with caches in under 8 GB peak RSS (fedunlearn, all processes)",
+            "required_bytes": TARGET_BYTES}
+    if entry is None or "fedunlearn" not in entry["variants"]:
+        return {**base, "measured_bytes": None, "met": None, "note": "not measured: run with --clients including 1000"}
+    summary = entry["variants"]["fedunlearn"]["summary"]
+    if not summary.get("ok"):
+        return {**base, "measured_bytes": None, "met": False,
+                "note": "the run did not finish: " + "; ".join(str(e).splitlines()[0] for e in summary.get("errors", []))}
+    total = summary["total_rss_peak_bytes"]
+    upper = (summary["driver_peak_rss_bytes"] or 0) + (summary["workers_peak_rss_sum_bytes"] or 0)
+    met = total is not None and total < TARGET_BYTES
+    note = (f"peak of the summed RSS {total / 1e9:.2f} GB (sum of per-process peaks, an upper bound: {upper / 1e9:.2f} GB + Ray's "
+            f"own processes)")
+    if not met and total is not None:
+        note += f"; missed by {total / TARGET_BYTES:.2f}x"
+    return {**base, "measured_bytes": total, "sum_of_peaks_bytes": upper, "met": met, "note": note}
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """One row per scale and path, then the cache figures and the target."""
+    rows = []
+    for entry in result["scales"]:
+        for variant, v in entry["variants"].items():
+            s = v["summary"]
+            if not s.get("ok"):
+                rows.append([f"{entry['clients']} x {entry['examples']}", v["label"], "FAILED", "", "", "", "", "", ""])
+                continue
+            cache = v.get("caches", {})
+            rows.append([f"{entry['clients']} x {entry['examples']}", v["label"], format_bytes(s["driver_peak_rss_bytes"]),
+                         format_bytes(s["worker_peak_rss_max_bytes"]), format_bytes(s["workers_peak_rss_sum_bytes"]),
+                         format_bytes(s["total_rss_peak_bytes"]), format_bytes(cache.get("client_cache_bytes")),
+                         format_bytes(cache.get("server_aggregate_cache_bytes")), f"{s['wall_s']:.1f}"])
+    print(f"\nMemory ({result['machine']['cpu']}, {result['machine']['cpus']} CPUs, {result['date']})")
+    print(table(["clients x examples", "path", "driver peak RSS", "worker peak RSS (max)", "workers peak RSS (sum)",
+                 "total RSS peak", "client caches (disk)", "server aggregate cache", "wall s"], rows))
+    for entry in result["scales"]:
+        phases = entry["variants"].get("fedunlearn", {}).get("caches", {}).get("phases") or {}
+        if phases:
+            print(f"\nfedunlearn, {entry['clients']} x {entry['examples']}: driver peak RSS after each phase")
+            print(table(["phase", "wall s", "rounds", "bytes sent+received", "driver peak so far", "total RSS peak so far"],
+                        [[name, f"{p['wall_s']:.2f}", p.get("rounds", "-"), format_bytes(p.get("bytes")),
+                          format_bytes(p["driver_peak_rss_bytes_so_far"]), format_bytes(p["total_rss_peak_bytes_so_far"])]
+                         for name, p in phases.items()]))
+    target = result["target"]
+    status = {True: "MET", False: "MISSED", None: "NOT MEASURED"}[target["met"]]
+    print(f"\n  [{status}] {target['target']}: {target['note']}")
+    for entry in result["scales"]:
+        for variant, v in entry["variants"].items():
+            for error in v["summary"].get("errors", []) or []:
+                print(f"  {entry['clients']} clients, {variant}: {str(error)[:1500]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the memory benchmark at every requested scale and write its JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="100,1000", help="comma-separated client counts (default 100,1000)")
+    parser.add_argument("--examples", default="600,60", help="training examples per client, one per client count (default 600,60)")
+    parser.add_argument("--cache-dtype", default="float32", help="storage precision of the client caches")
+    add_scale_arguments(parser, rounds=1)
+    args = parser.parse_args(argv)
+    clients, examples = int_list(args.clients), int_list(args.examples)
+    if len(clients) != len(examples):
+        raise SystemExit(f"--clients {args.clients} and --examples {args.examples}: give one example count per client count")
+    variants = parse_variants(args.variants)
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "data_root")}, "model": "mcmahan-cnn",
+                "input_shape": [1, 28, 28], "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    result = envelope("memory", settings, argv)
+    result["scales"] = []
+    cap = int(args.memory_cap_gb * 1e9) if args.memory_cap_gb else None
+    for n_clients, n_examples in zip(clients, examples):
+        dataset = data.prepare(n_clients, n_examples, seed=args.seed, root=args.data_root)
+        scale = Scale(clients=n_clients, examples=n_examples, rounds=args.rounds, data_dir=dataset.root, batch_size=args.batch_size,
+                      epochs=args.epochs, lr=args.lr, momentum=args.momentum, seed=args.seed, timeout=args.timeout,
+                      caches=True, cache_dtype=args.cache_dtype, loop_threads=args.loop_threads)
+        runs = run_paths(scale, variants, args.repeats, args.timeout, cap)
+        entry: dict[str, Any] = {"clients": n_clients, "examples": n_examples, "data": dataset.to_dict(), "variants": {}}
+        for variant in variants:
+            entry["variants"][variant] = {"label": LABELS[variant], "summary": summarise(runs[variant]), "runs": runs[variant]}
+            if variant == "fedunlearn":
+                entry["variants"][variant]["caches"] = cache_figures(runs[variant])
+        result["scales"].append(entry)
+    result["target"] = target_check(result["scales"])
+    result["notes"] = [NOISE_NOTE,
+                       "Only fedunlearn's path keeps gradient caches; (a) and (b) are plain training and show what the "
+                       "same model and data cost without them.",
+                       "Peak RSS counts shared pages (torch's libraries) once per process; the summed peak is an upper bound."]
+    out = Path(args.out) if args.out else RESULTS_DIR / "memory.json"
+    write_json(out, result)
+    print_report(result)
+    print(f"\nwrote {out}")
+    ok = all(v["summary"].get("ok") for e in result["scales"] for v in e["variants"].values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,503 @@
+"""The paths being compared, each run in its own process: `python -m benchmarks.variants NAME --spec JSON --out FILE`.
+
+- `flower-quickstart` (a): the plain Flower app of `benchmarks.flower_quickstart` with Flower's FedAvg,
+  on `flwr.simulation.run_simulation` (Ray, one CPU per client actor);
+- `single-process-loop` (b): plain PyTorch in one process, the clients trained one after another;
+- `fedunlearn` (c): fedunlearn's own path, as `simulations/runner.py` assembles it: `build_client_app`
+  (resident data and model per worker, tensor slicing) and `IAUFed` (an `UnlearningFedAvg`) on
+  `run_simulation` through a `MeteredGrid`; with `caches`, also the cache-filling round, the `iau-cached`
+  and `iau` corrections, and the bytes the gradient caches occupy;
+- `experiment`: one `simulations.runner.Experiment` (the unlearning benchmark reads its results.json).
+
+Each writes one JSON object (timings in seconds, memory in bytes) to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .common import QUIET_ENV, PeakMonitor, median, write_json
+
+VARIANTS = ("flower-quickstart", "single-process-loop", "fedunlearn")
+LABELS = {"flower-quickstart": "(a) plain Flower app (quickstart style)", "single-process-loop": "(b) single-process loop",
+          "fedunlearn": "(c) fedunlearn"}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One benchmark configuration: the federation's size and the local training of each client."""
+
+    clients: int
+    examples: int
+    rounds: int
+    data_dir: str
+    batch_size: int = 32
+    epochs: int = 1
+    lr: float = 0.01
+    momentum: float = 0.9          # the quickstart's SGD(momentum=0.9); every path uses the same optimiser
+    seed: int = 0
+    timeout: float = 3600.0
+    caches: bool = False           # fedunlearn: fill caches and run the IAU corrections after training
+    cache_dtype: str = "float32"
+    loop_threads: int = 0          # single-process loop: torch threads (0: per round, the faster of 1 and torch's default)
+
+    def __post_init__(self) -> None:
+        if self.clients < 2 or self.examples < 1 or self.rounds < 1:
+            raise ValueError(f"clients={self.clients}, examples={self.examples}, rounds={self.rounds}: need clients >= 2, "
+                             "examples >= 1 and rounds >= 1")
+
+
+# ----- timing -----------------------------------------------------------------------------------------
+
+class RoundClock:
+    """When each training round started and ended (driver clock), and how many clients answered."""
+
+    def __init__(self) -> None:
+        self.started: dict[int, float] = {}
+        self.ended: dict[int, float] = {}
+        self.replies: dict[int, int] = {}
+        self.torch_threads: set[int] = set()
+
+    def round_seconds(self, ready_at: float) -> list[float]:
+        """Round 1 from when both the strategy and Ray were ready; every later round from the previous round's end.
+
+        Measuring from end to end puts everything the round loop does (sampling, sending, waiting,
+        aggregating, the empty evaluation step) into some round.
+        """
+        out, previous = [], None
+        for rnd in sorted(self.ended):
+            begin = max(self.started[rnd], ready_at) if previous is None else previous
+            out.append(self.ended[rnd] - begin)
+            previous = self.ended[rnd]
+        return out
+
+
+class ClockedStrategy:
+    """Mixin for a Flower strategy: stamps configure_train and aggregate_train into `self.clock`."""
+
+    clock: RoundClock
+
+    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
+        """Stamp the round's start, then configure as the strategy does."""
+        self.clock.started.setdefault(server_round, time.perf_counter())
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> Any:
+        """Count the replies, aggregate as the strategy does, stamp the round's end."""
+        replies = list(replies)
+        answered = [r for r in replies if not r.has_error()]
+        self.clock.replies[server_round] = len(answered)
+        for reply in answered:
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is not None and "torch-threads" in metrics:
+                self.clock.torch_threads.add(int(metrics["torch-threads"]))
+        out = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        self.clock.ended[server_round] = time.perf_counter()
+        return out
+
+
+class RayWatcher:
+    """Notes when `ray.is_initialized()` first turns true: the end of Ray's start-up inside run_simulation."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.ready_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(interval,), name="ray-watcher", daemon=True)
+
+    def __enter__(self) -> "RayWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self, interval: float) -> None:
+        import ray
+
+        while not self._stop.wait(interval):
+            if ray.is_initialized():
+                self.ready_at = time.perf_counter()
+                return
+
+
+def quiet_logs() -> None:
+    """Errors still show; Flower's per-round INFO lines do not (they would dominate the output)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def simulate(server_app: Any, client_app: Any, num_clients: int, timeout: float) -> dict[str, float | None]:
+    """Run a ServerApp/ClientApp pair on Flower's simulation engine (Ray, num_cpus=1 per client actor)."""
+    from flwr.simulation import run_simulation
+
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"address": "local", "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False},
+    }
+    called = time.perf_counter()
+    with RayWatcher() as watcher:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients, backend_config=backend_config)
+    return {"called": called, "ray_ready": watcher.ready_at, "returned": time.perf_counter()}
+
+
+def round_summary(rounds: list[float]) -> dict[str, Any]:
+    """First round, steady-state median (rounds 2..R) and the list."""
+    return {"first_round_s": rounds[0] if rounds else None, "steady_round_s": median(rounds[1:]) if len(rounds) > 1 else None,
+            "round_s": rounds, "rounds_measured": len(rounds)}
+
+
+def _server_main(body: Callable[[Any], None], errors: list[BaseException]) -> Any:
+    """A ServerApp whose main runs `body(grid)`; an exception is kept so the caller can re-raise it."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        try:
+            body(grid)
+        except BaseException as err:  # re-raised after the engine shuts down
+            errors.append(err)
+            raise
+
+    return app
+
+
+# ----- (a) the plain Flower app -----------------------------------------------------------------------
+
+def run_flower_quickstart(scale: Scale) -> dict[str, Any]:
+    """Baseline (a): the quickstart-style ClientApp with Flower's FedAvg on run_simulation."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from . import flower_quickstart as qs
+
+    class ClockedFedAvg(ClockedStrategy, FedAvg):
+        """Flower's FedAvg with round timestamps."""
+
+    clock, errors, marks = RoundClock(), [], {}
+
+    def body(grid: Any) -> None:
+        marks["main"] = time.perf_counter()
+        strategy = ClockedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=scale.clients,
+                                 min_available_nodes=scale.clients)
+        strategy.clock = clock
+        config = qs.train_config(scale.batch_size, scale.epochs, scale.lr, scale.momentum, scale.data_dir)
+        qs.run_rounds(strategy, grid, qs.initial_arrays(scale.seed), config, scale.rounds, scale.timeout)
+
+    with PeakMonitor() as monitor:
+        times = simulate(_server_main(body, errors), qs.app, scale.clients, scale.timeout)
+    if errors:
+        raise errors[0]
+    ready = times["ray_ready"] or times["called"]
+    rounds = clock.round_seconds(ready)
+    return {"ok": True, "ray_start_s": ready - times["called"], "to_first_round_end_s": clock.ended[1] - times["called"],
+            **round_summary(rounds), "replies_per_round": [clock.replies[r] for r in sorted(clock.replies)],
+            "worker_torch_threads": sorted(clock.torch_threads), "wall_s": times["returned"] - times["called"],
+            "memory": monitor.report()}
+
+
+# ----- (b) the single-process loop ----------------------------------------------------------------------
+
+def client_train_indices(num_train: int, clients: int) -> list[Any]:
+    """Each client's training indices: contiguous shards, 80/20 split with seed 42 (as the quickstart app)."""
+    import math
+
+    import torch
+
+    from .data import HELDOUT_FRACTION
+
+    size = num_train // clients
+    out = []
+    for client in range(clients):
+        order = torch.arange(client * size, (client + 1) * size)[torch.randperm(size, generator=torch.Generator().manual_seed(42))]
+        out.append(order[math.ceil(HELDOUT_FRACTION * size):])
+    return out
+
+
+def faster_thread_count(model: Any, x: Any, y: Any, scale: Scale, default_threads: int, steps: int = 6) -> int:
+    """1 or torch's default thread count, whichever trains faster right now (untimed, weights restored).
+
+    On a shared 2-core machine a second thread helps when the other core is free and costs several
+    times over when it is not (the threads wait on each other), so a fair loop picks per round.
+    """
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    if default_threads <= 1:
+        return 1
+    probe = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(probe.parameters(), lr=scale.lr, momentum=scale.momentum)
+    xb, yb = x[: scale.batch_size], y[: scale.batch_size]
+    seconds = {}
+    for threads in (1, default_threads):
+        torch.set_num_threads(threads)
+        times = []
+        for _ in range(steps):
+            begin = time.perf_counter()
+            optimizer.zero_grad()
+            F.cross_entropy(probe(xb), yb).backward()
+            optimizer.step()
+            times.append(time.perf_counter() - begin)
+        seconds[threads] = median(times[1:])
+    return min(seconds, key=lambda t: seconds[t] or float("inf"))
+
+
+def run_single_process_loop(scale: Scale) -> dict[str, Any]:
+    """Baseline (b): plain PyTorch, one process, FedAvg with the clients trained one after another."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    from . import flower_quickstart as qs
+
+    default_threads = torch.get_num_threads()
+    if scale.loop_threads:
+        torch.set_num_threads(scale.loop_threads)
+    with PeakMonitor() as monitor:
+        started = time.perf_counter()
+        raw = Path(scale.data_dir) / "MNIST" / "raw"
+        x = read_image_file(str(raw / "train-images-idx3-ubyte")).to(torch.float32).div_(255.0).unsqueeze(1)
+        y = read_label_file(str(raw / "train-labels-idx1-ubyte")).to(torch.int64)
+        shards = client_train_indices(len(y), scale.clients)
+        torch.manual_seed(scale.seed)
+        model = qs.Net()
+        global_state = {k: v.detach().clone() for k, v in qs.initial_arrays(scale.seed).to_torch_state_dict().items()}
+        data_s = time.perf_counter() - started
+        rounds, threads_used, examples_per_round = [], [], 0
+        for server_round in range(1, scale.rounds + 1):
+            if not scale.loop_threads:
+                torch.set_num_threads(faster_thread_count(model, x[shards[0]], y[shards[0]], scale, default_threads))
+            threads_used.append(torch.get_num_threads())
+            begin = time.perf_counter()
+            total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+            examples_per_round = 0
+            for client, shard in enumerate(shards):
+                model.load_state_dict(global_state)
+                model.train()
+                optimizer = torch.optim.SGD(model.parameters(), lr=scale.lr, momentum=scale.momentum)
+                xk, yk = x[shard], y[shard]
+                generator = torch.Generator().manual_seed(scale.seed * 1_000_003 + server_round * 10_007 + client)
+                for _ in range(scale.epochs):
+                    order = torch.randperm(len(yk), generator=generator)
+                    for start in range(0, len(yk), scale.batch_size):
+                        batch = order[start:start + scale.batch_size]
+                        optimizer.zero_grad()
+                        loss = F.cross_entropy(model(xk[batch]), yk[batch])
+                        loss.backward()
+                        optimizer.step()
+                        loss.item()  # what a training loop logs; also keeps the step synchronous like the other paths
+                for name, value in model.state_dict().items():
+                    total[name] += value.to(torch.float64) * len(yk)
+                examples_per_round += len(yk)
+            global_state = {k: (v / examples_per_round).to(global_state[k].dtype) for k, v in total.items()}
+            rounds.append(time.perf_counter() - begin)
+    return {"ok": True, "ray_start_s": None, "data_load_s": data_s, "to_first_round_end_s": data_s + rounds[0],
+            **round_summary(rounds), "examples_per_round": examples_per_round, "torch_threads_per_round": threads_used,
+            "default_torch_threads": default_threads,
+            "wall_s": time.perf_counter() - started, "memory": monitor.report()}
+
+
+# ----- (c) fedunlearn's own path ------------------------------------------------------------------------
+
+def fedunlearn_config(scale: Scale) -> Any:
+    """The ExperimentConfig fedunlearn's path is built from: MNIST-shaped data, the McMahan CNN, no backdoor."""
+    from fedunlearn.config import ExperimentConfig
+
+    return ExperimentConfig(dataset="mnist", data_dir=scale.data_dir, num_clients=scale.clients, model="mcmahan-cnn",
+                            backdoor=False, rounds=scale.rounds, local_epochs=scale.epochs, batch_size=scale.batch_size,
+                            lr=scale.lr, momentum=scale.momentum, heldout_fraction=0.2, seed=scale.seed,
+                            cache_dtype=scale.cache_dtype, round_timeout=scale.timeout, shadow_mia=False, device="cpu")
+
+
+def run_fedunlearn(scale: Scale) -> dict[str, Any]:
+    """Path (c): build_client_app + IAUFed through a MeteredGrid on run_simulation, as simulations/runner.py does."""
+    from collections import OrderedDict
+
+    import torch
+    from flwr.app import ArrayRecord
+
+    from fedunlearn.cache import CacheStore
+    from fedunlearn.costs import CostMeter
+    from fedunlearn.deletion import DeletionRequest
+    from fedunlearn.gradients import ParamLayout
+    from fedunlearn.models import build_model
+    from strategies import app_config
+    from strategies.client_app import build_client_app
+    from strategies.fedavg import discover_clients
+    from strategies.iau_fed import IAUFed
+    from strategies.metered_grid import MeteredGrid
+
+    class ClockedIAUFed(ClockedStrategy, IAUFed):
+        """fedunlearn's training strategy with round timestamps."""
+
+    cfg = fedunlearn_config(scale)
+    cache_dir = tempfile.mkdtemp(prefix="fedunlearn-bench-caches-")
+    client_app = build_client_app(app_config.client_spec_for(cfg, cache_dir))
+    clock, errors, marks = RoundClock(), [], {}
+    phases: dict[str, dict[str, Any]] = {}
+    extra: dict[str, Any] = {}
+    monitor = PeakMonitor()
+
+    def phase_done(name: str, started: float, cost: Any = None) -> None:
+        monitor.sample()
+        report = monitor.report()
+        phases[name] = {"wall_s": time.perf_counter() - started, "driver_peak_rss_bytes_so_far": report["driver_peak_rss_bytes"],
+                        "total_rss_peak_bytes_so_far": report["total_rss_peak_bytes"]}
+        if cost is not None:
+            phases[name].update({"rounds": cost.rounds, "bytes": cost.bytes_down + cost.bytes_up})
+
+    def body(grid: Any) -> None:
+        meter = CostMeter()
+        metered = MeteredGrid(grid, meter)
+        marks["main"] = started = time.perf_counter()
+        with meter.phase("setup"):
+            directory = discover_clients(metered, cfg.num_clients, timeout=cfg.round_timeout)
+        phase_done("discovery", started, meter.get("setup"))
+        marks["discovered"] = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        model = build_model("mcmahan-cnn", (1, 28, 28), 10)
+        initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()))
+        layout = ParamLayout.of(model)
+        strategy = ClockedIAUFed(layout=layout, iau=app_config.iau_settings_for(cfg), round_timeout=cfg.round_timeout,
+                                 directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
+                                 fraction_train=cfg.fraction_fit)
+        strategy.clock = clock
+        started = time.perf_counter()
+        with meter.phase("training"):
+            trained = strategy.start(grid=metered, initial_arrays=initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout).arrays
+        phase_done("training", started, meter.get("training"))
+        extra["bytes_per_round"] = (meter.get("training").bytes_down + meter.get("training").bytes_up) / cfg.rounds
+        if not scale.caches:
+            return
+        store = CacheStore(cache_dir, cfg.cache_dtype)
+        started = time.perf_counter()
+        with meter.phase("caching"):
+            strategy.fill_caches(metered, trained, upload=True)
+        phase_done("caching (fill + upload)", started, meter.get("caching"))
+        extra["client_cache_bytes"] = store.total_bytes()
+        extra["client_cache_files"] = len(list(Path(cache_dir).glob("client-*.safetensors")))
+        extra["server_aggregate_cache_bytes"] = int(strategy.gradient_total.numel() * strategy.gradient_total.element_size())
+        request = DeletionRequest(client=0)
+        forget_count = directory.num_train[0]
+        for method, protocol in (("iau-cached", "cached"), ("iau", "fresh")):
+            started = time.perf_counter()
+            with meter.phase(method):
+                strategy.branch().unlearn(metered, trained, request, forget_count, protocol=protocol, method=method)
+            phase_done(f"unlearn:{method}", started, meter.get(method))
+        extra["client_cache_bytes_after"] = store.total_bytes()
+
+    try:
+        with monitor:
+            times = simulate(_server_main(body, errors), client_app, scale.clients, scale.timeout)
+    finally:
+        import shutil
+
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    if errors:
+        raise errors[0]
+    ready = times["ray_ready"] or times["called"]
+    rounds = clock.round_seconds(ready)
+    return {"ok": True, "ray_start_s": ready - times["called"], "discovery_s": marks["discovered"] - marks["main"],
+            "to_first_round_end_s": clock.ended[1] - times["called"], **round_summary(rounds),
+            "replies_per_round": [clock.replies[r] for r in sorted(clock.replies)], "wall_s": times["returned"] - times["called"],
+            "phases": phases, **extra, "memory": monitor.report()}
+
+
+# ----- calibration: how fast one training step is on this machine right now -----------------------------
+
+def run_calibration(scale: Scale, steps: int = 20) -> dict[str, Any]:
+    """Seconds per SGD step of the model (batch `scale.batch_size`) with 1 torch thread and with torch's default.
+
+    A shared machine runs at a different speed from hour to hour; this says how fast it was during the
+    run, and `steps x step_s_1_thread / cores` is the round time of a perfectly parallel 2-core run.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from . import flower_quickstart as qs
+
+    default_threads = torch.get_num_threads()
+    torch.manual_seed(scale.seed)
+    model = qs.Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=scale.lr, momentum=scale.momentum)
+    x = torch.rand(scale.batch_size, 1, 28, 28)
+    y = torch.randint(0, 10, (scale.batch_size,))
+    out: dict[str, Any] = {"ok": True, "default_threads": default_threads, "steps": steps}
+    for label, threads in (("step_s_1_thread", 1), ("step_s_default_threads", default_threads)):
+        torch.set_num_threads(threads)
+        times = []
+        for i in range(steps + 3):
+            begin = time.perf_counter()
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if i >= 3:  # warm-up steps are not timed
+                times.append(time.perf_counter() - begin)
+        out[label] = median(times)
+    torch.set_num_threads(default_threads)
+    return out
+
+
+# ----- the whole experiment (unlearning benchmark) ------------------------------------------------------
+
+def run_experiment(spec: dict[str, Any]) -> dict[str, Any]:
+    """One simulations.runner.Experiment; the caller reads the results.json it writes."""
+    from fedunlearn.config import build_config
+    from simulations.runner import Experiment
+
+    cfg = build_config(spec.get("preset", "default"), overrides=spec.get("overrides", {}))
+    started = time.perf_counter()
+    with PeakMonitor() as monitor:
+        Experiment(cfg, out_dir=spec["out_dir"], show_progress=False).run()
+    return {"ok": True, "results_path": str(Path(spec["out_dir"]) / "results.json"), "wall_s": time.perf_counter() - started,
+            "memory": monitor.report()}
+
+
+RUNNERS: dict[str, Callable[[Scale], dict[str, Any]]] = {
+    "flower-quickstart": run_flower_quickstart, "single-process-loop": run_single_process_loop, "fedunlearn": run_fedunlearn,
+    "calibration": run_calibration,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child-process entry point: run one variant and write its JSON result."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variant", choices=[*RUNNERS, "experiment"])
+    parser.add_argument("--spec", required=True, help="JSON: the Scale fields (or, for experiment, preset/overrides/out_dir)")
+    parser.add_argument("--out", required=True, help="where to write the JSON result")
+    args = parser.parse_args(argv)
+    quiet_logs()
+    spec = json.loads(args.spec)
+    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if args.variant == "experiment":
+        result = run_experiment(spec)
+    else:
+        scale = Scale(**spec)
+        result = RUNNERS[args.variant](scale)
+        result["scale"] = asdict(scale)
+    result["variant"] = args.variant
+    # Other people's jobs share the cores: the load average says how busy the machine was around this run.
+    result["load_average_before"] = load_before
+    result["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
