@@ -56,6 +56,7 @@ class ExperimentConfig:
     forget_samples: str = field(default="all", metadata={"help": "what it forgets: all (client-level), poisoned (its triggered examples), random"})
     forget_fraction: float = field(default=0.1, metadata={"help": "fraction of its examples forgotten with --forget-samples random"})
     withdraw_round: int | None = field(default=None, metadata={"help": "round after which the request arrives (default: after training); training then continues without the forgotten data"})
+    stream_clients: tuple[int, ...] = field(default=(), metadata={"help": "a stream of withdrawals: comma-separated partition ids whose requests arrive one after another after --forget-client's (same --forget-samples: all or random); every method serves each request from its own previous model, and every metric is reported after each request"})
     # methods
     methods: tuple[str, ...] = field(default=("retrain", "iau", "iau-cached"), metadata={"help": "comma-separated unlearning methods to compare"})
     # Defaults from a sweep on the default scenario (README, "Choosing eta"): sgd with eta 0.045 comes closest to
@@ -96,6 +97,7 @@ class ExperimentConfig:
     device: str = field(default="auto", metadata={"help": "torch device for clients and evaluation: auto, cpu, cuda"})
     ray_address: str = field(default="local", metadata={"help": "Ray cluster to use: 'local' starts a private one; 'auto' or host:port joins an existing cluster"})
     round_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for client replies in one round"})
+    grid_poll_interval: float = field(default=0.005, metadata={"help": "seconds between the server's checks for client replies in a round (Flower's own default, 0.1, adds up to that much to every round)"})
     eval_every: int = field(default=1, metadata={"help": "evaluate the global model on the test set every N rounds (progress and curves)"})
     shadow_mia: bool = field(default=True, metadata={"help": "also run the shadow-model membership-inference attack (shadow models trained on the test split, ART attack classifier)"})
     shadow_models: int = field(default=3, metadata={"help": "number of shadow models for the shadow-model attack"})
@@ -132,6 +134,7 @@ class ExperimentConfig:
         _check_open("iau-eta", self.iau_eta, 0.0, None)
         _check_open("alpha", self.alpha, 0.0, None)
         _check_open("round-timeout", self.round_timeout, 0.0, None)
+        _check_range("grid-poll-interval", self.grid_poll_interval, 0.0005, 1.0, "0.005 keeps short rounds short; 0.1 is Flower's default")
         _check_range("momentum", self.momentum, 0.0, 1.0)
         _check_range("gr-alpha", self.gr_alpha, 0.0, None)
         _check_range("num-cpus-per-client", self.num_cpus_per_client, 0.0, None)
@@ -144,6 +147,7 @@ class ExperimentConfig:
             raise ConfigError(f"forget-client={self.forget_client}: must be a partition id in [0, {self.num_clients - 1}] (num-clients={self.num_clients})")
         if self.withdraw_round is not None and not 1 <= self.withdraw_round < self.rounds:
             raise ConfigError(f"withdraw-round={self.withdraw_round}: must be in [1, {self.rounds - 1}] (rounds={self.rounds}); omit it to withdraw after training")
+        self._check_stream()
         if self.forget_samples == "poisoned" and not self.backdoor:
             raise ConfigError("forget-samples=poisoned needs --backdoor: without a backdoor no example is poisoned; use random or all")
         if self.train_limit is not None and self.train_limit < self.num_clients * 4:
@@ -155,6 +159,28 @@ class ExperimentConfig:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r}: must be auto, cpu, cuda or cuda:N")
         self._check_faults()
+
+
+    def _check_stream(self) -> None:
+        if not self.stream_clients:
+            return
+        text = ",".join(map(str, self.stream_clients))
+        bad = [c for c in self.stream_clients if not 0 <= c < self.num_clients]
+        if bad:
+            raise ConfigError(f"stream-clients={text}: {bad} not in [0, {self.num_clients - 1}] (num-clients={self.num_clients})")
+        order = (self.forget_client, *self.stream_clients)
+        if len(set(order)) != len(order):
+            raise ConfigError(f"stream-clients={text}: each client may appear once and not repeat --forget-client={self.forget_client} "
+                              "(a second request from the same client is served as a no-op repeat)")
+        if self.forget_samples == "all" and len(order) >= self.num_clients:
+            raise ConfigError(f"stream-clients={text}: withdrawing {len(order)} of {self.num_clients} clients leaves none to train; "
+                              "name fewer clients or raise --num-clients")
+        if self.forget_samples == "poisoned":
+            raise ConfigError("stream-clients with forget-samples=poisoned: only --forget-client holds poisoned examples; "
+                              "use --forget-samples all (client-level) or random for a stream")
+        if self.withdraw_round is not None:
+            raise ConfigError(f"stream-clients with withdraw-round={self.withdraw_round}: a stream of requests arrives after training; "
+                              "drop --withdraw-round or --stream-clients")
 
     def _check_faults(self) -> None:
         if not 0.0 <= self.dropout_prob < 1.0:
@@ -225,6 +251,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dirichlet-0.1": {"partition": "dirichlet", "alpha": 0.1},
     # The request arrives after round 20 of 30; training then continues without client 0.
     "mid-training": {"withdraw_round": 20},
+    # Three withdrawals one after another after training: client 0 (backdoored), then clients 3 and 7.
+    "stream": {"stream_clients": (3, 7)},
 }
 
 

@@ -37,7 +37,7 @@ def finetune(ctx: MethodContext) -> MethodOutcome:
 @register("gradient-ascent", "IAU's ascent step on the forget set without the correction (ablation): only the withdrawing client is asked")
 def gradient_ascent(ctx: MethodContext) -> MethodOutcome:
     """theta + eta * g_f through IAUFed.unlearn with correction=False (same eta, steps and step rule as iau)."""
-    strategy = ctx.strategy.branch()
+    strategy = ctx.strategy
     strategy.iau = app_config.iau_settings_for(ctx.cfg, correction=False)
     arrays, report = strategy.unlearn(ctx.grid, ctx.arrays, ctx.request, ctx.forget_count, protocol="fresh", method="gradient-ascent")
     # Needs nothing stored: client u can compute G_S in one pass over S (it answers from its cache when that is current).

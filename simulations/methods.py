@@ -30,9 +30,10 @@ class MethodContext:
 
     cfg: ExperimentConfig
     grid: Grid
-    strategy: IAUFed                 # training strategy after training and cache filling (branch it before mutating)
+    strategy: IAUFed                 # this method's own branch of the training strategy (after cache filling): its ledger
+                                     # holds the requests it served before this one; the method may mutate it
     initial_arrays: ArrayRecord      # the weights training started from (retraining starts here too)
-    arrays: ArrayRecord              # the global model when the request arrives
+    arrays: ArrayRecord              # the global model when the request arrives (in a stream: this method's previous output)
     request: DeletionRequest
     forget_count: int                # |S|
     fedavg: Callable[..., UnlearningFedAvg]  # factory: fedavg(ledger=..., round_offset=..., label=...) with progress
@@ -107,7 +108,7 @@ def storage(server_bytes: int = 0, client_bytes: int = 0, **notes: Any) -> dict[
 
 
 def _iau(ctx: MethodContext, protocol: str, name: str) -> MethodOutcome:
-    strategy = ctx.strategy.branch()
+    strategy = ctx.strategy
     arrays, report = strategy.unlearn(ctx.grid, ctx.arrays, ctx.request, ctx.forget_count, protocol=protocol, method=name)
     # Every client keeps its gradient cache (any of them may withdraw); the cached protocol also keeps G_tot on the server.
     total = ctx.strategy.gradient_total if protocol == "cached" else None

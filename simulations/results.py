@@ -46,13 +46,16 @@ def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_results(out_dir: str | Path, results: dict[str, Any]) -> None:
-    """Write DIR/results.json and DIR/results.csv (each replaced atomically, never left half-written)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    clean = finite_or_none(results)
-    _atomic_write(out / "results.json", json.dumps(clean, indent=2, sort_keys=False) + "\n")
-    rows = csv_rows(clean)
+def stream_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stream of withdrawals: one row per (request, model), the models as they were after that request."""
+    rows = []
+    for index, step in enumerate(results.get("stream", []), 1):
+        for row in csv_rows({"models": step.get("models", {})}):
+            rows.append({"request": index, "client": step["request"]["client"], "samples": step["request"]["samples"], **row})
+    return rows
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
@@ -60,7 +63,18 @@ def write_results(out_dir: str | Path, results: dict[str, Any]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(out / "results.csv", buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_results(out_dir: str | Path, results: dict[str, Any]) -> None:
+    """Write DIR/results.json, DIR/results.csv and, for a stream, DIR/stream.csv (each replaced atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = finite_or_none(results)
+    _atomic_write(out / "results.json", json.dumps(clean, indent=2, sort_keys=False) + "\n")
+    _atomic_write(out / "results.csv", _csv_text(csv_rows(clean)))
+    if clean.get("stream"):
+        _atomic_write(out / "stream.csv", _csv_text(stream_rows(clean)))
 
 
 def read_results(out_dir: str | Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ every model on the same data the clients hold and writes results as they are pro
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -57,22 +58,24 @@ logger = logging.getLogger("fedunlearn.runner")
 class Evaluator:
     """Driver-side evaluation of global models on the experiment's data (same data the clients hold)."""
 
-    def __init__(self, cfg: ExperimentConfig, data: FederatedData, request: DeletionRequest) -> None:
+    def __init__(self, cfg: ExperimentConfig, data: FederatedData, requests: tuple[DeletionRequest, ...],
+                 shadow: ShadowModelAttack | None = None) -> None:
+        """`requests`: every request served so far (deleted data is their union); `shadow`: an attack already fitted."""
         self.cfg = cfg
         self.data = data
         self.device = torch.device(app_config.device_for(cfg))
         self.model_name = app_config.model_name_for(cfg)
-        withdrawn = {request.client} if request.client_level else set()
-        remained = torch.cat([kept_indices(data, p, [request]) for p in range(data.num_clients) if p not in withdrawn])
-        deleted = forget_indices(data, request)
+        withdrawn = {r.client for r in requests if r.client_level}
+        remained = torch.cat([kept_indices(data, p, list(requests)) for p in range(data.num_clients) if p not in withdrawn])
+        deleted = torch.unique(torch.cat([forget_indices(data, r) for r in requests]))
         heldout = torch.cat(data.client_heldout)
         self.test = (data.x_test, data.y_test)
         self.remained = (data.x_train[remained], data.y_train[remained])
         self.deleted = (data.x_train[deleted], data.y_train[deleted])
         self.heldout = (data.x_train[heldout], data.y_train[heldout])
         self.triggered = data.triggered_test()[0] if cfg.backdoor else None
-        self.shadow: ShadowModelAttack | None = None
-        if cfg.shadow_mia:  # fitted once; the test split is disjoint from every target's training data
+        self.shadow: ShadowModelAttack | None = shadow
+        if cfg.shadow_mia and shadow is None:  # fitted once; the test split is disjoint from every target's training data
             self.shadow = ShadowModelAttack(lambda: build_model(self.model_name, data.input_shape, data.num_classes),
                                             data.x_test, data.y_test, data.num_classes,
                                             ShadowSettings(num_shadow_models=cfg.shadow_models), seed=cfg.seed)
@@ -124,6 +127,7 @@ class Experiment:
         self.methods = check_methods(self._method_names(cfg))
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.request = app_config.deletion_request_for(cfg)
+        self.requests = app_config.deletion_requests_for(cfg)  # more than one: a stream of withdrawals
         self.data_spec = app_config.data_spec_for(cfg)
         self.progress = Progress(enabled=show_progress)
         self.meter = CostMeter()
@@ -131,6 +135,9 @@ class Experiment:
             "config": cfg.to_dict(), "machine": machine_info(), "status": "running",
             "request": asdict(self.request), "models": {}, "phases": {}, "history": {},
         }
+        if len(self.requests) > 1:
+            self.results["requests"] = [asdict(r) for r in self.requests]
+            self.results["stream"] = []
         self._error: BaseException | None = None
         # Every strategy the run drives, by label: their rejected replies and failures feed results["reliability"].
         self._observed: list[tuple[str, UnlearningFedAvg]] = []
@@ -229,11 +236,13 @@ class Experiment:
     def drive(self, grid: Grid) -> None:
         """All phases of the experiment on `grid` (a Flower Grid, or a LocalGrid in tests)."""
         cfg = self.cfg
+        if hasattr(grid, "pull_interval"):  # flwr's InMemoryGrid sleeps this long between polls for replies
+            grid.pull_interval = cfg.grid_poll_interval
         metered = MeteredGrid(grid, self.meter)
         with self.meter.phase("setup"):
             directory = discover_clients(metered, cfg.num_clients, timeout=cfg.round_timeout)
             data = DatasetStore.get(self.data_spec)
-            self.evaluator = Evaluator(cfg, data, self.request)
+            self.evaluator = Evaluator(cfg, data, (self.request,))
             forget_count = len(forget_indices(data, self.request))
             # torch.optim's first step() in a process imports torch._dynamo (about 2 s here): pay it during setup,
             # not inside the first unlearning method's measured seconds.
@@ -298,14 +307,52 @@ class Experiment:
         self.results["models"]["original"] = self.evaluator.full(original, None)
         self._write()
 
-        context = MethodContext(cfg=cfg, grid=metered, strategy=strategy, initial_arrays=initial, arrays=trained,
-                                request=self.request, forget_count=forget_count, fedavg=fedavg, request_round=request_round,
-                                update_history=update_history, last_models=last_models, round_hook=self._round_hook)
+        # Each method serves the requests with its own branch of the strategy (its ledger, counts, aggregate cache) and
+        # from its own previous model: in a stream, request j is served by every method before request j+1 arrives.
+        states = {m.name: strategy.branch() for m in self.methods}
+        current = {m.name: trained for m in self.methods}
+        totals: dict[str, PhaseCost] = {}
+        for index, request in enumerate(self.requests):
+            evaluator = self.evaluator if index == 0 else Evaluator(cfg, data, self.requests[: index + 1], shadow=self.evaluator.shadow)
+            count = forget_count if index == 0 else len(forget_indices(data, request))
+            step = self._serve(index, request, count, evaluator, states, current, original, initial, metered, fedavg,
+                               request_round, update_history, last_models, totals)
+            self.results["models"] = step
+            self._write()
+        if len(self.requests) > 1:  # the headline of a stream: the final models, at the cost of serving every request
+            reference_total = totals.get(REFERENCE)
+            self.results["models"] = copy.deepcopy(self.results["models"])  # results["stream"] keeps the last request's own
+            for name, entry in self.results["models"].items():
+                if name in totals:
+                    entry["cost_last_request"] = entry["cost"]
+                    entry["cost"] = totals[name].to_dict()
+                    if name != REFERENCE and reference_total is not None:
+                        entry["speedup"] = speedup(reference_total, totals[name])
+        self.results["status"] = "complete"
+        self._write()
+
+    def _serve(self, index: int, request: DeletionRequest, forget_count: int, evaluator: Evaluator, states: dict[str, IAUFed],
+               current: dict[str, ArrayRecord], original: ArrayRecord, initial: ArrayRecord, metered: Grid,
+               fedavg: Callable[..., UnlearningFedAvg], request_round: int, update_history: UpdateHistory | None,
+               last_models: LastModelStore | None, totals: dict[str, PhaseCost]) -> dict[str, Any]:
+        """Every method serves one request; returns the models' entries (original, retrain, methods) after it."""
+        cfg = self.cfg
+        stream = len(self.requests) > 1
+        suffix = f"#{index + 1}" if stream else ""
+        models: dict[str, Any] = {}  # "original" is evaluated once retraining gives the reference (retrain runs first)
+        if stream:
+            self.results["stream"].append({"request": asdict(request), "forget_count": forget_count, "models": models})
         reference: ArrayRecord | None = None
         reference_cost: PhaseCost | None = None
         for method in self.methods:
-            self.progress.start_phase(f"unlearning: {method.name}", cfg.rounds if method.name == REFERENCE else 1)
-            with self.meter.phase(f"unlearn:{method.name}"):
+            label = f"{method.name} (request {index + 1}/{len(self.requests)})" if stream else method.name
+            self.progress.start_phase(f"unlearning: {label}", cfg.rounds if method.name == REFERENCE else 1)
+            state = states[method.name]
+            context = MethodContext(cfg=cfg, grid=metered, strategy=state, initial_arrays=initial, arrays=current[method.name],
+                                    request=request, forget_count=forget_count, fedavg=fedavg, request_round=request_round,
+                                    update_history=update_history, last_models=last_models, round_hook=self._round_hook)
+            phase = f"unlearn:{method.name}{suffix}"
+            with self.meter.phase(phase):
                 try:
                     outcome = method.run(context)
                 except FedUnlearnError as err:  # recorded with the unchanged model; the other methods still run
@@ -314,35 +361,41 @@ class Experiment:
                     outcome = self._unfinished(method.name, context, err)
             if method.name != REFERENCE:
                 self.progress.advance()
-            cost = self.meter.get(f"unlearn:{method.name}")
+            cost = self.meter.get(phase)
             arrays = outcome.arrays
             entry: dict[str, Any] = {}
             if cfg.withdraw_round is not None and method.continues:
                 remaining = cfg.rounds - request_round
                 self.progress.start_phase(f"{method.name}: training on without the forgotten data", remaining)
                 with self.meter.phase(f"continue:{method.name}"):
-                    arrays = fedavg(ledger=(self.request,), round_offset=request_round, label=method.name).start(
+                    arrays = fedavg(ledger=(*state.ledger, request) if request not in state.ledger else state.ledger,
+                                    round_offset=request_round, label=method.name).start(
                         grid=metered, initial_arrays=arrays, num_rounds=remaining, timeout=cfg.round_timeout).arrays
                 entry["unlearning_cost"] = cost.to_dict()
                 cost = cost + self.meter.get(f"continue:{method.name}")
+            if outcome.details.get("status") not in ("aborted", "failed"):
+                state.record_request(request, forget_count)  # the next request of a stream sees this one in force
+            current[method.name] = arrays
             if method.name == REFERENCE:
                 reference, reference_cost = arrays, cost
-                entry.update(self.evaluator.full(arrays, reference))
-                self.results["models"]["original"] = self.evaluator.full(original, reference)
-            else:
-                entry.update(self.evaluator.full(arrays, reference))
+                models = {"original": evaluator.full(original, reference), **models}
+                if stream:
+                    self.results["stream"][index]["models"] = models
+            entry.update(evaluator.full(arrays, reference))
             entry["cost"] = cost.to_dict()
+            totals[method.name] = totals[method.name] + cost if method.name in totals else cost
             if method.name != REFERENCE and reference_cost is not None:
                 entry["speedup"] = speedup(reference_cost, cost)
             entry.update(outcome.details)
             unlearning = entry.get("unlearning")
             entry.setdefault("status", unlearning.get("status", "complete") if isinstance(unlearning, dict) else "complete")
-            self.results["models"][method.name] = entry
+            models[method.name] = entry
+            if not stream:
+                self.results["models"] = models
             self.results["phases"] = {name: c.to_dict() for name, c in self.meter.phases.items()}
-            self.progress.note(method.name, entry)
+            self.progress.note(label, entry)
             self._write()
-        self.results["status"] = "complete"
-        self._write()
+        return models
 
     def _unfinished(self, name: str, context: MethodContext, err: FedUnlearnError) -> MethodOutcome:
         """A method that ended without an unlearned model: the model it was given stays, and the results say why."""

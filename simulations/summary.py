@@ -66,6 +66,36 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
     return out
 
 
+def stream_aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For a stream of withdrawals: per request, the request and `aggregate` of the models after it (empty otherwise)."""
+    steps = min((len(r.get("stream", [])) for r in runs), default=0)
+    return [{"request": runs[0]["stream"][j]["request"],
+             "models": aggregate([{**run, "models": run["stream"][j]["models"]} for run in runs])} for j in range(steps)]
+
+
+STREAM_COLUMNS = (("acc_test", "ACC test"), ("acc_deleted", "ACC del"), ("backdoor_asr", "ASR"), ("mia_auc", "MIA loss"),
+                  ("mia_shadow_auc", "MIA shadow"), ("dist_output", "DIST out"), ("wall_s", "seconds"), ("rounds", "rounds"))
+
+
+def stream_markdown(stream: list[dict[str, Any]]) -> list[str]:
+    """Report lines: one table per request of the stream (metrics after serving it, cost of serving it)."""
+    if not stream:
+        return []
+    lines = ["", "## After each request of the stream", "",
+             "Each method serves request j from its own model after request j-1; the deleted data is the union of "
+             "requests 1..j; retrain is retrained from scratch without it. The table above holds the final models "
+             "with the cost of the whole stream.", ""]
+    for j, step in enumerate(stream, 1):
+        request = step["request"]
+        lines += [f"### Request {j}: client {request['client']} forgets `{request['samples']}`", "",
+                  "| model | " + " | ".join(label for _, label in STREAM_COLUMNS) + " |", "|" + "---|" * (len(STREAM_COLUMNS) + 1)]
+        for name, stats in step["models"].items():
+            row = [_cell(stats.get(key), {"wall_s": 2, "rounds": 0}.get(key, 3)) for key, _ in STREAM_COLUMNS]
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
 def rankings(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, list[str]]:
     """For each ranking criterion, the unlearning methods (not original/retrain) best first."""
     methods = [n for n in summary if n not in ("original", "retrain")]
@@ -116,6 +146,12 @@ def markdown_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dic
         digits = {"wall_s": 2, "rounds": 0}
         row = [_cell(stats.get(key), digits.get(key, 3)) for key, _ in columns]
         lines.append(f"| {label} | " + " | ".join(row) + f" | {_bytes_cell(stats.get('bytes'))} | {speed} |")
+    if runs[0].get("stream"):
+        lines.insert(3, f"A stream of {len(runs[0]['stream'])} withdrawals, one after another: clients "
+                     + ", ".join(str(r["request"]["client"]) for r in runs[0]["stream"])
+                     + ". The table shows the models after the last request and the cost of serving all of them.")
+        lines.insert(4, "")
+    lines += stream_markdown(stream_aggregate(runs))
     lines += ["", "## Rankings (best first)", ""]
     for key, label, lower in RANKINGS:
         order = rankings(summary)[key]
@@ -176,6 +212,28 @@ def plot_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[st
         plt.close(fig)
         written.append(path)
 
+    stream = stream_aggregate(runs)
+    if stream:
+        keys = [k for k in ("acc_test", "backdoor_asr", "acc_deleted", "mia_shadow_auc", "mia_auc") if k in stream[0]["models"].get("retrain", {})][:4]
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.6))
+        steps = range(1, len(stream) + 1)
+        for ax, key in zip(np.atleast_1d(axes), keys):
+            for name in stream[0]["models"]:
+                points = [step["models"].get(name, {}).get(key) for step in stream]
+                if all(p is not None for p in points):
+                    style = {"color": "black", "linestyle": "--"} if name == "retrain" else {}
+                    ax.errorbar(list(steps), [p["mean"] for p in points], yerr=[p["std"] for p in points], marker="o", capsize=3,
+                                label=name, **style)
+            ax.set_xticks(list(steps), [f"{j}: client {stream[j - 1]['request']['client']}" for j in steps], fontsize=8)
+            ax.set_xlabel("after request")
+            ax.set_title(key)
+        np.atleast_1d(axes)[0].legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "stream.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
     history = runs[0].get("history", {})
     if history:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -201,6 +259,8 @@ def write_summary(out_dir: str | Path, runs: list[dict[str, Any]], title: str = 
     out.mkdir(parents=True, exist_ok=True)
     summary = aggregate(runs)
     document = {"seeds": [r["config"]["seed"] for r in runs], "models": summary, "rankings": rankings(summary)}
+    if any(r.get("stream") for r in runs):
+        document["stream"] = stream_aggregate(runs)
     (out / "summary.json").write_text(json.dumps(finite_or_none(document), indent=2) + "\n")
     keys: list[str] = []
     for stats in summary.values():

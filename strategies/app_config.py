@@ -81,6 +81,12 @@ def deletion_request_for(cfg: ExperimentConfig) -> DeletionRequest:
                            at_round=cfg.withdraw_round)
 
 
+def deletion_requests_for(cfg: ExperimentConfig) -> tuple[DeletionRequest, ...]:
+    """Every request of the experiment in arrival order: --forget-client's, then one per --stream-clients entry."""
+    first = deletion_request_for(cfg)
+    return (first, *(DeletionRequest(client=c, samples=first.samples, fraction=first.fraction) for c in cfg.stream_clients))
+
+
 def fault_plan_for(cfg: ExperimentConfig) -> FaultPlan:
     """The faults injected into the clients of this run (none by default); seeded by the run's seed."""
     return FaultPlan(seed=cfg.seed, dropout_prob=cfg.dropout_prob, crash_client=cfg.crash_client, crash_round=cfg.crash_round,

@@ -84,6 +84,7 @@ class UnlearningReport:
     rejected: list[dict[str, Any]] = field(default_factory=list)   # replies refused by validation, with the reason
     failures: list[dict[str, Any]] = field(default_factory=list)   # error replies and replies that never came
     fallback: str = ""              # "uploaded-cache": an offline withdrawing client's uploaded cache stood in for it
+    gradient_version: str = ""      # cached protocol: the model version every gradient of the direction was taken at
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +137,7 @@ class IAUFed(UnlearningFedAvg):
         self.gradient_total: torch.Tensor | None = None
         self.gradient_total_count = 0
         self.gradient_total_version = ""
+        self.gradient_total_arrays: ArrayRecord | None = None  # the model G_tot was computed at (kept for later requests)
         self._excluded_counts: dict[int, int] = {}
         # Bytes each client reports its stored gradient cache occupies (filled by fill_caches).
         self.client_cache_bytes: dict[int, int] = {}
@@ -198,6 +200,7 @@ class IAUFed(UnlearningFedAvg):
                     self.client_uploads[partition] = (vector.to(wire), gradient_count, version)
         if upload:
             self.gradient_total, self.gradient_total_count, self.gradient_total_version = total, count, version
+            self.gradient_total_arrays = arrays
         return {"eval_loss": loss_sum / max(heldout, 1), "eval_acc": acc_sum / max(heldout, 1)}
 
     def unlearn(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int,
@@ -239,9 +242,19 @@ class IAUFed(UnlearningFedAvg):
             logger.warning("%s: request of client %s aborted, model left unchanged: %s", method, request.client, abort)
             raise UnlearningAbortedError(f"{method}: the request of client {request.client} was aborted and the model left "
                                          f"unchanged: {abort}", report=report.to_dict()) from None
+        self.record_request(request, forget_count)
+        return current, report
+
+    def record_request(self, request: DeletionRequest, forget_count: int) -> None:
+        """Put a served request in force (the ledger and the example counts), as `unlearn` does; a no-op if it already is.
+
+        For requests served by other means (retraining, a baseline), so the next request of a
+        stream sees the clients and counts that remain.
+        """
+        if request in self.ledger:
+            return
         self.ledger = (*self.ledger, request)
         self._excluded_counts[request.client] = self._excluded_counts.get(request.client, 0) + forget_count
-        return current, report
 
     def current_examples(self) -> int:
         """n: training examples still held by the active clients."""
@@ -421,13 +434,15 @@ class IAUFed(UnlearningFedAvg):
     def _cached_direction(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int,
                           report: UnlearningReport) -> torch.Tensor:
         """Zero rounds for the others: client u uploads G_S; g_r = (G_tot - G_S)/(n - |S|); G_tot -= G_S."""
-        if self.gradient_total is None:
+        if self.gradient_total is None or self.gradient_total_arrays is None:
             raise RuntimeError("cached protocol needs the aggregate cache: call fill_caches(..., upload=True) after training")
-        version = model_version(arrays)
-        if version != self.gradient_total_version and not self.allow_stale:
-            raise RuntimeError(f"the aggregate cache is at model version {self.gradient_total_version}, the model is at {version}: "
-                               "use the fresh protocol, refresh the caches, or allow stale caches")
-        content = self._query(arrays, request, keys.ROLE_FORGET_ONLY, self.gradient_total_count - forget_count, forget_count)
+        # Every gradient of the cached protocol is taken at the model G_tot was computed at: G_S too, so G_tot - G_S
+        # stays an exact sum over the remaining data at one version, request after request. From the second request
+        # of a stream on, the model being corrected has moved past that version (the protocol's approximation;
+        # report.gradient_version says at which model the direction was taken).
+        version = self.gradient_total_version
+        report.gradient_version = version
+        content = self._query(self.gradient_total_arrays, request, keys.ROLE_FORGET_ONLY, self.gradient_total_count - forget_count, forget_count)
         message = Message(content, dst_node_id=self.directory.node_of[request.client], message_type=keys.QUERY_GRADIENT)
 
         def parse(partition: int, reply: Message) -> tuple[Message, torch.Tensor]:

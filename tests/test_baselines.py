@@ -251,7 +251,8 @@ class Federation:
                                 ledger=ledger, round_offset=round_offset)
 
     def context(self, cfg, request: DeletionRequest, **extra) -> MethodContext:  # noqa: ANN003
-        return MethodContext(cfg=cfg, grid=self.grid, strategy=self.strategy, initial_arrays=self.initial, arrays=self.arrays,
+        # Each method gets its own branch of the strategy, as the runner gives it.
+        return MethodContext(cfg=cfg, grid=self.grid, strategy=self.strategy.branch(), initial_arrays=self.initial, arrays=self.arrays,
                              request=request, forget_count=len(forget_indices(self.data, request)), fedavg=self.fedavg,
                              request_round=self.rounds, **extra)
 
