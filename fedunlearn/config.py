@@ -21,6 +21,7 @@ CACHE_DTYPES = ("float64", "float32", "bfloat16", "float16")
 MODELS = ("auto", "mlp", "cnn", "mcmahan-cnn", "resnet18")
 UNLEARN_POLICIES = ("renormalise", "abort")
 NORM_ACTIONS = ("clip", "reject")
+EXECUTIONS = ("per-node", "cohort")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class ExperimentConfig:
     gradient_norm_action: str = field(default="clip", metadata={"help": f"a contribution over --gradient-norm-bound is: {', '.join(NORM_ACTIONS)}"})
     # execution
     seed: int = field(default=0, metadata={"help": "seed of data split, initial weights, client sampling and local shuffles"})
+    execution: str = field(default="per-node", metadata={"help": f"how clients map to Flower SuperNodes: {', '.join(EXECUTIONS)} (per-node: one SuperNode per client; cohort: each SuperNode, a Ray worker, hosts --cohort-size virtual clients and trains the selected ones as one vectorised computation, same results; caches, withdrawals and byte/round counts stay per client; --num-cpus-per-client and --num-gpus-per-client then apply per worker)"})
+    cohort_size: int = field(default=0, metadata={"help": "with --execution cohort: virtual clients per SuperNode (0 = auto: ceil(num-clients / W), W = this machine's CPUs / --num-cpus-per-client, capped by its GPUs / --num-gpus-per-client when that is > 0; set it explicitly on a multi-machine Ray cluster)"})
     num_cpus_per_client: float = field(default=1.0, metadata={"help": "Ray CPUs per client actor"})
     num_gpus_per_client: float = field(default=0.0, metadata={"help": "Ray GPUs per client actor (fractions share a GPU)"})
     device: str = field(default="auto", metadata={"help": "torch device for clients and evaluation: auto, cpu, cuda"})
@@ -159,7 +162,18 @@ class ExperimentConfig:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device={self.device!r}: must be auto, cpu, cuda or cuda:N")
         self._check_faults()
+        self._check_execution()
 
+    def _check_execution(self) -> None:
+        _check_choice("execution", self.execution, EXECUTIONS)
+        if self.cohort_size < 0:
+            raise ConfigError(f"cohort-size={self.cohort_size}: must be >= 0 (0 picks one cohort per worker that fits)")
+        if self.cohort_size > self.num_clients:
+            raise ConfigError(f"cohort-size={self.cohort_size}: must be <= num-clients={self.num_clients} (one cohort holds every "
+                              f"client at {self.num_clients}); 0 picks the size from the workers that fit")
+        if self.cohort_size and self.execution != "cohort":
+            raise ConfigError(f"cohort-size={self.cohort_size} has no effect with execution={self.execution!r}: add --execution cohort, "
+                              "or drop --cohort-size")
 
     def _check_stream(self) -> None:
         if not self.stream_clients:

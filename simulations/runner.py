@@ -39,6 +39,7 @@ from fedunlearn.metrics import accuracy, attack_success_rate, evaluate_model
 from fedunlearn.models import build_model
 from strategies import app_config
 from strategies.client_app import build_client_app
+from strategies.cohort import CohortGrid, build_cohort_client_app, cohort_size_of, num_cohorts
 from strategies.faults import FAULT_PREFIX, with_faults
 from strategies.fedavg import UnlearningFedAvg, discover_clients
 from strategies.iau_fed import IAUFed
@@ -190,7 +191,13 @@ class Experiment:
             for name in ("flwr", "ray"):
                 logging.getLogger(name).setLevel(logging.ERROR)
         cache_dir = tempfile.mkdtemp(prefix="fedunlearn-caches-")
-        client_app = with_faults(build_client_app(app_config.client_spec_for(self.cfg, cache_dir)), app_config.fault_plan_for(self.cfg))
+        spec = app_config.client_spec_for(self.cfg, cache_dir)
+        client_app = with_faults(build_client_app(spec), app_config.fault_plan_for(self.cfg))
+        num_supernodes = self.cfg.num_clients
+        if self.cfg.execution == "cohort":  # each SuperNode (a Ray worker) hosts a cohort of virtual clients
+            cohort_size = cohort_size_of(self.cfg)
+            client_app = build_cohort_client_app(spec, cohort_size, inner=client_app)
+            num_supernodes = num_cohorts(self.cfg.num_clients, cohort_size)
         server_app = ServerApp()
 
         @server_app.main()
@@ -212,7 +219,7 @@ class Experiment:
         started = time.perf_counter()
         try:
             with self.progress:
-                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=self.cfg.num_clients,
+                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                                backend_config=backend_config, verbose_logging=self.cfg.verbose)
         finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -238,6 +245,12 @@ class Experiment:
         cfg = self.cfg
         if hasattr(grid, "pull_interval"):  # flwr's InMemoryGrid sleeps this long between polls for replies
             grid.pull_interval = cfg.grid_poll_interval
+        if cfg.execution == "cohort":  # the strategies see one virtual node per client; metered per virtual client
+            size = cohort_size_of(cfg)
+            grid = CohortGrid(grid, cfg.num_clients, size, timeout=cfg.round_timeout)
+            self.results["execution"] = {"mode": "cohort", "cohort_size": size, "supernodes": num_cohorts(cfg.num_clients, size)}
+        else:
+            self.results["execution"] = {"mode": "per-node", "cohort_size": 1, "supernodes": cfg.num_clients}
         metered = MeteredGrid(grid, self.meter)
         with self.meter.phase("setup"):
             directory = discover_clients(metered, cfg.num_clients, timeout=cfg.round_timeout)

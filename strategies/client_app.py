@@ -62,6 +62,10 @@ class ClientRuntime:
         self.model = build_model(spec.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.layout = ParamLayout.of(self.model)
         self.store = CacheStore(spec.cache_dir, spec.cache_dtype)
+        # The training split lives on the worker's device for the whole run (on a CPU these are the same tensors):
+        # every handler slices it by index, no per-call DataLoader and no per-batch host-to-device copy.
+        self.x_train = self.data.x_train.to(self.device)
+        self.y_train = self.data.y_train.to(self.device)
 
     @classmethod
     def get(cls, spec: ClientSpec) -> "ClientRuntime":
@@ -77,7 +81,8 @@ class ClientRuntime:
 
     def arrays_xy(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training examples by global index."""
-        return self.data.x_train[indices], self.data.y_train[indices]
+        indices = indices.to(self.device)
+        return self.x_train[indices], self.y_train[indices]
 
     def gradient_record(self, flat: torch.Tensor, dtype: str) -> ArrayRecord:
         """A flat gradient as an ArrayRecord keyed by parameter name."""
@@ -118,6 +123,20 @@ def _reply(msg: Message, metrics: dict[str, float | int], arrays: dict[str, Arra
     return Message(content=content, reply_to=msg)
 
 
+def train_settings_from(config: ConfigRecord) -> TrainSettings:
+    """The local training settings a train message carries."""
+    return TrainSettings(
+        epochs=int(config[keys.EPOCHS]), lr=float(config[keys.LR]), batch_size=int(config[keys.BATCH_SIZE]),
+        optimizer=str(config[keys.OPTIMIZER]), momentum=float(config.get(keys.MOMENTUM, 0.0)),
+        gr_alpha=float(config.get(keys.GR_ALPHA, 0.0)),
+    )
+
+
+def train_seed(config: ConfigRecord, pid: int) -> int:
+    """Seed of client `pid`'s shuffling generator in a train round (the same client in the same round shuffles alike in every run)."""
+    return int(config[keys.SEED]) * 1_000_003 + int(config[keys.SERVER_ROUND]) * 10_007 + pid
+
+
 def build_client_app(spec: ClientSpec | None = None, overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """The fedunlearn ClientApp; `spec=None` reads its settings from the Flower run config (then `overrides`)."""
     if spec is not None and overrides:
@@ -144,16 +163,11 @@ def build_client_app(spec: ClientSpec | None = None, overrides: Mapping[str, Any
         runtime = runtime_for(context)
         pid = int(context.node_config["partition-id"])
         config = msg.content[keys.CONFIG]
-        settings = TrainSettings(
-            epochs=int(config[keys.EPOCHS]), lr=float(config[keys.LR]), batch_size=int(config[keys.BATCH_SIZE]),
-            optimizer=str(config[keys.OPTIMIZER]), momentum=float(config.get(keys.MOMENTUM, 0.0)),
-            gr_alpha=float(config.get(keys.GR_ALPHA, 0.0)),
-        )
+        settings = train_settings_from(config)
         ledger = decode_ledger(str(config.get(keys.LEDGER, "")))
         indices = kept_indices(runtime.data, pid, ledger)
         runtime.load(msg.content[keys.ARRAYS])
-        # One generator per (seed, round, client): the same client in the same round shuffles alike in every run.
-        generator = torch.Generator().manual_seed(int(config[keys.SEED]) * 1_000_003 + int(config[keys.SERVER_ROUND]) * 10_007 + pid)
+        generator = torch.Generator().manual_seed(train_seed(config, pid))
         x, y = runtime.arrays_xy(indices)
         loss = local_train(runtime.model, x, y, settings, generator)
         state = OrderedDict((k, v.detach().cpu()) for k, v in runtime.model.state_dict().items())

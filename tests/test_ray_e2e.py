@@ -31,3 +31,26 @@ def test_smoke_preset_on_ray_with_five_clients(tmp_path):
     assert results["models"]["iau"]["cost"]["rounds"] == 1
     assert results["models"]["iau-cached"]["unlearning"]["clients_asked"] == [0]
     assert "iau-cached" in proc.stdout  # the printed table
+
+
+@pytest.mark.ray
+def test_cohort_mode_and_a_stream_on_ray(tmp_path):
+    """Two SuperNodes host five virtual clients; two withdrawals in sequence; counts stay per virtual client."""
+    out = tmp_path / "out"
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.run", "--preset", "smoke", "--rounds", "2", "--execution", "cohort", "--cohort-size", "3",
+         "--stream-clients", "2", "--no-shadow-mia", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "complete"
+    assert results["execution"] == {"mode": "cohort", "cohort_size": 3, "supernodes": 2}
+    assert [step["request"]["client"] for step in results["stream"]] == [0, 2]
+    first, second = (step["models"] for step in results["stream"])
+    assert first["retrain"]["cost"]["participations"] == 2 * 4 and second["retrain"]["cost"]["participations"] == 2 * 3
+    assert first["iau"]["unlearning"]["clients_asked"] == [0, 1, 2, 3, 4]
+    assert second["iau"]["unlearning"]["clients_asked"] == [1, 2, 3, 4]
+    assert second["iau-cached"]["unlearning"]["clients_asked"] == [2]
+    assert results["models"]["iau"]["cost"]["rounds"] == 2  # the headline charges the whole stream

@@ -1,0 +1,414 @@
+"""The `cohort` execution mode: each Flower SuperNode hosts a cohort of virtual clients and trains them as one vectorised computation.
+
+Server side, `CohortGrid` wraps the real Grid and shows the strategies one virtual node per
+client: the strategies stay unchanged. Messages to the virtual clients of one physical node are
+packed into one Message per (node, message type) and the packed reply is unpacked into one reply
+per virtual message, each looking exactly like a per-node reply. Wrap it in the MeteredGrid
+(`MeteredGrid(CohortGrid(grid, ...), meter)`) so rounds, participations and bytes are counted per
+virtual client, as in `per-node` mode.
+
+Client side, `build_cohort_client_app` returns the ClientApp each physical node runs: it trains
+the selected virtual clients with `fedunlearn.cohort.cohort_local_train` (one vmap over their
+stacked parameters) and serves every other message with the per-client ClientApp, once per
+virtual client, with that client's own Context (partition id, state). Gradient caches are on disk
+keyed by partition id, so they stay per virtual client.
+
+The physical node whose `partition-id` is k hosts the virtual clients [k*c, min((k+1)*c, N)),
+c = cohort size, N = clients. One `query.cohort` round at start tells the grid which node is which.
+
+Packing: a packed RecordDict holds each distinct record once under `r<j>` (records that are the
+same object in several virtual messages, such as the global model, are sent once) and a manifest
+ConfigRecord with, per virtual client, its partition id and (record name, packed key) pairs, or
+the error it answered with.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+from uuid import uuid4
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from fedunlearn.cohort import DEFAULT_CHUNK_SIZE, cohort_local_train
+from fedunlearn.deletion import decode_ledger, kept_indices
+from fedunlearn.errors import ConfigError, MissingRepliesError
+
+from . import keys
+from .client_app import ClientRuntime, ClientSpec, build_client_app, train_seed, train_settings_from
+from .faults import FaultyClientApp
+
+if TYPE_CHECKING:
+    from fedunlearn.config import ExperimentConfig
+
+__all__ = ["CohortClientApp", "CohortGrid", "QUERY_COHORT", "build_cohort_client_app", "cohort_partitions", "cohort_size_for", "cohort_size_of",
+           "num_cohorts", "pack", "unpack", "virtual_node_id"]
+
+QUERY_COHORT = "query.cohort"      # server -> physical node: which cohort do you host?
+MANIFEST = "cohort-manifest"       # ConfigRecord of a packed message: which records belong to which virtual client
+MANIFEST_KEY = "manifest"
+COHORT_RECORD = "cohort"           # reply to query.cohort
+COHORT_INDEX = "cohort-index"
+COHORT_PARTITIONS = "partition-ids"
+STATE_PREFIX = "cohort-client-"    # per-virtual-client records in the physical node's context.state
+# Virtual node ids: far above any partition id, nonzero, never the SuperLink's id (1).
+VIRTUAL_NODE_BASE = 1 << 40
+
+logger = logging.getLogger("fedunlearn.cohort")
+
+
+def virtual_node_id(partition: int) -> int:
+    """The node id the strategies see for virtual client `partition` (deterministic, unique, nonzero)."""
+    return VIRTUAL_NODE_BASE + partition
+
+
+def num_cohorts(num_clients: int, cohort_size: int) -> int:
+    """How many physical nodes host `num_clients` virtual clients, `cohort_size` each (the last may hold fewer)."""
+    if cohort_size < 1 or num_clients < 1:
+        raise ConfigError(f"cohort-size={cohort_size}, num-clients={num_clients}: both must be >= 1")
+    return math.ceil(num_clients / cohort_size)
+
+
+def cohort_partitions(index: int, cohort_size: int, num_clients: int) -> range:
+    """The partition ids the physical node of cohort `index` hosts."""
+    return range(index * cohort_size, min((index + 1) * cohort_size, num_clients))
+
+
+def cohort_size_for(num_clients: int, requested: int = 0, num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0,
+                    cpus: int | None = None, gpus: int | None = None) -> int:
+    """`requested`, or for 0 ceil(num_clients / W) with W the workers that fit on this machine (CPUs, and GPUs when asked)."""
+    if requested < 0:
+        raise ConfigError(f"cohort-size={requested}: must be >= 0 (0 picks one cohort per worker that fits)")
+    if requested > 0:
+        return min(requested, num_clients)
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    workers = int(cpus // num_cpus_per_worker) if num_cpus_per_worker > 0 else cpus
+    if num_gpus_per_worker > 0:
+        gpus = torch.cuda.device_count() if gpus is None else gpus
+        if gpus > 0:
+            workers = min(workers, int(gpus // num_gpus_per_worker))
+    return math.ceil(num_clients / max(1, workers))
+
+
+# ----- packing ------------------------------------------------------------------------------------------
+Entry = tuple[int, "RecordDict | Error"]
+
+
+def pack(entries: Sequence[Entry]) -> RecordDict:
+    """One RecordDict holding every (partition, content or error); a record object shared by several is stored once."""
+    packed = RecordDict()
+    key_of: dict[int, str] = {}
+    clients: list[dict[str, object]] = []
+    for partition, content in entries:
+        if isinstance(content, Error):
+            clients.append({"pid": partition, "error": [int(content.code), content.reason or ""]})
+            continue
+        names = []
+        for name, record in content.items():
+            key = key_of.get(id(record))
+            if key is None:
+                key = key_of[id(record)] = f"r{len(key_of)}"
+                packed[key] = record
+            names.append([name, key])
+        clients.append({"pid": partition, "records": names})
+    packed[MANIFEST] = ConfigRecord({MANIFEST_KEY: json.dumps({"clients": clients})})
+    return packed
+
+
+def unpack(packed: RecordDict) -> list[Entry]:
+    """The (partition, content or error) pairs of a packed RecordDict; shared records stay one object."""
+    if MANIFEST not in packed.config_records:
+        raise ValueError(f"not a packed cohort message: it has no {MANIFEST!r} record (records: {list(packed)})")
+    manifest = json.loads(str(packed.config_records[MANIFEST][MANIFEST_KEY]))
+    entries: list[Entry] = []
+    for client in manifest["clients"]:
+        if "error" in client:
+            code, reason = client["error"]
+            entries.append((int(client["pid"]), Error(code=int(code), reason=str(reason))))
+        else:
+            entries.append((int(client["pid"]), RecordDict({name: packed[key] for name, key in client["records"]})))
+    return entries
+
+
+def _set_message_id(message: Message) -> str:
+    message_id = str(uuid4())
+    message.metadata.__dict__["_message_id"] = message_id
+    return message_id
+
+
+# ----- server side ----------------------------------------------------------------------------------------
+class CohortGrid(Grid):
+    """Shows the strategies one virtual node per client; sends each physical node one packed message per message type.
+
+    `num_clients` virtual clients in cohorts of `cohort_size`; the wrapped grid must have exactly
+    num_cohorts(num_clients, cohort_size) nodes running the cohort ClientApp built with the same sizes.
+    """
+
+    def __init__(self, grid: Grid, num_clients: int, cohort_size: int, timeout: float = 120.0) -> None:
+        self.grid = grid
+        self.num_clients = num_clients
+        self.cohort_size = cohort_size
+        self.num_cohorts = num_cohorts(num_clients, cohort_size)
+        self.timeout = timeout
+        self._node_of: dict[int, int] | None = None  # partition -> physical node id
+        self._pending: dict[str, list[Message]] = {}    # packed message id -> its virtual messages (push/pull)
+        self._packed_of: dict[str, str] = {}           # virtual message id -> packed message id
+        self._replies: dict[str, Message] = {}          # virtual message id -> its reply, once pulled
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        """Pass through."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        """Pass through."""
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        """Build a Message (deprecated in Flower; kept for the interface)."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """One virtual node id per client once every physical node has said which cohort it hosts (empty until then)."""
+        if self._node_of is None and not self._discover():
+            return []
+        return [virtual_node_id(p) for p in range(self.num_clients)]
+
+    def _discover(self) -> bool:
+        """Ask every physical node which cohort it hosts; False while not all of them have connected yet."""
+        nodes = list(self.grid.get_node_ids())
+        if len(nodes) < self.num_cohorts:
+            return False
+        if len(nodes) > self.num_cohorts:
+            raise ConfigError(f"the grid has {len(nodes)} nodes, cohort mode expects {self.num_cohorts} (num-clients={self.num_clients}, "
+                              f"cohort-size={self.cohort_size}): start one SuperNode per cohort")
+        queries = [Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=QUERY_COHORT) for node in nodes]
+        node_of: dict[int, int] = {}
+        answered: set[int] = set()
+        for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise MissingRepliesError(f"node {node} failed the cohort query: {reply.error.reason} "
+                                          "(cohort mode needs every node to run build_cohort_client_app)")
+            record = reply.content.config_records[COHORT_RECORD]
+            index = int(record[COHORT_INDEX])
+            hosted = [int(p) for p in record[COHORT_PARTITIONS]]
+            expected = list(cohort_partitions(index, self.cohort_size, self.num_clients))
+            if hosted != expected:
+                raise ConfigError(f"node {node} hosts partitions {hosted}, the grid expects {expected} for cohort {index}: the client app "
+                                  f"and the grid disagree on cohort-size or num-clients (grid: {self.cohort_size}, {self.num_clients})")
+            if index in answered:
+                raise ConfigError(f"two nodes claim cohort {index}: each node's partition-id must be a distinct cohort index")
+            answered.add(index)
+            node_of.update({p: node for p in hosted})
+        missing = sorted(set(range(self.num_cohorts)) - answered)
+        if missing:
+            raise MissingRepliesError(f"cohorts {missing} did not answer the cohort query within {self.timeout:.0f} s")
+        self._node_of = node_of
+        return True
+
+    def partition_of(self, node_id: int) -> int:
+        """The virtual client behind a virtual node id."""
+        partition = node_id - VIRTUAL_NODE_BASE
+        if not 0 <= partition < self.num_clients:
+            raise ValueError(f"node id {node_id} is not a virtual node of this CohortGrid (ids {VIRTUAL_NODE_BASE}.."
+                             f"{VIRTUAL_NODE_BASE + self.num_clients - 1}): address clients through get_node_ids()")
+        return partition
+
+    def _pack(self, messages: Iterable[Message]) -> list[tuple[Message, list[Message]]]:
+        """(packed message, its virtual messages) per (physical node, message type); every virtual message gets an id."""
+        if self._node_of is None and not self._discover():
+            raise MissingRepliesError(f"only {len(list(self.grid.get_node_ids()))} of {self.num_cohorts} cohort nodes are connected")
+        assert self._node_of is not None
+        groups: OrderedDict[tuple[int, str], list[Message]] = OrderedDict()
+        for message in messages:
+            _set_message_id(message)
+            node = self._node_of[self.partition_of(message.metadata.dst_node_id)]
+            groups.setdefault((node, message.metadata.message_type), []).append(message)
+        packed = []
+        for (node, message_type), group in groups.items():
+            content = pack([(self.partition_of(m.metadata.dst_node_id), m.content) for m in group])
+            ttl = min(m.metadata.ttl for m in group)
+            packed.append((Message(content, dst_node_id=node, message_type=message_type, ttl=ttl, group_id=group[0].metadata.group_id), group))
+        return packed
+
+    @staticmethod
+    def _unpack(reply: Message, group: list[Message]) -> list[Message]:
+        """One per-node-style reply per virtual message the packed reply answers (none for a client it leaves out)."""
+        if reply.has_error():  # the whole physical node failed: so did every virtual client it was serving
+            return [_with_id(Message(Error(code=reply.error.code, reason=reply.error.reason), reply_to=m)) for m in group]
+        by_partition = {VIRTUAL_NODE_BASE + p: content for p, content in unpack(reply.content)}
+        replies = []
+        for message in group:
+            content = by_partition.get(message.metadata.dst_node_id)
+            if content is None:
+                continue
+            replies.append(_with_id(Message(content, reply_to=message)))  # content is a RecordDict or the client's Error
+        return replies
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Pack and push; returns the virtual messages' ids."""
+        ids: list[str] = []
+        packed = self._pack(messages)
+        pushed = set(self.grid.push_messages([p for p, _ in packed]))
+        for message, group in packed:
+            packed_id = message.metadata.message_id
+            ids.extend(m.metadata.message_id for m in group)
+            if packed_id in pushed:
+                self._pending[packed_id] = group
+                self._packed_of.update({m.metadata.message_id: packed_id for m in group})
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Replies available for these virtual message ids."""
+        wanted = list(message_ids)
+        packed_ids = {self._packed_of[i] for i in wanted if i in self._packed_of}
+        for reply in self.grid.pull_messages(sorted(packed_ids)):
+            group = self._pending.pop(reply.metadata.reply_to_message_id, None)
+            if group is None:
+                continue
+            for message in group:
+                self._packed_of.pop(message.metadata.message_id, None)
+            for virtual in self._unpack(reply, group):
+                self._replies[virtual.metadata.reply_to_message_id] = virtual
+        return [self._replies.pop(i) for i in wanted if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Send one packed message per (physical node, type), wait, and unpack the replies."""
+        messages = list(messages)
+        if not messages:
+            return []
+        packed = self._pack(messages)
+        replies = list(self.grid.send_and_receive([p for p, _ in packed], timeout=timeout))
+        group_of = {p.metadata.message_id: group for p, group in packed}
+        out: list[Message] = []
+        for reply in replies:
+            group = group_of.pop(reply.metadata.reply_to_message_id, None)
+            if group is not None:
+                out.extend(self._unpack(reply, group))
+        return out
+
+
+def _with_id(message: Message) -> Message:
+    _set_message_id(message)
+    return message
+
+
+# ----- client side ----------------------------------------------------------------------------------------
+def _error_of(err: Exception) -> Error:
+    """The error reply the simulation engine gives for an exception raised in a ClientApp."""
+    return Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err)}:<'{err}'>")
+
+
+class CohortClientApp(ClientApp):
+    """The ClientApp of a physical node hosting the virtual clients of one cohort (see the module docstring)."""
+
+    def __init__(self, spec: ClientSpec, cohort_size: int, inner: ClientApp, vectorise_train: bool = True,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        super().__init__()
+        if cohort_size < 1:
+            raise ConfigError(f"cohort_size={cohort_size}: must be >= 1 (virtual clients per node)")
+        self.spec = spec
+        self.cohort_size = cohort_size
+        self.num_clients = spec.data.num_clients
+        self.inner = inner
+        self.vectorise_train = vectorise_train
+        self.chunk_size = chunk_size
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        """Serve a packed message for the virtual clients of this node's cohort (or the cohort query)."""
+        index = int(context.node_config["partition-id"])
+        hosted = cohort_partitions(index, self.cohort_size, self.num_clients)
+        message_type = message.metadata.message_type
+        if message_type == QUERY_COHORT:
+            record = ConfigRecord({COHORT_INDEX: index, COHORT_PARTITIONS: list(hosted)})
+            return Message(RecordDict({COHORT_RECORD: record}), reply_to=message)
+        entries = unpack(message.content)
+        for partition, _ in entries:
+            if partition not in hosted:
+                raise ValueError(f"cohort {index} hosts partitions {list(hosted)}, got a message for partition {partition}: "
+                                 "the grid and the client app disagree on cohort-size")
+        contents = [content for _, content in entries if isinstance(content, RecordDict)]
+        if message_type == keys.TRAIN and self.vectorise_train and len(contents) == len(entries) and self._shared(contents):
+            results = self._train(entries, contents)
+        else:
+            results = [(p, self._serve_one(message, p, c, context)) for p, c in entries if isinstance(c, RecordDict)]
+        return Message(pack(results), reply_to=message)
+
+    @staticmethod
+    def _shared(contents: list[RecordDict]) -> bool:
+        """Every virtual message carries the same model and the same config (what FedAvg sends)."""
+        return all(keys.ARRAYS in c.array_records and keys.CONFIG in c.config_records for c in contents) and \
+            len({id(c[keys.ARRAYS]) for c in contents}) == 1 and len({id(c[keys.CONFIG]) for c in contents}) == 1
+
+    def _train(self, entries: list[Entry], contents: list[RecordDict]) -> list[Entry]:
+        """Train every virtual client of the message at once; replies as the per-client train handler writes them."""
+        start = time.perf_counter()
+        runtime = ClientRuntime.get(self.spec)
+        config = contents[0][keys.CONFIG]
+        settings = train_settings_from(config)
+        ledger = decode_ledger(str(config.get(keys.LEDGER, "")))
+        partitions = [p for p, _ in entries]
+        indices = [kept_indices(runtime.data, p, ledger) for p in partitions]
+        data = [runtime.arrays_xy(i) for i in indices]
+        runtime.load(contents[0][keys.ARRAYS])
+        generators = [torch.Generator().manual_seed(train_seed(config, p)) for p in partitions]
+        result = cohort_local_train(runtime.model, [x for x, _ in data], [y for _, y in data], settings, generators, self.chunk_size)
+        elapsed = time.perf_counter() - start
+        total = sum(len(i) for i in indices)
+        results: list[Entry] = []
+        for partition, idx, state, loss in zip(partitions, indices, result.states, result.losses):
+            # The vectorised work has no per-client clock: each client is charged its share of the examples.
+            share = len(idx) / total if total else 1.0 / len(partitions)
+            content = RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: len(idx), keys.TRAIN_LOSS: loss,
+                                                              keys.COMPUTE_S: elapsed * share})})
+            content[keys.ARRAYS] = ArrayRecord(OrderedDict((k, v.detach().cpu()) for k, v in state.items()))
+            results.append((partition, content))
+        return results
+
+    def _serve_one(self, message: Message, partition: int, content: RecordDict, context: Context) -> RecordDict | Error:
+        """One virtual message through the per-client app, with that client's own Context; an exception is its error reply."""
+        sub = Message(metadata=copy.copy(message.metadata), content=content)
+        prefix = f"{STATE_PREFIX}{partition}/"
+        state = RecordDict({name[len(prefix):]: record for name, record in context.state.items() if name.startswith(prefix)})
+        virtual = Context(run_id=context.run_id, node_id=virtual_node_id(partition),
+                          node_config={"partition-id": partition, "num-partitions": self.num_clients}, state=state,
+                          run_config=context.run_config)
+        try:
+            reply = self.inner(sub, virtual)
+        except Exception as err:  # noqa: BLE001 - the engine turns a per-node exception into that node's error reply
+            logger.warning("virtual client %d raised while serving %s: %s", partition, message.metadata.message_type, err)
+            return _error_of(err)
+        finally:
+            for name in [n for n in context.state if n.startswith(prefix)]:
+                del context.state[name]
+            for name, record in virtual.state.items():
+                context.state[prefix + name] = record
+        return reply.error if reply.has_error() else reply.content
+
+
+def build_cohort_client_app(spec: ClientSpec, cohort_size: int, inner: ClientApp | None = None,
+                            chunk_size: int = DEFAULT_CHUNK_SIZE) -> ClientApp:
+    """The ClientApp of a node hosting `cohort_size` virtual clients; `inner` (default: the per-client app) serves all but vectorised training.
+
+    With a fault-injecting `inner` (a FaultyClientApp), training also goes through it, once per
+    virtual client, so faults stay per virtual client.
+    """
+    app = inner if inner is not None else build_client_app(spec)
+    return CohortClientApp(spec, cohort_size, app, vectorise_train=not isinstance(app, FaultyClientApp), chunk_size=chunk_size)
+
+
+def cohort_size_of(cfg: "ExperimentConfig") -> int:
+    """The cohort size an experiment runs with (`cfg.cohort_size`, or the automatic one for 0)."""
+    return cohort_size_for(cfg.num_clients, cfg.cohort_size, cfg.num_cpus_per_client, cfg.num_gpus_per_client)
