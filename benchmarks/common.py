@@ -326,13 +326,35 @@ def _kill_tree(root: int) -> None:
             pass
 
 
-def run_child(variant: str, spec: dict[str, Any], timeout: float, memory_cap: int | None = None) -> dict[str, Any]:
+def run_in_process(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one variant in this process (no child: for miniatures and debugging); an exception becomes `{"ok": False}`."""
+    import traceback
+
+    from .variants import quiet_logs, run_variant
+
+    quiet_logs()
+    started = time.perf_counter()
+    try:
+        result = finite_or_none(json.loads(json.dumps(run_variant(variant, spec), default=str)))
+    except Exception as err:  # noqa: BLE001 - reported like a failed child, so the other variants still run
+        return {"ok": False, "error": f"{variant}: {type(err).__name__}: {err}\n{traceback.format_exc()[-4000:]}",
+                "process_wall_s": time.perf_counter() - started, "in_process": True}
+    result["process_wall_s"] = time.perf_counter() - started
+    result["in_process"] = True
+    return result
+
+
+def run_child(variant: str, spec: dict[str, Any], timeout: float, memory_cap: int | None = None,
+              in_process: bool = False) -> dict[str, Any]:
     """Run one variant in a fresh Python process (clean Ray, clean peak RSS) and return its JSON result.
 
     A failed or timed-out child, or one whose process tree grows past `memory_cap` bytes of RSS (it is
     then killed, so a too-large run cannot starve the machine), gives `{"ok": False, "error": ...}`
-    instead of raising, so the other variants of the same run are still reported.
+    instead of raising, so the other variants of the same run are still reported. `in_process` runs
+    it here instead (no timeout or memory cap; peak RSS then includes what this process held before).
     """
+    if in_process:
+        return run_in_process(variant, spec)
     cap = memory_cap if memory_cap is not None else default_memory_cap()
     with tempfile.TemporaryDirectory(prefix="fedunlearn-bench-") as tmp:
         out = Path(tmp) / "result.json"

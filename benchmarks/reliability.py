@@ -2,6 +2,8 @@
 
 python -m benchmarks.reliability                 # the table run (default scenario + faults) and the norm-bound effect
 python -m benchmarks.reliability --preset smoke  # a faster, smaller scenario
+python -m benchmarks.reliability --preset smoke --set model=mlp --set train-limit=300 --set local-epochs=1 \
+    --out /tmp/reliability.json                  # a miniature
 
 Part 1 runs a whole experiment (Experiment.drive) with every fault kind injected and counts, per
 kind, the faults injected (the wrapper's own log, tagged with the phase it hit), the faults
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import tempfile
 import time
 from collections import OrderedDict
@@ -31,7 +34,7 @@ from fedunlearn.deletion import forget_indices
 from fedunlearn.gradients import ParamLayout
 from fedunlearn.metrics import accuracy, attack_success_rate
 from fedunlearn.models import build_model
-from simulations.runner import Experiment, machine_info
+from simulations.runner import Experiment
 from strategies import app_config
 from strategies.client_app import build_client_app
 from strategies.faults import FaultPlan, FaultyClientApp
@@ -39,17 +42,19 @@ from strategies.fedavg import discover_clients
 from strategies.iau_fed import IAUFed, RoundPolicy, arrays_to_vector
 from strategies.local_grid import LocalGrid
 
-RESULTS = Path(__file__).resolve().parent / "results" / "reliability.json"
+from .common import RESULTS_DIR, envelope, write_json
+from .unlearning import parse_set
+
+RESULTS = RESULTS_DIR / "reliability.json"
 SURVIVABLE = ("complete", "renormalised", "fallback")
+FAULTS = {"shadow_mia": False, "dropout_prob": 0.1, "crash_client": 2, "crash_round": 3, "slow_clients": "4", "slow_seconds": 0.05,
+          "withdrawing_offline": True, "malicious_client": 3, "malicious_norm": 1e6, "unlearn_retries": 2,
+          "unlearn_policy": "renormalise", "gradient_norm_bound": 5.0, "gradient_norm_action": "reject"}
 
 
-def fault_table(preset: str) -> dict[str, Any]:
-    """Run one experiment with every fault kind and count injected / survived / rejected / lost per kind."""
-    cfg = build_config(preset, overrides={
-        "shadow_mia": False, "dropout_prob": 0.1, "crash_client": 2, "crash_round": 3, "slow_clients": "4", "slow_seconds": 0.05,
-        "withdrawing_offline": True, "malicious_client": 3, "malicious_norm": 1e6, "unlearn_retries": 2,
-        "unlearn_policy": "renormalise", "gradient_norm_bound": 5.0, "gradient_norm_action": "reject",
-    })
+def fault_table(preset: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one experiment with every fault kind and count injected / survived / rejected / lost per kind (`extra`: more settings)."""
+    cfg = build_config(preset, overrides={**FAULTS, **(extra or {})})
     out = Path(tempfile.mkdtemp(prefix="reliability-"))
     app = FaultyClientApp(build_client_app(app_config.client_spec_for(cfg, str(out / "caches"))), app_config.fault_plan_for(cfg))
     experiment = Experiment(cfg, out_dir=out / "results", show_progress=False)
@@ -65,6 +70,7 @@ def fault_table(preset: str) -> dict[str, Any]:
     experiment.drive(LocalGrid(app, cfg.num_clients, capture_errors=True))
     wall = time.perf_counter() - started
     results = json.loads((out / "results" / "results.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
     models = results["models"]
     reliability = results["reliability"]
     complete = results["status"] == "complete"
@@ -105,9 +111,9 @@ def fault_table(preset: str) -> dict[str, Any]:
                                "fallback": m.get("unlearning", {}).get("fallback")} for name, m in models.items()}}
 
 
-def norm_bound_effect(preset: str, bound: float = 5.0) -> dict[str, Any]:
+def norm_bound_effect(preset: str, bound: float = 5.0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train once; then one IAU correction with client 3 sending a gradient of norm 1e6: no bound, clipped, rejected."""
-    cfg = build_config(preset, overrides={"shadow_mia": False})
+    cfg = build_config(preset, overrides={"shadow_mia": False, **(extra or {})})
     cache = tempfile.mkdtemp(prefix="reliability-norm-")
     app = FaultyClientApp(build_client_app(app_config.client_spec_for(cfg, cache)), FaultPlan())
     grid = LocalGrid(app, cfg.num_clients, capture_errors=True)
@@ -149,6 +155,7 @@ def norm_bound_effect(preset: str, bound: float = 5.0) -> dict[str, Any]:
         measure(f"client 3 sends norm 1e6, reject over {bound:g} (+renormalise)", malicious,
                 RoundPolicy(retries=0, on_missing="renormalise", norm_bound=bound, norm_action="reject")),
     ]
+    shutil.rmtree(cache, ignore_errors=True)
     return {"preset": preset, "eta": cfg.iau_eta, "step_rule": cfg.iau_step_rule, "before": before, "rows": rows}
 
 
@@ -156,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run both parts, print the tables, write the JSON."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other setting of simulations.run for both parts (e.g. --set model=mlp for a miniature)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    table = fault_table(args.preset)
-    norm = norm_bound_effect(args.preset)
+    extra = parse_set(args.set)
+    result = envelope("reliability", {"preset": args.preset, "set": extra, "faults": FAULTS}, argv)
+    table = fault_table(args.preset, extra)
+    norm = norm_bound_effect(args.preset, extra=extra)
     print(f"\nfault run ({args.preset}, in-process): status {table['status']}, {table['wall_s']:.1f} s, results lost {table['results_lost']}")
     print("| fault | injected | survived | replies rejected | results lost |\n|---|---|---|---|---|")
     for label, row in table["rows"].items():
@@ -172,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['rejected']} | {row['status']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine_info(), "fault_table": table, "norm_bound": norm}, indent=2) + "\n")
+    write_json(out, {**result, "fault_table": table, "norm_bound": norm})
     print(f"\nwrote {out}")
-    return 0
+    return 0 if table["status"] == "complete" and not table["results_lost"] else 1
 
 
 if __name__ == "__main__":

@@ -7,9 +7,15 @@
   (resident data and model per worker, tensor slicing) and `IAUFed` (an `UnlearningFedAvg`) on
   `run_simulation` through a `MeteredGrid`; with `caches`, also the cache-filling round, the `iau-cached`
   and `iau` corrections, and the bytes the gradient caches occupy;
+- `fedunlearn-cohort` (d): the same with `execution = "cohort"` (each SuperNode hosts a cohort of virtual
+  clients trained as one vectorised computation), assembled from the ExperimentConfig as the runner does;
+  where this checkout has no cohort mode it reports `{"ok": false, "available": false}` instead of failing;
 - `experiment`: one `simulations.runner.Experiment` (the unlearning benchmark reads its results.json).
 
-Each writes one JSON object (timings in seconds, memory in bytes) to `--out`.
+`engine = "local"` in the spec serves the ClientApps in-process through `strategies.local_grid.LocalGrid`
+instead of Flower's simulation engine on Ray (no Ray start, no worker processes): the same ServerApp and
+ClientApp code, for miniatures and profiling. Each writes one JSON object (timings in seconds, memory in
+bytes) to `--out`.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from typing import Any
 
 from .common import QUIET_ENV, PeakMonitor, median, write_json
 
-VARIANTS = ("flower-quickstart", "single-process-loop", "fedunlearn")
+VARIANTS = ("flower-quickstart", "single-process-loop", "fedunlearn", "fedunlearn-cohort")
 LABELS = {"flower-quickstart": "(a) plain Flower app (quickstart style)", "single-process-loop": "(b) single-process loop",
-          "fedunlearn": "(c) fedunlearn"}
+          "fedunlearn": "(c) fedunlearn, per-node", "fedunlearn-cohort": "(d) fedunlearn, cohort"}
+ENGINES = ("ray", "local")
 
 
 @dataclass(frozen=True)
@@ -51,11 +58,27 @@ class Scale:
     caches: bool = False           # fedunlearn: fill caches and run the IAU corrections after training
     cache_dtype: str = "float32"
     loop_threads: int = 0          # single-process loop: torch threads (0: per round, the faster of 1 and torch's default)
+    engine: str = "ray"            # ray: Flower's simulation engine; local: LocalGrid in-process (miniatures, profiling)
+    cohort_size: int = 0           # fedunlearn-cohort: virtual clients per SuperNode (0: the runner's automatic size)
+    device: str = "auto"           # loop and fedunlearn: auto (cuda when visible, as the quickstart app picks), cpu, cuda
 
     def __post_init__(self) -> None:
         if self.clients < 2 or self.examples < 1 or self.rounds < 1:
             raise ValueError(f"clients={self.clients}, examples={self.examples}, rounds={self.rounds}: need clients >= 2, "
                              "examples >= 1 and rounds >= 1")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}: must be one of {', '.join(ENGINES)}")
+        if not 0 <= self.cohort_size <= self.clients:
+            raise ValueError(f"cohort_size={self.cohort_size}: must be in [0, clients={self.clients}] (0: automatic)")
+
+
+def resolve_device(device: str) -> str:
+    """`auto` becomes cuda when a GPU is visible (the quickstart app's own choice), else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 # ----- timing -----------------------------------------------------------------------------------------
@@ -140,18 +163,39 @@ def quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def simulate(server_app: Any, client_app: Any, num_clients: int, timeout: float) -> dict[str, float | None]:
-    """Run a ServerApp/ClientApp pair on Flower's simulation engine (Ray, num_cpus=1 per client actor)."""
+def simulate(body: Callable[[Any], None], client_app: Any, num_nodes: int, timeout: float, engine: str = "ray") -> dict[str, float | None]:
+    """Run `body(grid)` as a ServerApp's main against `num_nodes` nodes serving `client_app`; returns when it was called, Ray ready, returned.
+
+    engine "ray": Flower's simulation engine (Ray, num_cpus=1 per client actor); "local": a LocalGrid
+    in this process (no Ray: `ray_ready` is None). An exception raised by `body` is re-raised here.
+    """
+    called = time.perf_counter()
+    if engine == "local":
+        from strategies.local_grid import LocalGrid
+
+        body(LocalGrid(client_app, num_nodes))
+        return {"called": called, "ray_ready": None, "returned": time.perf_counter()}
     from flwr.simulation import run_simulation
 
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"address": "local", "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False},
     }
-    called = time.perf_counter()
+    errors: list[BaseException] = []
     with RayWatcher() as watcher:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients, backend_config=backend_config)
+        run_simulation(server_app=_server_main(body, errors), client_app=client_app, num_supernodes=num_nodes,
+                       backend_config=backend_config)
+    if errors:
+        raise errors[0]
     return {"called": called, "ray_ready": watcher.ready_at, "returned": time.perf_counter()}
+
+
+def startup_times(times: dict[str, float | None], first_round_end: float, engine: str) -> dict[str, float | None]:
+    """Ray's start (None in-process) and the seconds from the call to the end of round 1."""
+    called = times["called"]
+    assert called is not None
+    ready = times["ray_ready"] or called
+    return {"ray_start_s": ready - called if engine == "ray" else None, "to_first_round_end_s": first_round_end - called}
 
 
 def round_summary(rounds: list[float]) -> dict[str, Any]:
@@ -188,10 +232,12 @@ def run_flower_quickstart(scale: Scale) -> dict[str, Any]:
     class ClockedFedAvg(ClockedStrategy, FedAvg):
         """Flower's FedAvg with round timestamps."""
 
-    clock, errors, marks = RoundClock(), [], {}
+    clock, marks = RoundClock(), {}
+    poll: dict[str, float | None] = {}
 
     def body(grid: Any) -> None:
         marks["main"] = time.perf_counter()
+        poll["grid_poll_interval_s"] = getattr(grid, "pull_interval", None)  # Flower's default: what a plain app gets
         strategy = ClockedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=scale.clients,
                                  min_available_nodes=scale.clients)
         strategy.clock = clock
@@ -199,14 +245,11 @@ def run_flower_quickstart(scale: Scale) -> dict[str, Any]:
         qs.run_rounds(strategy, grid, qs.initial_arrays(scale.seed), config, scale.rounds, scale.timeout)
 
     with PeakMonitor() as monitor:
-        times = simulate(_server_main(body, errors), qs.app, scale.clients, scale.timeout)
-    if errors:
-        raise errors[0]
-    ready = times["ray_ready"] or times["called"]
-    rounds = clock.round_seconds(ready)
-    return {"ok": True, "ray_start_s": ready - times["called"], "to_first_round_end_s": clock.ended[1] - times["called"],
+        times = simulate(body, qs.app, scale.clients, scale.timeout, scale.engine)
+    rounds = clock.round_seconds(times["ray_ready"] or times["called"])
+    return {"ok": True, "engine": scale.engine, **startup_times(times, clock.ended[1], scale.engine),
             **round_summary(rounds), "replies_per_round": [clock.replies[r] for r in sorted(clock.replies)],
-            "worker_torch_threads": sorted(clock.torch_threads), "wall_s": times["returned"] - times["called"],
+            "worker_torch_threads": sorted(clock.torch_threads), "wall_s": times["returned"] - times["called"], **poll,
             "memory": monitor.report()}
 
 
@@ -267,21 +310,22 @@ def run_single_process_loop(scale: Scale) -> dict[str, Any]:
     from . import flower_quickstart as qs
 
     default_threads = torch.get_num_threads()
+    device = torch.device(resolve_device(scale.device))
     if scale.loop_threads:
         torch.set_num_threads(scale.loop_threads)
     with PeakMonitor() as monitor:
         started = time.perf_counter()
         raw = Path(scale.data_dir) / "MNIST" / "raw"
-        x = read_image_file(str(raw / "train-images-idx3-ubyte")).to(torch.float32).div_(255.0).unsqueeze(1)
-        y = read_label_file(str(raw / "train-labels-idx1-ubyte")).to(torch.int64)
-        shards = client_train_indices(len(y), scale.clients)
+        x = read_image_file(str(raw / "train-images-idx3-ubyte")).to(torch.float32).div_(255.0).unsqueeze(1).to(device)
+        y = read_label_file(str(raw / "train-labels-idx1-ubyte")).to(torch.int64).to(device)
+        shards = [s.to(device) for s in client_train_indices(len(y), scale.clients)]
         torch.manual_seed(scale.seed)
-        model = qs.Net()
-        global_state = {k: v.detach().clone() for k, v in qs.initial_arrays(scale.seed).to_torch_state_dict().items()}
+        model = qs.Net().to(device)
+        global_state = {k: v.detach().clone().to(device) for k, v in qs.initial_arrays(scale.seed).to_torch_state_dict().items()}
         data_s = time.perf_counter() - started
         rounds, threads_used, examples_per_round = [], [], 0
         for server_round in range(1, scale.rounds + 1):
-            if not scale.loop_threads:
+            if not scale.loop_threads and device.type == "cpu":
                 torch.set_num_threads(faster_thread_count(model, x[shards[0]], y[shards[0]], scale, default_threads))
             threads_used.append(torch.get_num_threads())
             begin = time.perf_counter()
@@ -294,7 +338,7 @@ def run_single_process_loop(scale: Scale) -> dict[str, Any]:
                 xk, yk = x[shard], y[shard]
                 generator = torch.Generator().manual_seed(scale.seed * 1_000_003 + server_round * 10_007 + client)
                 for _ in range(scale.epochs):
-                    order = torch.randperm(len(yk), generator=generator)
+                    order = torch.randperm(len(yk), generator=generator).to(device)
                     for start in range(0, len(yk), scale.batch_size):
                         batch = order[start:start + scale.batch_size]
                         optimizer.zero_grad()
@@ -307,25 +351,76 @@ def run_single_process_loop(scale: Scale) -> dict[str, Any]:
                 examples_per_round += len(yk)
             global_state = {k: (v / examples_per_round).to(global_state[k].dtype) for k, v in total.items()}
             rounds.append(time.perf_counter() - begin)
-    return {"ok": True, "ray_start_s": None, "data_load_s": data_s, "to_first_round_end_s": data_s + rounds[0],
-            **round_summary(rounds), "examples_per_round": examples_per_round, "torch_threads_per_round": threads_used,
-            "default_torch_threads": default_threads,
+    torch.set_num_threads(default_threads)  # in-process runs (--in-process) share this process with what comes next
+    return {"ok": True, "engine": None, "device": device.type, "ray_start_s": None, "data_load_s": data_s,
+            "to_first_round_end_s": data_s + rounds[0], **round_summary(rounds), "examples_per_round": examples_per_round,
+            "torch_threads_per_round": threads_used, "default_torch_threads": default_threads,
             "wall_s": time.perf_counter() - started, "memory": monitor.report()}
 
 
 # ----- (c) fedunlearn's own path ------------------------------------------------------------------------
 
-def fedunlearn_config(scale: Scale) -> Any:
+def cohort_mode_missing() -> str | None:
+    """Why this checkout cannot run the cohort execution mode; None when it can."""
+    from dataclasses import fields
+
+    from fedunlearn.config import ExperimentConfig
+
+    names = {f.name for f in fields(ExperimentConfig)}
+    missing = [name for name in ("execution", "cohort_size") if name not in names]
+    if missing:
+        return (f"ExperimentConfig has no field {' or '.join(missing)}: this checkout has no cohort execution mode yet "
+                "(issue 6, item 1); the other paths are measured as usual")
+    import importlib
+
+    try:
+        module = importlib.import_module("strategies.cohort")
+    except ImportError as err:
+        return f"the cohort execution mode cannot be imported ({err}); the other paths are measured as usual"
+    absent = [name for name in ("CohortGrid", "build_cohort_client_app", "cohort_size_of", "num_cohorts") if not hasattr(module, name)]
+    if absent:
+        return f"strategies.cohort has no {', '.join(absent)} (the runner's cohort API changed?); the other paths are measured as usual"
+    return None
+
+
+def fedunlearn_config(scale: Scale, execution: str = "per-node") -> Any:
     """The ExperimentConfig fedunlearn's path is built from: MNIST-shaped data, the McMahan CNN, no backdoor."""
     from fedunlearn.config import ExperimentConfig
 
-    return ExperimentConfig(dataset="mnist", data_dir=scale.data_dir, num_clients=scale.clients, model="mcmahan-cnn",
-                            backdoor=False, rounds=scale.rounds, local_epochs=scale.epochs, batch_size=scale.batch_size,
-                            lr=scale.lr, momentum=scale.momentum, heldout_fraction=0.2, seed=scale.seed,
-                            cache_dtype=scale.cache_dtype, round_timeout=scale.timeout, shadow_mia=False, device="cpu")
+    settings: dict[str, Any] = dict(
+        dataset="mnist", data_dir=scale.data_dir, num_clients=scale.clients, model="mcmahan-cnn", backdoor=False,
+        rounds=scale.rounds, local_epochs=scale.epochs, batch_size=scale.batch_size, lr=scale.lr, momentum=scale.momentum,
+        heldout_fraction=0.2, seed=scale.seed, cache_dtype=scale.cache_dtype, round_timeout=scale.timeout, shadow_mia=False,
+        device=resolve_device(scale.device))
+    if execution != "per-node":  # only named when asked, so the per-node path runs on checkouts without the field
+        settings.update(execution=execution, cohort_size=scale.cohort_size)
+    return ExperimentConfig(**settings)
 
 
-def run_fedunlearn(scale: Scale) -> dict[str, Any]:
+def execution_setup(cfg: Any, client_app: Any, spec: Any) -> tuple[Any, int, Callable[[Any], Any], dict[str, Any]]:
+    """The ClientApp the nodes run, how many nodes, and the grid the strategies see: the runner's own helpers.
+
+    `strategies.app_config.supernode_app` and `server_grid` are what `Experiment.run` and the start of
+    `Experiment.drive` call (poll interval; cohort: a CohortGrid under the MeteredGrid).
+    """
+    from strategies import app_config
+
+    node_app, nodes = app_config.supernode_app(cfg, spec, client_app)
+    info: dict[str, Any] = {"execution": cfg.execution, "grid_poll_interval_s": cfg.grid_poll_interval}
+    if cfg.execution == "cohort":
+        info.update(cohort_size=app_config.cohort_size_of(cfg), supernodes=nodes)
+    return node_app, nodes, lambda grid: app_config.server_grid(cfg, grid)[0], info
+
+
+def run_fedunlearn_cohort(scale: Scale) -> dict[str, Any]:
+    """Path (d): fedunlearn with execution = cohort; `available: false` where this checkout has no cohort mode."""
+    why = cohort_mode_missing()
+    if why is not None:
+        return {"ok": False, "available": False, "error": f"fedunlearn-cohort: not available: {why}"}
+    return run_fedunlearn(scale, execution="cohort")
+
+
+def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
     """Path (c): build_client_app + IAUFed through a MeteredGrid on run_simulation, as simulations/runner.py does."""
     from collections import OrderedDict
 
@@ -346,10 +441,11 @@ def run_fedunlearn(scale: Scale) -> dict[str, Any]:
     class ClockedIAUFed(ClockedStrategy, IAUFed):
         """fedunlearn's training strategy with round timestamps."""
 
-    cfg = fedunlearn_config(scale)
+    cfg = fedunlearn_config(scale, execution)
     cache_dir = tempfile.mkdtemp(prefix="fedunlearn-bench-caches-")
-    client_app = build_client_app(app_config.client_spec_for(cfg, cache_dir))
-    clock, errors, marks = RoundClock(), [], {}
+    spec = app_config.client_spec_for(cfg, cache_dir)
+    client_app, num_nodes, prepare_grid, execution_info = execution_setup(cfg, build_client_app(spec), spec)
+    clock, marks = RoundClock(), {}
     phases: dict[str, dict[str, Any]] = {}
     extra: dict[str, Any] = {}
     monitor = PeakMonitor()
@@ -364,8 +460,8 @@ def run_fedunlearn(scale: Scale) -> dict[str, Any]:
 
     def body(grid: Any) -> None:
         meter = CostMeter()
-        metered = MeteredGrid(grid, meter)
         marks["main"] = started = time.perf_counter()
+        metered = MeteredGrid(prepare_grid(grid), meter)
         with meter.phase("setup"):
             directory = discover_clients(metered, cfg.num_clients, timeout=cfg.round_timeout)
         phase_done("discovery", started, meter.get("setup"))
@@ -383,6 +479,8 @@ def run_fedunlearn(scale: Scale) -> dict[str, Any]:
             trained = strategy.start(grid=metered, initial_arrays=initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout).arrays
         phase_done("training", started, meter.get("training"))
         extra["bytes_per_round"] = (meter.get("training").bytes_down + meter.get("training").bytes_up) / cfg.rounds
+        # What the rounds computed: both execution modes must train the same model (up to float rounding).
+        extra["final_parameter_norm"] = float(sum(v.double().pow(2).sum() for v in trained.to_torch_state_dict().values()) ** 0.5)
         if not scale.caches:
             return
         store = CacheStore(cache_dir, cfg.cache_dtype)
@@ -404,19 +502,16 @@ def run_fedunlearn(scale: Scale) -> dict[str, Any]:
 
     try:
         with monitor:
-            times = simulate(_server_main(body, errors), client_app, scale.clients, scale.timeout)
+            times = simulate(body, client_app, num_nodes, scale.timeout, scale.engine)
     finally:
         import shutil
 
         shutil.rmtree(cache_dir, ignore_errors=True)
-    if errors:
-        raise errors[0]
-    ready = times["ray_ready"] or times["called"]
-    rounds = clock.round_seconds(ready)
-    return {"ok": True, "ray_start_s": ready - times["called"], "discovery_s": marks["discovered"] - marks["main"],
-            "to_first_round_end_s": clock.ended[1] - times["called"], **round_summary(rounds),
-            "replies_per_round": [clock.replies[r] for r in sorted(clock.replies)], "wall_s": times["returned"] - times["called"],
-            "phases": phases, **extra, "memory": monitor.report()}
+    rounds = clock.round_seconds(times["ray_ready"] or times["called"])
+    return {"ok": True, "engine": scale.engine, "device": cfg.device, **execution_info,
+            **startup_times(times, clock.ended[1], scale.engine), "discovery_s": marks["discovered"] - marks["main"],
+            **round_summary(rounds), "replies_per_round": [clock.replies[r] for r in sorted(clock.replies)],
+            "wall_s": times["returned"] - times["called"], "phases": phases, **extra, "memory": monitor.report()}
 
 
 # ----- calibration: how fast one training step is on this machine right now -----------------------------
@@ -456,23 +551,66 @@ def run_calibration(scale: Scale, steps: int = 20) -> dict[str, Any]:
 
 # ----- the whole experiment (unlearning benchmark) ------------------------------------------------------
 
+def drive_in_process(cfg: Any, out_dir: str | Path) -> None:
+    """One Experiment driven through a LocalGrid in this process: the runner's phases without Ray (engine "local")."""
+    import shutil
+
+    from simulations.runner import Experiment
+    from strategies import app_config
+    from strategies.client_app import build_client_app
+    from strategies.faults import with_faults
+    from strategies.local_grid import LocalGrid
+
+    cache_dir = tempfile.mkdtemp(prefix="fedunlearn-bench-caches-")
+    try:
+        spec = app_config.client_spec_for(cfg, cache_dir)
+        client_app, num_nodes, _, _ = execution_setup(cfg, with_faults(build_client_app(spec), app_config.fault_plan_for(cfg)), spec)
+        Experiment(cfg, out_dir=out_dir, show_progress=False).drive(LocalGrid(client_app, num_nodes, capture_errors=True))
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
 def run_experiment(spec: dict[str, Any]) -> dict[str, Any]:
-    """One simulations.runner.Experiment; the caller reads the results.json it writes."""
+    """One simulations.runner.Experiment (on Ray, or in-process with spec engine "local"); the caller reads its results.json."""
     from fedunlearn.config import build_config
     from simulations.runner import Experiment
 
+    engine = spec.get("engine", "ray")
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: must be one of {', '.join(ENGINES)}")
     cfg = build_config(spec.get("preset", "default"), overrides=spec.get("overrides", {}))
     started = time.perf_counter()
     with PeakMonitor() as monitor:
-        Experiment(cfg, out_dir=spec["out_dir"], show_progress=False).run()
-    return {"ok": True, "results_path": str(Path(spec["out_dir"]) / "results.json"), "wall_s": time.perf_counter() - started,
-            "memory": monitor.report()}
+        if engine == "local":
+            drive_in_process(cfg, spec["out_dir"])
+        else:
+            Experiment(cfg, out_dir=spec["out_dir"], show_progress=False).run()
+    return {"ok": True, "engine": engine, "results_path": str(Path(spec["out_dir"]) / "results.json"),
+            "wall_s": time.perf_counter() - started, "memory": monitor.report()}
 
 
 RUNNERS: dict[str, Callable[[Scale], dict[str, Any]]] = {
     "flower-quickstart": run_flower_quickstart, "single-process-loop": run_single_process_loop, "fedunlearn": run_fedunlearn,
-    "calibration": run_calibration,
+    "fedunlearn-cohort": run_fedunlearn_cohort, "calibration": run_calibration,
 }
+
+
+def run_variant(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one variant in this process and return its result (what the child process writes to --out)."""
+    if variant not in RUNNERS and variant != "experiment":
+        raise ValueError(f"variant {variant!r}: choose from {', '.join([*RUNNERS, 'experiment'])}")
+    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if variant == "experiment":
+        result = run_experiment(spec)
+    else:
+        scale = Scale(**spec)
+        result = RUNNERS[variant](scale)
+        result["scale"] = asdict(scale)
+    result["variant"] = variant
+    # Other people's jobs share the cores: the load average says how busy the machine was around this run.
+    result["load_average_before"] = load_before
+    result["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,19 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="where to write the JSON result")
     args = parser.parse_args(argv)
     quiet_logs()
-    spec = json.loads(args.spec)
-    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    if args.variant == "experiment":
-        result = run_experiment(spec)
-    else:
-        scale = Scale(**spec)
-        result = RUNNERS[args.variant](scale)
-        result["scale"] = asdict(scale)
-    result["variant"] = args.variant
-    # Other people's jobs share the cores: the load average says how busy the machine was around this run.
-    result["load_average_before"] = load_before
-    result["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    write_json(args.out, result)
+    write_json(args.out, run_variant(args.variant, json.loads(args.spec)))
     return 0
 
 

@@ -39,7 +39,6 @@ from fedunlearn.metrics import accuracy, attack_success_rate, evaluate_model
 from fedunlearn.models import build_model
 from strategies import app_config
 from strategies.client_app import build_client_app
-from strategies.cohort import CohortGrid, build_cohort_client_app, cohort_size_of, num_cohorts
 from strategies.faults import FAULT_PREFIX, with_faults
 from strategies.fedavg import UnlearningFedAvg, discover_clients
 from strategies.iau_fed import IAUFed
@@ -192,12 +191,7 @@ class Experiment:
                 logging.getLogger(name).setLevel(logging.ERROR)
         cache_dir = tempfile.mkdtemp(prefix="fedunlearn-caches-")
         spec = app_config.client_spec_for(self.cfg, cache_dir)
-        client_app = with_faults(build_client_app(spec), app_config.fault_plan_for(self.cfg))
-        num_supernodes = self.cfg.num_clients
-        if self.cfg.execution == "cohort":  # each SuperNode (a Ray worker) hosts a cohort of virtual clients
-            cohort_size = cohort_size_of(self.cfg)
-            client_app = build_cohort_client_app(spec, cohort_size, inner=client_app)
-            num_supernodes = num_cohorts(self.cfg.num_clients, cohort_size)
+        client_app, num_supernodes = app_config.supernode_app(self.cfg, spec, with_faults(build_client_app(spec), app_config.fault_plan_for(self.cfg)))
         server_app = ServerApp()
 
         @server_app.main()
@@ -243,14 +237,7 @@ class Experiment:
     def drive(self, grid: Grid) -> None:
         """All phases of the experiment on `grid` (a Flower Grid, or a LocalGrid in tests)."""
         cfg = self.cfg
-        if hasattr(grid, "pull_interval"):  # flwr's InMemoryGrid sleeps this long between polls for replies
-            grid.pull_interval = cfg.grid_poll_interval
-        if cfg.execution == "cohort":  # the strategies see one virtual node per client; metered per virtual client
-            size = cohort_size_of(cfg)
-            grid = CohortGrid(grid, cfg.num_clients, size, timeout=cfg.round_timeout)
-            self.results["execution"] = {"mode": "cohort", "cohort_size": size, "supernodes": num_cohorts(cfg.num_clients, size)}
-        else:
-            self.results["execution"] = {"mode": "per-node", "cohort_size": 1, "supernodes": cfg.num_clients}
+        grid, self.results["execution"] = app_config.server_grid(cfg, grid)
         metered = MeteredGrid(grid, self.meter)
         with self.meter.phase("setup"):
             directory = discover_clients(metered, cfg.num_clients, timeout=cfg.round_timeout)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import tempfile
 
+from typing import Any
+
 import torch
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
 
 from fedunlearn.baselines import IMUSettings, PGASettings
 from fedunlearn.config import ExperimentConfig
@@ -16,6 +20,7 @@ from fedunlearn.models import default_model_for
 from fedunlearn.training import TrainSettings
 
 from .client_app import ClientSpec
+from .cohort import CohortGrid, build_cohort_client_app, cohort_size_of, num_cohorts
 from .faults import FaultPlan
 from .iau_fed import RoundPolicy
 
@@ -99,3 +104,26 @@ def round_policy_for(cfg: ExperimentConfig) -> RoundPolicy:
     """Retries, the missing-client policy and the gradient-norm bound of caching and unlearning rounds."""
     return RoundPolicy(retries=cfg.unlearn_retries, on_missing=cfg.unlearn_policy, norm_bound=cfg.gradient_norm_bound,
                        norm_action=cfg.gradient_norm_action)
+
+
+def supernode_app(cfg: ExperimentConfig, spec: ClientSpec, client_app: ClientApp) -> tuple[ClientApp, int]:
+    """The ClientApp every SuperNode runs and how many SuperNodes: one per client, or one per cohort (--execution cohort)."""
+    if cfg.execution != "cohort":
+        return client_app, cfg.num_clients
+    size = cohort_size_of(cfg)
+    return build_cohort_client_app(spec, size, inner=client_app), num_cohorts(cfg.num_clients, size)
+
+
+def server_grid(cfg: ExperimentConfig, grid: Grid) -> tuple[Grid, dict[str, Any]]:
+    """The grid the strategies drive, and a record of the execution for results.json.
+
+    Sets the poll interval of Flower's in-memory grid; in cohort mode wraps it in a CohortGrid that
+    shows the strategies one virtual node per client (meter the returned grid: counts stay per client).
+    """
+    if hasattr(grid, "pull_interval"):  # flwr's InMemoryGrid sleeps this long between polls for replies
+        grid.pull_interval = cfg.grid_poll_interval
+    if cfg.execution != "cohort":
+        return grid, {"mode": "per-node", "cohort_size": 1, "supernodes": cfg.num_clients}
+    size = cohort_size_of(cfg)
+    return (CohortGrid(grid, cfg.num_clients, size, timeout=cfg.round_timeout),
+            {"mode": "cohort", "cohort_size": size, "supernodes": num_cohorts(cfg.num_clients, size)})
