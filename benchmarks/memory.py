@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         scale = Scale(clients=n_clients, examples=n_examples, rounds=args.rounds, data_dir=dataset.root, batch_size=args.batch_size,
                       epochs=args.epochs, lr=args.lr, momentum=args.momentum, seed=args.seed, timeout=args.timeout,
                       caches=True, cache_dtype=args.cache_dtype, loop_threads=args.loop_threads, engine=args.engine,
-                      cohort_size=args.cohort_size, device=args.device)
+                      cohort_size=args.cohort_size, cohort_train=args.cohort_train, device=args.device)
         runs = run_paths(scale, variants, args.repeats, args.timeout, cap, in_process=args.in_process)
         entry: dict[str, Any] = {"clients": n_clients, "examples": n_examples, "data": dataset.to_dict(), "variants": {}}
         for variant in variants:

@@ -57,6 +57,8 @@ def add_scale_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
                         help="stop a path whose processes exceed this RSS (default: 75%% of the memory available)")
     parser.add_argument("--cohort-size", type=int, default=0,
                         help="fedunlearn-cohort: virtual clients per SuperNode (default 0: the runner's automatic size)")
+    parser.add_argument("--cohort-train", default="auto", choices=("auto", "vmap", "loop"),
+                        help="fedunlearn-cohort: how a cohort trains (auto: vmap on a GPU, loop on a CPU; as --cohort-train of simulations.run)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="device of the loop and fedunlearn's clients (auto: cuda when visible, as the quickstart app picks)")
     parser.add_argument("--engine", default="ray", choices=ENGINES,
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = data.prepare(args.clients, args.examples, seed=args.seed, root=args.data_root)
     scale = Scale(clients=args.clients, examples=args.examples, rounds=args.rounds, data_dir=dataset.root, batch_size=args.batch_size,
                   epochs=args.epochs, lr=args.lr, momentum=args.momentum, seed=args.seed, timeout=args.timeout,
-                  loop_threads=args.loop_threads, engine=args.engine, cohort_size=args.cohort_size, device=args.device)
+                  loop_threads=args.loop_threads, engine=args.engine, cohort_size=args.cohort_size, cohort_train=args.cohort_train, device=args.device)
     settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "data_root")}, "model": "mcmahan-cnn",
                 "input_shape": [1, 28, 28], "optimizer": "sgd", "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     result = envelope("training", settings, argv)

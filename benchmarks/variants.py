@@ -60,6 +60,7 @@ class Scale:
     loop_threads: int = 0          # single-process loop: torch threads (0: per round, the faster of 1 and torch's default)
     engine: str = "ray"            # ray: Flower's simulation engine; local: LocalGrid in-process (miniatures, profiling)
     cohort_size: int = 0           # fedunlearn-cohort: virtual clients per SuperNode (0: the runner's automatic size)
+    cohort_train: str = "auto"     # fedunlearn-cohort: vmap, loop or auto (vmap on a GPU, loop on a CPU)
     device: str = "auto"           # loop and fedunlearn: auto (cuda when visible, as the quickstart app picks), cpu, cuda
 
     def __post_init__(self) -> None:
@@ -393,7 +394,7 @@ def fedunlearn_config(scale: Scale, execution: str = "per-node") -> Any:
         heldout_fraction=0.2, seed=scale.seed, cache_dtype=scale.cache_dtype, round_timeout=scale.timeout, shadow_mia=False,
         device=resolve_device(scale.device))
     if execution != "per-node":  # only named when asked, so the per-node path runs on checkouts without the field
-        settings.update(execution=execution, cohort_size=scale.cohort_size)
+        settings.update(execution=execution, cohort_size=scale.cohort_size, cohort_train=scale.cohort_train)
     return ExperimentConfig(**settings)
 
 
@@ -408,7 +409,7 @@ def execution_setup(cfg: Any, client_app: Any, spec: Any) -> tuple[Any, int, Cal
     node_app, nodes = app_config.supernode_app(cfg, spec, client_app)
     info: dict[str, Any] = {"execution": cfg.execution, "grid_poll_interval_s": cfg.grid_poll_interval}
     if cfg.execution == "cohort":
-        info.update(cohort_size=app_config.cohort_size_of(cfg), supernodes=nodes)
+        info.update(cohort_size=app_config.cohort_size_of(cfg), supernodes=nodes, cohort_train=app_config.cohort_train_of(cfg))
     return node_app, nodes, lambda grid: app_config.server_grid(cfg, grid)[0], info
 
 

@@ -22,6 +22,7 @@ MODELS = ("auto", "mlp", "cnn", "mcmahan-cnn", "resnet18")
 UNLEARN_POLICIES = ("renormalise", "abort")
 NORM_ACTIONS = ("clip", "reject")
 EXECUTIONS = ("per-node", "cohort")
+COHORT_TRAIN = ("auto", "vmap", "loop")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class ExperimentConfig:
     seed: int = field(default=0, metadata={"help": "seed of data split, initial weights, client sampling and local shuffles"})
     execution: str = field(default="per-node", metadata={"help": f"how clients map to Flower SuperNodes: {', '.join(EXECUTIONS)} (per-node: one SuperNode per client; cohort: each SuperNode, a Ray worker, hosts --cohort-size virtual clients and trains the selected ones as one vectorised computation, same results; caches, withdrawals and byte/round counts stay per client; --num-cpus-per-client and --num-gpus-per-client then apply per worker)"})
     cohort_size: int = field(default=0, metadata={"help": "with --execution cohort: virtual clients per SuperNode (0 = auto: ceil(num-clients / W), W = this machine's CPUs / --num-cpus-per-client, capped by its GPUs / --num-gpus-per-client when that is > 0; set it explicitly on a multi-machine Ray cluster)"})
+    cohort_train: str = field(default="auto", metadata={"help": "with --execution cohort: how a cohort's selected clients train: vmap (one vectorised torch.func computation), loop (one after another in the worker), auto (vmap on a GPU, loop on a CPU, where vmap over convolutions measured 2x slower; BENCHMARKS.md)"})
     num_cpus_per_client: float = field(default=1.0, metadata={"help": "Ray CPUs per client actor"})
     num_gpus_per_client: float = field(default=0.0, metadata={"help": "Ray GPUs per client actor (fractions share a GPU)"})
     device: str = field(default="auto", metadata={"help": "torch device for clients and evaluation: auto, cpu, cuda"})
@@ -166,6 +168,7 @@ class ExperimentConfig:
 
     def _check_execution(self) -> None:
         _check_choice("execution", self.execution, EXECUTIONS)
+        _check_choice("cohort-train", self.cohort_train, COHORT_TRAIN)
         if self.cohort_size < 0:
             raise ConfigError(f"cohort-size={self.cohort_size}: must be >= 0 (0 picks one cohort per worker that fits)")
         if self.cohort_size > self.num_clients:

@@ -111,7 +111,8 @@ def supernode_app(cfg: ExperimentConfig, spec: ClientSpec, client_app: ClientApp
     if cfg.execution != "cohort":
         return client_app, cfg.num_clients
     size = cohort_size_of(cfg)
-    return build_cohort_client_app(spec, size, inner=client_app), num_cohorts(cfg.num_clients, size)
+    vectorise = cohort_train_of(cfg) == "vmap"
+    return build_cohort_client_app(spec, size, inner=client_app, vectorise=vectorise), num_cohorts(cfg.num_clients, size)
 
 
 def server_grid(cfg: ExperimentConfig, grid: Grid) -> tuple[Grid, dict[str, Any]]:
@@ -126,4 +127,11 @@ def server_grid(cfg: ExperimentConfig, grid: Grid) -> tuple[Grid, dict[str, Any]
         return grid, {"mode": "per-node", "cohort_size": 1, "supernodes": cfg.num_clients}
     size = cohort_size_of(cfg)
     return (CohortGrid(grid, cfg.num_clients, size, timeout=cfg.round_timeout),
-            {"mode": "cohort", "cohort_size": size, "supernodes": num_cohorts(cfg.num_clients, size)})
+            {"mode": "cohort", "cohort_size": size, "supernodes": num_cohorts(cfg.num_clients, size), "train": cohort_train_of(cfg)})
+
+
+def cohort_train_of(cfg: ExperimentConfig) -> str:
+    """How cohorts train in this experiment: vmap or loop (auto resolves by device: vmap on CUDA, loop on a CPU)."""
+    if cfg.cohort_train != "auto":
+        return cfg.cohort_train
+    return "vmap" if device_for(cfg).startswith("cuda") else "loop"

@@ -134,6 +134,14 @@ def test_config_validates_execution(small_cfg):
     with pytest.raises(ConfigError, match="cohort-size=9: must be <= num-clients=4"):
         small_cfg.replace(execution="cohort", cohort_size=9)
     assert small_cfg.replace(execution="cohort", cohort_size=3).cohort_size == 3
+    with pytest.raises(ConfigError, match="cohort-train='vamp'.*did you mean 'vmap'"):
+        small_cfg.replace(execution="cohort", cohort_train="vamp")
+    # auto: the loop on a CPU (vmap over convolutions is slower there), vmap when asked.
+    spec = app_config.client_spec_for(small_cfg, "/tmp/unused")
+    for train, vectorised in (("auto", False), ("loop", False), ("vmap", True)):
+        cfg = small_cfg.replace(execution="cohort", cohort_size=2, cohort_train=train, device="cpu")
+        app, nodes = app_config.supernode_app(cfg, spec, build_client_app(spec))
+        assert nodes == 2 and app.vectorise_train is vectorised, train
 
 
 # ----- CohortGrid: replies per virtual client -----------------------------------------------------------------
@@ -198,7 +206,8 @@ def test_cohort_grid_replies_look_like_per_node_replies(small_cfg, tmp_path):
 
 
 # ----- (b) a whole experiment: per-node == cohort --------------------------------------------------------------
-def run_experiment(cfg, tmp_path, monkeypatch, mode: str, cohort_size: int = 2, capture_errors: bool = False):
+def run_experiment(cfg, tmp_path, monkeypatch, mode: str, cohort_size: int = 2, capture_errors: bool = False,
+                   vectorise: bool = True):
     """Drive `cfg` in-process; returns (results, every model the evaluator saw, in order)."""
     seen: list[ArrayRecord] = []
     full = runner.Evaluator.full
@@ -211,8 +220,8 @@ def run_experiment(cfg, tmp_path, monkeypatch, mode: str, cohort_size: int = 2, 
     spec = app_config.client_spec_for(cfg, str(tmp_path / mode / "caches"))
     inner = with_faults(build_client_app(spec), app_config.fault_plan_for(cfg))
     if mode == "cohort":
-        cfg = cfg.replace(execution="cohort", cohort_size=cohort_size)
-        grid = LocalGrid(build_cohort_client_app(spec, cohort_size, inner=inner), num_cohorts(cfg.num_clients, cohort_size),
+        cfg = cfg.replace(execution="cohort", cohort_size=cohort_size, cohort_train="vmap" if vectorise else "loop")
+        grid = LocalGrid(build_cohort_client_app(spec, cohort_size, inner=inner, vectorise=vectorise), num_cohorts(cfg.num_clients, cohort_size),
                          capture_errors=capture_errors)
     else:
         grid = LocalGrid(inner, cfg.num_clients, capture_errors=capture_errors)
@@ -237,15 +246,16 @@ def assert_same_run(per_node, cohort):
         assert results_b["models"][name]["acc_test"] == pytest.approx(model["acc_test"], abs=0.01), name
 
 
-def test_a_whole_run_in_cohort_mode_equals_per_node_mode(small_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("vectorise", [True, False], ids=["vmap", "loop"])
+def test_a_whole_run_in_cohort_mode_equals_per_node_mode(small_cfg, tmp_path, monkeypatch, vectorise):
     """Training (sampled rounds, momentum), caches, two withdrawals in a stream, every unlearning method; cohorts of 2, 2 and 1."""
     cfg = small_cfg.replace(num_clients=5, rounds=3, momentum=0.5, fraction_fit=0.8, shadow_mia=False, stream_clients=(3,),
                             methods=("retrain", "iau", "iau-cached", "finetune", "gradient-ascent", "federaser", "pga", "imu"))
     per_node = run_experiment(cfg, tmp_path, monkeypatch, "per-node")
-    cohort = run_experiment(cfg, tmp_path, monkeypatch, "cohort", cohort_size=2)
+    cohort = run_experiment(cfg, tmp_path, monkeypatch, "cohort", cohort_size=2, vectorise=vectorise)
     assert_same_run(per_node, cohort)
     assert len(cohort[0]["stream"]) == 2 and len(cohort[1]) > 2 * len(cfg.methods)  # both requests, every model compared
-    assert cohort[0]["execution"] == {"mode": "cohort", "cohort_size": 2, "supernodes": 3}
+    assert cohort[0]["execution"] == {"mode": "cohort", "cohort_size": 2, "supernodes": 3, "train": "vmap" if vectorise else "loop"}
     assert per_node[0]["execution"] == {"mode": "per-node", "cohort_size": 1, "supernodes": 5}
     assert per_node[0]["models"]["original"]["dist_para"] > 0.01  # the withdrawal changed the model: equality is not trivially met
     assert per_node[0]["models"]["iau"]["dist_para"] != per_node[0]["models"]["original"]["dist_para"]
