@@ -85,9 +85,12 @@ def cohort_partitions(index: int, cohort_size: int, num_clients: int) -> range:
     return range(index * cohort_size, min((index + 1) * cohort_size, num_clients))
 
 
+AUTO_COHORT_CAP = 64  # largest cohort the automatic size picks (see cohort_size_for)
+
+
 def cohort_size_for(num_clients: int, requested: int = 0, num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0,
                     cpus: int | None = None, gpus: int | None = None) -> int:
-    """`requested`, or for 0 ceil(num_clients / W) with W the workers that fit on this machine (CPUs, and GPUs when asked)."""
+    """`requested`, or for 0 ceil(num_clients / W), at most AUTO_COHORT_CAP, with W the workers that fit here (CPUs, GPUs when asked)."""
     if requested < 0:
         raise ConfigError(f"cohort-size={requested}: must be >= 0 (0 picks one cohort per worker that fits)")
     if requested > 0:
@@ -98,7 +101,9 @@ def cohort_size_for(num_clients: int, requested: int = 0, num_cpus_per_worker: f
         gpus = torch.cuda.device_count() if gpus is None else gpus
         if gpus > 0:
             workers = min(workers, int(gpus // num_gpus_per_worker))
-    return math.ceil(num_clients / max(1, workers))
+    # A cohort's training reply carries one model per client: uncapped, 1000 clients on 2 workers meant replies of
+    # 500 models (3.3 GB each for the McMahan CNN) and 19 GB held at once. 64 is also the vmap chunk.
+    return min(math.ceil(num_clients / max(1, workers)), AUTO_COHORT_CAP)
 
 
 # ----- packing ------------------------------------------------------------------------------------------

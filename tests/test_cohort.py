@@ -121,6 +121,8 @@ def test_cohort_layout_and_sizes():
     assert cohort_size_for(100, 0, 1.0, cpus=16) == 7 and cohort_size_for(100, 0, 2.0, cpus=16) == 13
     assert cohort_size_for(100, 0, 1.0, 0.25, cpus=16, gpus=1) == 25  # 4 workers share the GPU
     assert cohort_size_for(10, 4) == 4
+    assert cohort_size_for(1000, 0, 1.0, cpus=2) == 64  # capped: a cohort's reply holds one model per client
+    assert cohort_size_for(1000, 100, 1.0, cpus=2) == 100  # an explicit size is taken as given
     with pytest.raises(ConfigError, match="cohort-size=-1"):
         cohort_size_for(10, -1)
 
