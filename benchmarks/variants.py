@@ -164,11 +164,14 @@ def quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def simulate(body: Callable[[Any], None], client_app: Any, num_nodes: int, timeout: float, engine: str = "ray") -> dict[str, float | None]:
+def simulate(body: Callable[[Any], None], client_app: Any, num_nodes: int, timeout: float, engine: str = "ray",
+             pickup_interval: float | None = None) -> dict[str, float | None]:
     """Run `body(grid)` as a ServerApp's main against `num_nodes` nodes serving `client_app`; returns when it was called, Ray ready, returned.
 
     engine "ray": Flower's simulation engine (Ray, num_cpus=1 per client actor); "local": a LocalGrid
     in this process (no Ray: `ray_ready` is None). An exception raised by `body` is re-raised here.
+    `pickup_interval`: how often the engine looks for new messages, as simulations/runner.py sets it
+    (None: Flower's own 0.1 s, what a plain Flower app gets).
     """
     called = time.perf_counter()
     if engine == "local":
@@ -183,7 +186,9 @@ def simulate(body: Callable[[Any], None], client_app: Any, num_nodes: int, timeo
         "init_args": {"address": "local", "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False},
     }
     errors: list[BaseException] = []
-    with RayWatcher() as watcher:
+    from strategies.engine_tuning import faster_message_pickup
+
+    with RayWatcher() as watcher, faster_message_pickup(pickup_interval if pickup_interval is not None else 0.1):
         run_simulation(server_app=_server_main(body, errors), client_app=client_app, num_supernodes=num_nodes,
                        backend_config=backend_config)
     if errors:
@@ -503,7 +508,7 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
 
     try:
         with monitor:
-            times = simulate(body, client_app, num_nodes, scale.timeout, scale.engine)
+            times = simulate(body, client_app, num_nodes, scale.timeout, scale.engine, pickup_interval=cfg.grid_poll_interval)
     finally:
         import shutil
 

@@ -102,7 +102,7 @@ class ExperimentConfig:
     device: str = field(default="auto", metadata={"help": "torch device for clients and evaluation: auto, cpu, cuda"})
     ray_address: str = field(default="local", metadata={"help": "Ray cluster to use: 'local' starts a private one; 'auto' or host:port joins an existing cluster"})
     round_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for client replies in one round"})
-    grid_poll_interval: float = field(default=0.005, metadata={"help": "seconds between the server's checks for client replies in a round (Flower's own default, 0.1, adds up to that much to every round)"})
+    grid_poll_interval: float = field(default=0.005, metadata={"help": "seconds between the server's checks for client replies in a round, and between the simulation engine's checks for new messages (Flower waits 0.1 s in both, which adds up to 0.2 s to every round)"})
     eval_every: int = field(default=1, metadata={"help": "evaluate the global model on the test set every N rounds (progress and curves)"})
     shadow_mia: bool = field(default=True, metadata={"help": "also run the shadow-model membership-inference attack (shadow models trained on the test split, ART attack classifier)"})
     shadow_models: int = field(default=3, metadata={"help": "number of shadow models for the shadow-model attack"})

@@ -39,6 +39,7 @@ from fedunlearn.metrics import accuracy, attack_success_rate, evaluate_model
 from fedunlearn.models import build_model
 from strategies import app_config
 from strategies.client_app import build_client_app
+from strategies.engine_tuning import faster_message_pickup
 from strategies.faults import FAULT_PREFIX, with_faults
 from strategies.fedavg import UnlearningFedAvg, discover_clients
 from strategies.iau_fed import IAUFed
@@ -212,7 +213,8 @@ class Experiment:
         }
         started = time.perf_counter()
         try:
-            with self.progress:
+            with self.progress, faster_message_pickup(self.cfg.grid_poll_interval) as tuned:
+                self.results.setdefault("execution", {})["engine_pickup_interval_s"] = self.cfg.grid_poll_interval if tuned else 0.1
                 run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                                backend_config=backend_config, verbose_logging=self.cfg.verbose)
         finally:
@@ -237,7 +239,8 @@ class Experiment:
     def drive(self, grid: Grid) -> None:
         """All phases of the experiment on `grid` (a Flower Grid, or a LocalGrid in tests)."""
         cfg = self.cfg
-        grid, self.results["execution"] = app_config.server_grid(cfg, grid)
+        grid, execution = app_config.server_grid(cfg, grid)
+        self.results["execution"] = {**self.results.get("execution", {}), **execution}
         metered = MeteredGrid(grid, self.meter)
         with self.meter.phase("setup"):
             directory = discover_clients(metered, cfg.num_clients, timeout=cfg.round_timeout)

@@ -46,7 +46,8 @@ def test_cohort_mode_and_a_stream_on_ray(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "complete"
-    assert results["execution"] == {"mode": "cohort", "cohort_size": 3, "supernodes": 2, "train": "loop"}  # auto on a CPU
+    assert results["execution"] == {"mode": "cohort", "cohort_size": 3, "supernodes": 2, "train": "loop",  # auto on a CPU
+                                    "engine_pickup_interval_s": 0.005}  # the engine looks for messages every 5 ms, not 0.1 s
     assert [step["request"]["client"] for step in results["stream"]] == [0, 2]
     first, second = (step["models"] for step in results["stream"])
     assert first["retrain"]["cost"]["participations"] == 2 * 4 and second["retrain"]["cost"]["participations"] == 2 * 3
