@@ -110,9 +110,12 @@ def targets_for(methods: dict[str, dict[str, Any]], training_rounds: int, pull: 
         ceiling = retrain_wall / (rounds * pull) if pull and rounds else None
         if not met:
             note += f"; missed by {required / measured:.1f}x."
-            if ceiling is not None:
-                note += (f" Why: every Flower round trip waits at least one poll of the grid ({pull:g} s, the server's pull interval), so "
-                         f"against this retrain a {rounds:g}-round method can reach at most about {ceiling:.0f}x;")
+            if rounds:
+                overhead = (wall - compute) / rounds
+                note += (f" Why: the clients computed {format_seconds(compute)} s; the rest, about {format_seconds(overhead)} s per "
+                         "round, is the simulation's fixed cost of one round trip (the server's and the engine's polls"
+                         + (f", {pull:g} s each" if pull else "") + ", the Ray actor call, (de)serialising the messages), which no "
+                         "method can go below;")
             note += (f" {required:g}x would need retraining to take at least {format_seconds(required * wall)} s at the measured "
                      f"{format_seconds(wall)} s (a longer training run, more or larger clients)")
         out.append({**entry, "measured": measured, "met": met, "ceiling_from_poll_interval": ceiling, "note": note})
