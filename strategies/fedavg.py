@@ -177,6 +177,11 @@ class UnlearningFedAvg(FedAvg):
                 and self.arrayrecord_key in r.content.array_records and keys.METRICS in r.content.metric_records
             }, self._last_arrays)
         arrays, metrics = super().aggregate_train(server_round, ordered)
+        # Flower's start() keeps this round's replies referenced until the next round's arrive: drop their models now,
+        # or two rounds of client models are held at once (measured: 14.4 GB at 1000 McMahan-CNN clients).
+        for reply in ordered:
+            if not reply.has_error() and self.arrayrecord_key in reply.content.array_records:
+                del reply.content[self.arrayrecord_key]
         if self.on_round_end is not None and arrays is not None:
             self.on_round_end(server_round + self.round_offset, arrays, metrics)
         return arrays, metrics
