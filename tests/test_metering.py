@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Iterable
 
 import numpy as np
@@ -27,7 +29,8 @@ class RecordingGrid(LocalGrid):
         messages = list(messages)
         self.sent.extend(messages)
         replies = list(super().send_and_receive(messages, timeout=timeout))
-        self.received.extend(replies)
+        # Copies: the strategies drop a client's arrays from its reply once they are summed (memory at scale).
+        self.received.extend(Message(copy.deepcopy(r.content), reply_to=m) for r, m in zip(replies, messages))
         return replies
 
 
