@@ -7,7 +7,8 @@ Symbols follow the papers:
   are the (example-weighted) mean updates of the remaining clients, as in the authors' code.
 - PGA (Halimi et al., arXiv 2207.05521): w_ref = (N w - w_u) / (N - 1), the mean of the other clients'
   last local models; client u maximises its loss by gradient ascent projected onto the L2 ball of
-  radius r around w_ref (r from the authors' rule: sqrt(mean ||w_ref - w_random||^2 / 3)).
+  radius r around w_ref (r from the authors' rule: sqrt(mean ||w_ref - w_random||^2 / 3)), stopping early, as the
+  authors' code does, once ||w - w_u||^2 exceeds a fixed threshold (2.2).
 - IMU-head (Fan et al., arXiv 2508.01620): per-example gradients g_i of the final layer, diagonal
   Fisher F = mean(g_i^2) + 0.01, influence I_i = -sum_j g_ij * mean(g)_j / F_j; examples with
   I_i < 0 get weight w_i = sqrt(|I_i|) clipped at the 0.93 quantile; the head ascends
@@ -177,6 +178,10 @@ class PGASettings:
     radius: float = 0.0          # <= 0: the authors' rule, sqrt(radius_fraction * mean ||w_ref - w_random||^2)
     radius_fraction: float = 1 / 3
     random_models: int = 10
+    # The authors' early stop (IBM federated_unlearning.ipynb, `distance_threshold = 2.2`): the ascent ends after the first
+    # step at which the SQUARED L2 distance ||w - w_u||^2 of the (projected) model to client u's last local model w_u
+    # exceeds it (their Utils.get_distance is the squared norm). A fixed number tuned for their MNIST FLNet; <= 0 disables.
+    stop_distance: float = 2.2
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1 or self.random_models < 1:
@@ -209,7 +214,11 @@ def project_to_ball(vector: torch.Tensor, center: torch.Tensor, radius: float) -
 
 @dataclass
 class PGAStats:
-    """What a projected gradient ascent did: steps, projections, the largest distance to w_ref after any step."""
+    """What a projected gradient ascent did: steps, projections, the largest distance to w_ref after any step.
+
+    `stopped_early`: the authors' early stop ended it (after `steps` steps); `local_distance_sq`: ||w - w_u||^2 at the
+    end (nan without w_u, when the early stop cannot apply).
+    """
 
     steps: int = 0
     projections: int = 0
@@ -217,17 +226,26 @@ class PGAStats:
     final_distance: float = 0.0
     radius: float = 0.0
     final_loss: float = float("nan")
+    stopped_early: bool = False
+    local_distance_sq: float = float("nan")
 
 
 def projected_gradient_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reference: torch.Tensor, radius: float,
-                              settings: PGASettings, generator: torch.Generator) -> PGAStats:
-    """Start `model` at w_ref, maximise its CE on (x, y) with SGD, projecting onto the ball after every step (in place)."""
+                              settings: PGASettings, generator: torch.Generator, local: torch.Tensor | None = None) -> PGAStats:
+    """Start `model` at w_ref, maximise its CE on (x, y) with SGD, projecting onto the ball after every step (in place).
+
+    With `local` (client u's last local model w_u, flat like `reference`) and `settings.stop_distance > 0`, the
+    authors' early stop: the ascent ends after the first step whose projected model has ||w - w_u||^2 > stop_distance.
+    """
     if radius <= 0:
         raise ValueError(f"radius={radius}: must be > 0")
     device = next(model.parameters()).device
     reference = reference.to(torch.float64)
+    anchor = local.to(torch.float64) if local is not None and settings.stop_distance > 0 else None
     load_model_vector(model, reference)
     stats = PGAStats(radius=radius)
+    if anchor is not None:
+        stats.local_distance_sq = float((model_vector(model).to(torch.float64) - anchor).pow(2).sum())
     if len(x) == 0:
         return stats
     params = [p for p in model.parameters() if p.requires_grad]
@@ -249,9 +267,15 @@ def projected_gradient_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor
             if float((current - reference).norm()) > radius:
                 load_model_vector(model, project_to_ball(current, reference, radius))
                 stats.projections += 1
-            distance = float((model_vector(model).to(torch.float64) - reference).norm())
+            current = model_vector(model).to(torch.float64)
+            distance = float((current - reference).norm())
             stats.max_distance = max(stats.max_distance, distance)
             stats.final_distance = distance
+            if anchor is not None:
+                stats.local_distance_sq = float((current - anchor).pow(2).sum())
+                if stats.local_distance_sq > settings.stop_distance:  # the authors' `if distance_ref_party_0 > distance_threshold`
+                    stats.stopped_early = True
+                    return stats
     return stats
 
 
@@ -416,6 +440,11 @@ class LastModelStore:
     def get(self, partition: int) -> LastLocalModel | None:
         """The latest model of `partition`, or None if it never trained."""
         return self._models.get(partition)
+
+    @property
+    def latest_round(self) -> int | None:
+        """The last round any stored model comes from (the round whose aggregate is the newest model), None if empty."""
+        return max((m.server_round for m in self._models.values()), default=None)
 
     @property
     def nbytes(self) -> int:

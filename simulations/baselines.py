@@ -7,24 +7,45 @@ server and the clients must keep for it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 
 from flwr.app import ArrayRecord
 
+from fedunlearn.baselines import LastModelStore
 from strategies import app_config
 from strategies.federaser import FedEraser
+from strategies.iau_fed import IAUFed
 from strategies.imu import IMUHeadUnlearning
-from strategies.pga import PGAUnlearning
+from strategies.pga import PGAMemory, PGAUnlearning, reference_source
+from strategies.update_recorder import TrainingRecorder
 
 from .methods import MethodContext, MethodOutcome, arrays_nbytes, register, storage
 
 
-def _remaining_fedavg_rounds(ctx: MethodContext, rounds: int, label: str) -> tuple[ArrayRecord, int]:
-    """FedAvg for `rounds` rounds among the remaining clients from ctx.arrays (round numbers continue after the request)."""
+def _remaining_fedavg_rounds(ctx: MethodContext, rounds: int, label: str,
+                             recorder: TrainingRecorder | None = None) -> tuple[ArrayRecord, int]:
+    """FedAvg for `rounds` rounds among the remaining clients from ctx.arrays (round numbers continue after the request).
+
+    `recorder`, if given, sees every round's client models (PGA keeps the last local models for the next request).
+    """
     if rounds == 0:
         return ctx.arrays, 0
     strategy = ctx.fedavg(ledger=(*ctx.strategy.ledger, ctx.request), round_offset=ctx.request_round, label=label)
+    strategy.update_recorder = recorder
     return strategy.start(grid=ctx.grid, initial_arrays=ctx.arrays, num_rounds=rounds, timeout=ctx.cfg.round_timeout).arrays, rounds
+
+
+# PGA's memory between the requests of a stream, one per method branch (the branch lives as long as the experiment).
+_PGA_MEMORY: "weakref.WeakKeyDictionary[IAUFed, PGAMemory]" = weakref.WeakKeyDictionary()
+
+
+def pga_memory(branch: IAUFed) -> PGAMemory:
+    """The PGAMemory of one method branch (created empty on its first request)."""
+    memory = _PGA_MEMORY.get(branch)
+    if memory is None:
+        memory = _PGA_MEMORY[branch] = PGAMemory()
+    return memory
 
 
 @register("finetune", "continue FedAvg for --finetune-rounds rounds on the remaining clients")
@@ -63,17 +84,30 @@ def federaser(ctx: MethodContext) -> MethodOutcome:
 
 @register("pga", "PGA: the withdrawing client's projected gradient ascent around w_ref, then --pga-rounds FedAvg rounds")
 def pga(ctx: MethodContext) -> MethodOutcome:
-    """Client u ascends its loss inside the ball around w_ref; the remaining clients then train --pga-rounds rounds."""
+    """Client u ascends its loss inside the ball around w_ref; the remaining clients then train --pga-rounds rounds.
+
+    w_u comes from the models the current model was aggregated from: the original training's last round on the first
+    request, PGA's own last FedAvg round on the next ones of a stream (recorded here, kept per branch).
+    """
     if ctx.last_models is None:
         raise RuntimeError("pga needs every client's last local model: the runner records them when 'pga' is among --methods "
                            "before training starts")
     cfg = ctx.cfg
+    memory = pga_memory(ctx.strategy)
+    source = reference_source(memory, ctx.last_models, ctx.arrays, ctx.request_round)
+    held = source.store.nbytes if source.store is not None else memory.nbytes  # what the server kept for this request
     step = PGAUnlearning(directory=ctx.strategy.directory, settings=app_config.pga_settings_for(cfg), seed=cfg.seed,
                          ledger=ctx.strategy.ledger, round_timeout=cfg.round_timeout)
-    ascended, report = step.ascend(ctx.grid, ctx.arrays, ctx.request, ctx.last_models.get(ctx.request.client), ctx.request_round)
-    arrays, rounds = _remaining_fedavg_rounds(replace(ctx, arrays=ascended), cfg.pga_rounds, "pga")
+    ascended, report = step.ascend(ctx.grid, ctx.arrays, ctx.request, source.last(ctx.request.client), source.model_round,
+                                   source=source.label, missing=source.missing)
+    recorded = LastModelStore()  # the next request's w_u: every remaining client's model in PGA's own rounds
+    arrays, rounds = _remaining_fedavg_rounds(replace(ctx, arrays=ascended), cfg.pga_rounds, "pga", TrainingRecorder(last_models=recorded))
+    memory.remember(recorded if rounds > 0 else None, arrays)  # only once the request is served (a failure keeps the old)
     report["fedavg_rounds"] = rounds
-    return MethodOutcome(arrays, details={"unlearning": report, "storage": storage(server_bytes=ctx.last_models.nbytes)})
+    # The store read for w_ref can be dropped once w_ref is built, before the new rounds are recorded: the server
+    # holds at most the larger of the two at any time.
+    return MethodOutcome(arrays, details={"unlearning": report, "storage": storage(
+        server_bytes=max(held, memory.nbytes), last_models_held_bytes=held, last_models_recorded_bytes=memory.nbytes)})
 
 
 @register("imu", "IMU-head: the withdrawing client alone ascends its influence-weighted loss on the final layer; only the head comes back")

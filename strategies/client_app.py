@@ -272,7 +272,12 @@ def build_client_app(spec: ClientSpec | None = None, overrides: Mapping[str, Any
             lr=float(config[keys.LR]), epochs=int(config[keys.EPOCHS]), batch_size=int(config[keys.BATCH_SIZE]),
             momentum=float(config[keys.MOMENTUM]), clip_grad=float(config[keys.CLIP_GRAD]), radius=float(config[keys.PGA_RADIUS]),
             radius_fraction=float(config[keys.PGA_RADIUS_FRACTION]), random_models=int(config[keys.PGA_RANDOM_MODELS]),
+            stop_distance=float(config[keys.PGA_STOP_DISTANCE]) if keys.PGA_STOP_DISTANCE in config else 0.0,
         )
+        local = None  # w_u, sent when the server holds it from the round that produced w: the early stop's anchor
+        if keys.PGA_LOCAL_MODEL in msg.content.array_records:
+            runtime.load(msg.content[keys.PGA_LOCAL_MODEL])
+            local = model_vector(runtime.model).to(torch.float64)
         runtime.load(msg.content[keys.ARRAYS])
         reference = model_vector(runtime.model).to(torch.float64)
         radius = settings.radius
@@ -284,11 +289,12 @@ def build_client_app(spec: ClientSpec | None = None, overrides: Mapping[str, Any
             radius = ball_radius_from_random(reference, randoms, settings.radius_fraction)
         forget = forget_indices(runtime.data, request)
         generator = torch.Generator().manual_seed(int(config[keys.SEED]) * 1_000_003 + pid)
-        stats = projected_gradient_ascent(runtime.model, *runtime.arrays_xy(forget), reference, radius, settings, generator)
+        stats = projected_gradient_ascent(runtime.model, *runtime.arrays_xy(forget), reference, radius, settings, generator, local=local)
         state = OrderedDict((k, v.detach().cpu()) for k, v in runtime.model.state_dict().items())
         return _reply(msg, {
             keys.NUM_EXAMPLES: len(forget), keys.PGA_RADIUS: radius, keys.PGA_DISTANCE: stats.final_distance,
             keys.PGA_MAX_DISTANCE: stats.max_distance, keys.PGA_PROJECTIONS: stats.projections, keys.STEPS: stats.steps,
+            keys.PGA_STOPPED_EARLY: int(stats.stopped_early), keys.PGA_LOCAL_DISTANCE: stats.local_distance_sq,
             keys.LOSS_AFTER: stats.final_loss, keys.COMPUTE_S: time.perf_counter() - start,
         }, {keys.ARRAYS: ArrayRecord(state)})
 

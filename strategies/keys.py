@@ -13,6 +13,7 @@ ARRAYS = "arrays"          # model parameters (server -> client, client -> serve
 GRADIENT = "gradient"      # a gradient vector by parameter name (client -> server)
 CONFIG = "config"
 METRICS = "metrics"
+PGA_LOCAL_MODEL = "pga-local-model"  # query.pga: client u's last local model w_u (server -> client), for the early stop
 
 # Config keys (server -> client)
 SERVER_ROUND = "server-round"
@@ -37,6 +38,7 @@ CLIP_GRAD = "clip-grad"          # query.pga: gradient-norm clip (0 = none)
 PGA_RADIUS = "pga-radius"        # query.pga: L2 radius of the ball around w_ref (<= 0: the authors' rule)
 PGA_RADIUS_FRACTION = "pga-radius-fraction"  # query.pga: the rule's share of the mean squared distance to random models
 PGA_RANDOM_MODELS = "pga-random-models"      # query.pga: random models the rule averages over
+PGA_STOP_DISTANCE = "pga-stop-distance"      # query.pga: stop once ||w - w_u||^2 exceeds it (the authors' 2.2; <= 0: never)
 IMU_DAMPING = "imu-damping"      # query.imu: added to the diagonal Fisher
 IMU_QUANTILE = "imu-quantile"    # query.imu: weights are clipped at this quantile
 
@@ -57,6 +59,8 @@ CACHE_BYTES = "cache-bytes"      # evaluate: bytes the client's stored gradient 
 PGA_DISTANCE = "pga-distance"    # query.pga: ||w - w_ref|| at the end
 PGA_MAX_DISTANCE = "pga-max-distance"
 PGA_PROJECTIONS = "pga-projections"
+PGA_STOPPED_EARLY = "pga-stopped-early"      # query.pga: 1 if the early stop ended the ascent, else 0
+PGA_LOCAL_DISTANCE = "pga-local-distance-sq"  # query.pga: ||w - w_u||^2 at the end (nan without w_u)
 STEPS = "steps"
 IMU_KEPT = "imu-kept"            # query.imu: forget examples with negative influence (weight > 0)
 LOSS_BEFORE = "loss-before"
