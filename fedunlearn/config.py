@@ -22,6 +22,7 @@ MODELS = ("auto", "mlp", "cnn", "mcmahan-cnn", "resnet18")
 UNLEARN_POLICIES = ("renormalise", "abort")
 NORM_ACTIONS = ("clip", "reject")
 EXECUTIONS = ("per-node", "cohort")
+MIA_ATTACKS = ("loss", "shadow", "lira", "ulira")
 COHORT_TRAIN = ("auto", "vmap", "loop")
 
 
@@ -37,6 +38,7 @@ class ExperimentConfig:
     num_clients: int = field(default=10, metadata={"help": "number of federated clients (Flower SuperNodes)"})
     partition: str = field(default="iid", metadata={"help": f"how data is split over clients: {', '.join(PARTITIONS)}"})
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration for --partition dirichlet (smaller = more label skew)"})
+    input_noise: float = field(default=0.0, metadata={"help": "std of Gaussian noise added once to every input, train and test (seeded; 0 = none): a harder task on the same images, where membership becomes measurable"})
     heldout_fraction: float = field(default=0.2, metadata={"help": "fraction of each client's data held out (evaluation, MIA non-members)"})
     # backdoor used to verify removal
     backdoor: bool = field(default=True, metadata={"help": "stamp a pixel trigger on part of the forgetting client's data (removal check)"})
@@ -75,6 +77,7 @@ class ExperimentConfig:
     pga_radius: float = field(default=0.0, metadata={"help": "PGA: L2 radius of the ball around w_ref (0 = the authors' rule: sqrt(mean squared distance of w_ref to random models / 3))"})
     # PGA and IMU step sizes from a short sweep on the default scenario (the authors' PGA lr 0.01 left the model at chance accuracy).
     pga_lr: float = field(default=0.002, metadata={"help": "PGA: learning rate of the withdrawing client's gradient ascent (SGD, momentum 0.9; the authors use 0.01)"})
+    pga_stop_distance: float = field(default=2.2, metadata={"help": "PGA: stop the ascent once the squared L2 distance to the client's last local model passes this (IBM's code: 2.2; 0 = never stop early)"})
     pga_epochs: int = field(default=5, metadata={"help": "PGA: epochs of gradient ascent over the forget set"})
     pga_rounds: int = field(default=2, metadata={"help": "PGA: FedAvg rounds among the remaining clients after the ascent"})
     imu_lr: float = field(default=0.0012, metadata={"help": "IMU-head: learning rate of the influence-weighted ascent on the final layer (SGD)"})
@@ -105,7 +108,14 @@ class ExperimentConfig:
     grid_poll_interval: float = field(default=0.005, metadata={"help": "seconds between the server's checks for client replies in a round, and between the simulation engine's checks for new messages (Flower waits 0.1 s in both, which adds up to 0.2 s to every round)"})
     eval_every: int = field(default=1, metadata={"help": "evaluate the global model on the test set every N rounds (progress and curves)"})
     shadow_mia: bool = field(default=True, metadata={"help": "also run the shadow-model membership-inference attack (shadow models trained on the test split, ART attack classifier)"})
-    shadow_models: int = field(default=3, metadata={"help": "number of shadow models for the shadow-model attack"})
+    shadow_models: int = field(default=3, metadata={"help": "number of shadow models for the shadow-model attack (with lira too, the attack uses all --lira-shadows)"})
+    mia_attacks: tuple[str, ...] = field(default=("loss", "shadow"), metadata={"help": f"membership-inference attacks, comma-separated: {', '.join(MIA_ATTACKS)} (members: the clean part of the forget set; non-members: the same clients' held-out data; shadows are trained federated in-process as the target was; ulira is the unlearning attack of Hayes et al., costly: one shadow training and unlearning per shadow and method)"})
+    lira_shadows: int = field(default=16, metadata={"help": "LiRA / U-LiRA: shadow models, each trained on a random half of the candidate pool (even, >= 2; Carlini et al. use 64-256, the fits use one global variance below 64)"})
+    ulira_methods: tuple[str, ...] = field(default=(), metadata={"help": "methods U-LiRA evaluates (default: every selected method but retrain)"})
+    retrain_seeds: int = field(default=0, metadata={"help": "retrain this many more times with other seeds (initial weights, shuffles, client sampling; same data, clients and rounds): the band of retrained models every method is compared with"})
+    relearn_rounds: int = field(default=0, metadata={"help": "durability: after each method (and retrain) continue FedAvg on the remaining clients for R rounds, same seeds for every model, and measure again (0 = off)"})
+    relearn_lr: float = field(default=0.0, metadata={"help": "relearning probe: SGD learning rate (0 = a tenth of --lr: at the training rate one step relearns a backdoor in every model, retrained ones too, and the probe tells nothing apart)"})
+    relearn_steps: int = field(default=100, metadata={"help": "relearning probe: at most this many SGD steps of fine-tuning on the forget set, counting the steps until its ASR (or forget-set accuracy) is back at 90 percent of the original model's (0 = off)"})
     checkpoint_every: int = field(default=5, metadata={"help": "save the global model and run state every N training rounds under DIR/checkpoint (0 = never); --resume continues from there"})
     verbose: bool = field(default=False, metadata={"help": "show Flower's and Ray's own logs"})
 
@@ -126,18 +136,21 @@ class ExperimentConfig:
         _check_range("eval-every", self.eval_every, 1, None)
         _check_range("checkpoint-every", self.checkpoint_every, 0, None)
         _check_range("shadow-models", self.shadow_models, 1, 20)
+        self._check_evaluation()
         _check_range("finetune-rounds", self.finetune_rounds, 0, None)
         _check_range("federaser-interval", self.federaser_interval, 1, None)
         _check_open("federaser-calibration-ratio", self.federaser_calibration_ratio, 0.0, 1.0, upper_inclusive=True)
         _check_range("pga-radius", self.pga_radius, 0.0, None, "0 picks the authors' rule")
         _check_open("pga-lr", self.pga_lr, 0.0, None)
         _check_range("pga-epochs", self.pga_epochs, 1, None)
+        _check_range("pga-stop-distance", self.pga_stop_distance, 0.0, None, "0 = never stop early")
         _check_range("pga-rounds", self.pga_rounds, 0, None)
         _check_open("imu-lr", self.imu_lr, 0.0, None)
         _check_range("imu-epochs", self.imu_epochs, 1, None)
         _check_open("lr", self.lr, 0.0, None)
         _check_open("iau-eta", self.iau_eta, 0.0, None)
         _check_open("alpha", self.alpha, 0.0, None)
+        _check_range("input-noise", self.input_noise, 0.0, None, "0 = clean inputs")
         _check_open("round-timeout", self.round_timeout, 0.0, None)
         _check_range("grid-poll-interval", self.grid_poll_interval, 0.0005, 1.0, "0.005 keeps short rounds short; 0.1 is Flower's default")
         _check_range("momentum", self.momentum, 0.0, 1.0)
@@ -165,6 +178,38 @@ class ExperimentConfig:
             raise ConfigError(f"device={self.device!r}: must be auto, cpu, cuda or cuda:N")
         self._check_faults()
         self._check_execution()
+
+    def _check_evaluation(self) -> None:
+        for attack in self.mia_attacks:
+            _check_choice("mia-attacks", attack, MIA_ATTACKS)
+        if len(set(self.mia_attacks)) != len(self.mia_attacks):
+            raise ConfigError(f"mia-attacks={','.join(self.mia_attacks)}: an attack is listed twice")
+        if not isinstance(self.lira_shadows, int) or self.lira_shadows < 2 or self.lira_shadows % 2:
+            raise ConfigError(f"lira-shadows={self.lira_shadows}: must be an even integer >= 2 (each candidate trains in half of "
+                              "the shadows; 16 is a quick start, Carlini et al. use 64 or more)")
+        _check_range("retrain-seeds", self.retrain_seeds, 0, 50, "0 = only the reference retrain; 2 or more give a band")
+        _check_range("relearn-rounds", self.relearn_rounds, 0, None, "0 = no durability check")
+        _check_range("relearn-steps", self.relearn_steps, 0, None, "0 = no relearning probe")
+        _check_range("relearn-lr", self.relearn_lr, 0.0, None, "0 = a tenth of --lr")
+        if "ulira" in self.mia_attacks:
+            if self.stream_clients:
+                raise ConfigError("mia-attacks=ulira with stream-clients: U-LiRA is measured for one request; drop ulira or --stream-clients")
+            if self.withdraw_round is not None:
+                raise ConfigError("mia-attacks=ulira with withdraw-round: U-LiRA is measured for a request after training; drop one of them")
+            if self.lira_shadows < 4:
+                raise ConfigError(f"lira-shadows={self.lira_shadows} with ulira: U-LiRA scores each shadow against the others, so every "
+                                  "example needs IN and OUT shadows among the rest: use at least 4 (16 recommended)")
+            evaluated = self.ulira_methods or tuple(m for m in self.methods if m != "retrain")
+            if not evaluated:
+                raise ConfigError(f"mia-attacks=ulira needs a method to evaluate: methods={','.join(self.methods)} has none but retrain; "
+                                  "add one, e.g. --methods retrain,iau")
+            missing = [m for m in evaluated if m not in self.methods]
+            if missing or "retrain" in self.ulira_methods:
+                raise ConfigError(f"ulira-methods={','.join(self.ulira_methods)}: name methods of --methods other than retrain "
+                                  f"(methods={','.join(self.methods)})")
+        elif self.ulira_methods:
+            raise ConfigError(f"ulira-methods={','.join(self.ulira_methods)} without ulira in --mia-attacks: add it, e.g. "
+                              "--mia-attacks loss,ulira, or drop --ulira-methods")
 
     def _check_execution(self) -> None:
         _check_choice("execution", self.execution, EXECUTIONS)
@@ -270,6 +315,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mid-training": {"withdraw_round": 20},
     # Three withdrawals one after another after training: client 0 (backdoored), then clients 3 and 7.
     "stream": {"stream_clients": (3, 7)},
+    # Where membership is measurable (ALGORITHMS.md section 7): no backdoor; client 0 forgets a random half of its
+    # examples; a hard task on the same images (Gaussian input noise, std 0.6: test accuracy about 0.55) and few
+    # examples per client (5 clients, half of each held out) trained for 150 local epochs by an MLP, so the original
+    # model memorises (loss-attack AUC 0.71 on seed 0, 0.77 on seed 1, against about 0.5 for retraining).
+    "memorization": {"backdoor": False, "forget_samples": "random", "forget_fraction": 0.5, "num_clients": 5,
+                     "heldout_fraction": 0.5, "input_noise": 0.6, "model": "mlp", "rounds": 30, "local_epochs": 5, "lr": 0.05,
+                     "momentum": 0.9, "mia_attacks": ("loss", "shadow", "lira")},
 }
 
 
@@ -291,7 +343,7 @@ def coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
     try:
-        if name == "methods":
+        if name in ("methods", "mia_attacks", "ulira_methods"):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(m.strip() for m in items if str(m).strip())
         if str(kind).startswith("tuple[int"):

@@ -75,6 +75,11 @@ class DataSpec:
     backdoor_fraction: float = 0.8
     backdoor_target: int = 0
     trigger_size: int = 3
+    input_noise: float = 0.0
+    # Membership-inference shadows: examples of `shadow_pool` (global indices into the train split, clean: never poisoned)
+    # train only where listed in `shadow_in`, each with the client that holds it (train or held-out); the rest are left out.
+    shadow_pool: tuple[int, ...] = ()
+    shadow_in: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         """Reject invalid settings with a message naming the field, the value and the fix."""
@@ -124,6 +129,10 @@ class DataSpec:
                 f"backdoor_target={self.backdoor_target!r}: must be a class index in "
                 f"[0, {num_classes}) for dataset {self.dataset!r}"
             )
+        if not _is_real(self.input_noise) or self.input_noise < 0:
+            raise ValueError(f"input_noise={self.input_noise!r}: must be a finite std >= 0 (0 = none)")
+        if not all(_is_int(i) and i >= 0 for i in self.shadow_pool) or not set(self.shadow_in) <= set(self.shadow_pool):
+            raise ValueError("shadow_pool must be train-split indices >= 0 and shadow_in a subset of it")
         _, height, width = _INPUT_SHAPES[self.dataset]
         side = min(height, width)
         if not _is_int(self.trigger_size) or not 1 <= self.trigger_size <= side:
@@ -321,7 +330,12 @@ def load_federated_data(spec: DataSpec) -> FederatedData:
         x_train, y_train, x_test, y_test = _load_torchvision(spec)
 
     # Independent streams per step, so e.g. changing the backdoor does not change the partition.
-    limit_ss, partition_ss, heldout_ss, backdoor_ss = np.random.SeedSequence(spec.seed).spawn(4)
+    # spawn(5)[:4] equals spawn(4): the noise stream leaves the others (and every earlier dataset) unchanged.
+    limit_ss, partition_ss, heldout_ss, backdoor_ss, noise_ss = np.random.SeedSequence(spec.seed).spawn(5)
+    if spec.input_noise > 0:  # a harder task on the same images: few examples carry the fit, so membership shows
+        noise = np.random.default_rng(noise_ss)
+        x_train = (x_train + noise.normal(0.0, spec.input_noise, x_train.shape)).astype(np.float32)
+        x_test = (x_test + noise.normal(0.0, spec.input_noise, x_test.shape)).astype(np.float32)
 
     if spec.train_limit is not None and spec.train_limit < y_train.size:
         keep = np.sort(
@@ -357,10 +371,15 @@ def load_federated_data(spec: DataSpec) -> FederatedData:
     y_clean = y_train.copy()
     poisoned = np.zeros(y_train.size, dtype=bool)
     if spec.backdoor_client is not None:
+        # Only examples whose true label is not the target are poisoned (Halimi et al.): relabelling a target-class
+        # example to the target changes nothing, and would count as a "backdoor" example it is not.
         own = client_train[spec.backdoor_client]
+        own = own[y_train[own] != spec.backdoor_target]
         k = round(spec.backdoor_fraction * own.size)
         chosen = np.sort(np.random.default_rng(backdoor_ss).choice(own, size=k, replace=False))
         poisoned[chosen] = True
+    if spec.shadow_pool:
+        client_train, client_heldout = _swap_shadow_pool(client_train, client_heldout, spec, poisoned)
 
     x_t = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
     y_t = torch.from_numpy(y_train.astype(np.int64))
@@ -382,6 +401,21 @@ def load_federated_data(spec: DataSpec) -> FederatedData:
         input_shape=tuple(int(s) for s in x_train.shape[1:]),  # type: ignore[arg-type]
         spec=spec,
     )
+
+
+def _swap_shadow_pool(client_train: list[np.ndarray], client_heldout: list[np.ndarray], spec: DataSpec,
+                      poisoned: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each client trains on its examples outside the shadow pool plus the pool examples it holds that are in `shadow_in`."""
+    pool = np.asarray(spec.shadow_pool, dtype=np.int64)
+    inside = np.asarray(spec.shadow_in, dtype=np.int64)
+    if poisoned[pool].any():
+        raise ValueError("shadow_pool holds poisoned examples: membership candidates must be clean")
+    trains, helds = [], []
+    for train, held in zip(client_train, client_heldout):
+        mine = np.union1d(train, held)
+        trains.append(np.union1d(np.setdiff1d(train, pool), np.intersect1d(mine, inside)).astype(np.int64))
+        helds.append(np.setdiff1d(held, inside).astype(np.int64))
+    return trains, helds
 
 
 def select_forget_subset(
@@ -435,6 +469,12 @@ class DatasetStore:
                 data = load_federated_data(spec)
                 cls._cache[spec] = data
             return data
+
+    @classmethod
+    def drop(cls, spec: DataSpec) -> None:
+        """Forget one cached dataset (shadow runs load one each)."""
+        with cls._lock:
+            cls._cache.pop(spec, None)
 
     @classmethod
     def clear(cls) -> None:

@@ -11,7 +11,7 @@ import torch
 if TYPE_CHECKING:
     from .data import FederatedData
 
-FORGET_SAMPLES = ("all", "poisoned", "random")
+FORGET_SAMPLES = ("all", "poisoned", "random", "listed")
 
 
 @dataclass(frozen=True)
@@ -19,15 +19,20 @@ class DeletionRequest:
     """Client `client` asks to forget `samples` of its data ("all" = client-level withdrawal).
 
     `fraction` applies to `samples="random"`; `at_round` is the training round after which the
-    request arrives (None = after training).
+    request arrives (None = after training). `samples="listed"` forgets exactly `indices` (global train
+    indices of the client's examples: what a membership-inference shadow run unlearns).
     """
 
     client: int
     samples: str = "all"
     fraction: float = 1.0
     at_round: int | None = None
+    indices: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))  # a decoded ledger gives a list
+        if (self.samples == "listed") != bool(self.indices):
+            raise ValueError("indices are given exactly when samples='listed'")
         if self.samples not in FORGET_SAMPLES:
             raise ValueError(f"samples={self.samples!r}: must be one of {', '.join(FORGET_SAMPLES)}")
         if not 0.0 < self.fraction <= 1.0:
@@ -59,6 +64,8 @@ def forget_indices(data: "FederatedData", request: DeletionRequest) -> torch.Ten
 
     if request.client_level:
         return data.client_train[request.client].clone()
+    if request.samples == "listed":
+        return torch.tensor(sorted(request.indices), dtype=torch.int64)
     return select_forget_subset(data, request.client, request.samples, request.fraction, data.spec.seed)
 
 

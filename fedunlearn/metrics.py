@@ -252,8 +252,13 @@ def evaluate_model(
     heldout: XY,
     reference: nn.Module | None = None,
     batch_size: int = 512,
+    members: XY | None = None,
 ) -> dict[str, float]:
-    """Return a model's removal-quality metrics, optionally against the retrained reference."""
+    """Return a model's removal-quality metrics, optionally against the retrained reference.
+
+    The loss attack scores `members` (default: `deleted`) against `heldout`; pass the clean part of the
+    forget set as members when it holds poisoned examples, or the attack measures the relabelling.
+    """
     results: dict[str, float] = {
         "acc_test": accuracy(model, *test, batch_size=batch_size),
         "acc_remained": accuracy(model, *remained, batch_size=batch_size),
@@ -265,12 +270,14 @@ def evaluate_model(
         ),
         # Deleted vs never-seen held-out data: after unlearning the deleted set should look
         # like held-out data to the attacker, as it does for the retrained model.
-        "mia_auc": loss_threshold_mia_auc(model, *deleted, *heldout, batch_size=batch_size),
+        "mia_auc": loss_threshold_mia_auc(model, *(members if members is not None else deleted), *heldout, batch_size=batch_size),
     }
     if reference is not None:
         dist, dist_norm = parameter_distance(model.state_dict(), reference.state_dict())
         results["dist_output"] = output_distance(model, reference, test[0], batch_size)
         results["dist_output_deleted"] = output_distance(model, reference, deleted[0], batch_size)
+        if triggered is not None:
+            results["dist_output_triggered"] = output_distance(model, reference, triggered, batch_size)
         results["dist_para"] = dist
         results["dist_para_normalized"] = dist_norm
     return results

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -34,8 +35,10 @@ from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
 from fedunlearn.errors import ConfigError, FedUnlearnError, UnlearningAbortedError
 from fedunlearn.gradients import ParamLayout
 from fedunlearn.iau import CorrectionStepper
-from fedunlearn.mia import ShadowModelAttack, ShadowSettings
-from fedunlearn.metrics import accuracy, attack_success_rate, evaluate_model
+from fedunlearn.band import band_stats, versus_band
+from fedunlearn.durability import relearn_steps
+from fedunlearn.metrics import accuracy, attack_success_rate
+from fedunlearn.mia import MIN_SCORED, membership_sets
 from fedunlearn.models import build_model
 from strategies import app_config
 from strategies.client_app import build_client_app
@@ -47,65 +50,18 @@ from strategies.metered_grid import MeteredGrid
 from strategies.update_recorder import TrainingRecorder
 
 from .checkpoint import Checkpoints, check_same_experiment
-from .methods import MethodContext, MethodOutcome, check_methods
+from .evaluation import Evaluator, attacks_of
+from .shadows import ShadowBank, train_shadow_bank
+from .methods import MethodContext, MethodOutcome, check_methods, get_method
 from .progress import Progress
 from .results import write_results
 
 REFERENCE = "retrain"
+# What the band of retrained models describes (distances only over the extra retrains: the reference is at 0 from itself).
+BAND_METRICS = ("acc_test", "acc_remained", "acc_deleted", "backdoor_asr", "mia_auc", "mia_shadow_auc", "mia_lira_auc")
+BAND_DISTANCES = ("dist_para", "dist_output", "dist_output_deleted", "dist_output_triggered")
 
 logger = logging.getLogger("fedunlearn.runner")
-
-
-class Evaluator:
-    """Driver-side evaluation of global models on the experiment's data (same data the clients hold)."""
-
-    def __init__(self, cfg: ExperimentConfig, data: FederatedData, requests: tuple[DeletionRequest, ...],
-                 shadow: ShadowModelAttack | None = None) -> None:
-        """`requests`: every request served so far (deleted data is their union); `shadow`: an attack already fitted."""
-        self.cfg = cfg
-        self.data = data
-        self.device = torch.device(app_config.device_for(cfg))
-        self.model_name = app_config.model_name_for(cfg)
-        withdrawn = {r.client for r in requests if r.client_level}
-        remained = torch.cat([kept_indices(data, p, list(requests)) for p in range(data.num_clients) if p not in withdrawn])
-        deleted = torch.unique(torch.cat([forget_indices(data, r) for r in requests]))
-        heldout = torch.cat(data.client_heldout)
-        self.test = (data.x_test, data.y_test)
-        self.remained = (data.x_train[remained], data.y_train[remained])
-        self.deleted = (data.x_train[deleted], data.y_train[deleted])
-        self.heldout = (data.x_train[heldout], data.y_train[heldout])
-        self.triggered = data.triggered_test()[0] if cfg.backdoor else None
-        self.shadow: ShadowModelAttack | None = shadow
-        if cfg.shadow_mia and shadow is None:  # fitted once; the test split is disjoint from every target's training data
-            self.shadow = ShadowModelAttack(lambda: build_model(self.model_name, data.input_shape, data.num_classes),
-                                            data.x_test, data.y_test, data.num_classes,
-                                            ShadowSettings(num_shadow_models=cfg.shadow_models), seed=cfg.seed)
-
-    def model(self, arrays: ArrayRecord) -> torch.nn.Module:
-        """A fresh model holding `arrays`."""
-        model = build_model(self.model_name, self.data.input_shape, self.data.num_classes)
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-        return model.to(self.device).eval()
-
-    def quick(self, arrays: ArrayRecord) -> dict[str, float]:
-        """Test accuracy and backdoor ASR (the per-round curves)."""
-        model = self.model(arrays)
-        out = {"acc_test": accuracy(model, *self.test)}
-        if self.triggered is not None:
-            out["backdoor_asr"] = attack_success_rate(model, self.triggered, self.cfg.backdoor_target)
-        return out
-
-    def full(self, arrays: ArrayRecord, reference: ArrayRecord | None) -> dict[str, float | None]:
-        """Every removal-quality metric, distances against the retrained model when it exists."""
-        metrics: dict[str, float | None] = dict(evaluate_model(
-            self.model(arrays), test=self.test, remained=self.remained, deleted=self.deleted, triggered=self.triggered,
-            target=self.cfg.backdoor_target, heldout=self.heldout, reference=self.model(reference) if reference is not None else None,
-        ))
-        for key in ("dist_para", "dist_output"):
-            metrics.setdefault(key, None)
-        if self.shadow is not None:
-            metrics["mia_shadow_auc"] = self.shadow.auc(self.model(arrays), self.deleted, self.heldout)
-        return metrics
 
 
 def machine_info() -> dict[str, Any]:
@@ -146,7 +102,23 @@ class Experiment:
         self._checkpoint_until = 0
         self.checkpoints = Checkpoints(self.out_dir) if self.out_dir is not None else None
         self.resume_state: dict[str, Any] | None = None
+        self._check_membership()
         self._prepare_out_dir(resume, overwrite)
+
+    def _check_membership(self) -> None:
+        """Costly attacks on sets too small to score are refused before anything starts (the data is loaded once here)."""
+        costly = [a for a in attacks_of(self.cfg) if a in ("lira", "ulira")]
+        if not costly:
+            return
+        try:
+            data = DatasetStore.get(self.data_spec)
+            sets = membership_sets(data, self.requests)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"data: {err}") from None
+        if sets.too_small:
+            raise ConfigError(f"mia-attacks={','.join(costly)}: {sets.scored()['which']}: too few to score (at least "
+                              f"{MIN_SCORED} each); forget more clean examples (e.g. --forget-samples random --forget-fraction 0.5, "
+                              "or the memorization preset) or drop these attacks")
 
     def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
         """Never let a new (possibly partial) run overwrite finished results; load the checkpoint on resume."""
@@ -245,7 +217,6 @@ class Experiment:
         with self.meter.phase("setup"):
             directory = discover_clients(metered, cfg.num_clients, timeout=cfg.round_timeout)
             data = DatasetStore.get(self.data_spec)
-            self.evaluator = Evaluator(cfg, data, (self.request,))
             forget_count = len(forget_indices(data, self.request))
             # torch.optim's first step() in a process imports torch._dynamo (about 2 s here): pay it during setup,
             # not inside the first unlearning method's measured seconds.
@@ -255,9 +226,12 @@ class Experiment:
             initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in initial_model.state_dict().items()))
         self.results["forget_count"] = forget_count
         self.results["num_parameters"] = ParamLayout.of(initial_model).numel
+        self.data_input_shape, self.data_num_classes = data.input_shape, data.num_classes
+        self.evaluator = Evaluator(cfg, data, (self.request,), bank=self._shadow_bank(data))
 
-        def fedavg(ledger: tuple[DeletionRequest, ...] = (), round_offset: int = 0, label: str = "original") -> UnlearningFedAvg:
-            made = UnlearningFedAvg(directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
+        def fedavg(ledger: tuple[DeletionRequest, ...] = (), round_offset: int = 0, label: str = "original",
+                   seed: int | None = None) -> UnlearningFedAvg:
+            made = UnlearningFedAvg(directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed if seed is None else seed,
                                     fraction_train=cfg.fraction_fit, ledger=ledger, round_offset=round_offset,
                                     on_round_end=self._round_hook(label))
             self._observed.append((label, made))
@@ -301,6 +275,7 @@ class Experiment:
             self.results["final_evaluation"] = strategy.fill_caches(metered, trained, upload=upload)
         self.progress.advance()
         original = trained
+        self.original_arrays = trained
         if cfg.withdraw_round is not None:  # what the model would have become had nobody asked
             self.progress.start_phase("original: training on", cfg.rounds - request_round)
             with self.meter.phase("original-continuation"):
@@ -316,7 +291,7 @@ class Experiment:
         current = {m.name: trained for m in self.methods}
         totals: dict[str, PhaseCost] = {}
         for index, request in enumerate(self.requests):
-            evaluator = self.evaluator if index == 0 else Evaluator(cfg, data, self.requests[: index + 1], shadow=self.evaluator.shadow)
+            evaluator = self.evaluator if index == 0 else Evaluator(cfg, data, self.requests[: index + 1], bank=self.evaluator.bank)
             count = forget_count if index == 0 else len(forget_indices(data, request))
             step = self._serve(index, request, count, evaluator, states, current, original, initial, metered, fedavg,
                                request_round, update_history, last_models, totals)
@@ -379,12 +354,26 @@ class Experiment:
             if outcome.details.get("status") not in ("aborted", "failed"):
                 state.record_request(request, forget_count)  # the next request of a stream sees this one in force
             current[method.name] = arrays
+            entry.update(evaluator.full(arrays, reference if method.name != REFERENCE else arrays, method=method.name))
             if method.name == REFERENCE:
                 reference, reference_cost = arrays, cost
                 models = {"original": evaluator.full(original, reference), **models}
                 if stream:
                     self.results["stream"][index]["models"] = models
-            entry.update(evaluator.full(arrays, reference))
+                if cfg.retrain_seeds > 0:
+                    band = self._retrain_band(index, evaluator, entry, reference, metered, fedavg, suffix)
+                    if stream:
+                        self.results["stream"][index]["retrain_band"] = band
+                    models["original"]["vs_retrain_band"] = versus_band(models["original"], band)
+            elif "retrain_band" in self.results:
+                entry["vs_retrain_band"] = versus_band(entry, self.results["retrain_band"])
+            if cfg.relearn_rounds > 0:
+                entry["durability"] = self._durability(method.name, arrays, evaluator, metered, fedavg,
+                                                       ledger=tuple(self.requests[: index + 1]), suffix=suffix)
+            if cfg.relearn_steps > 0:
+                entry["relearn_probe"] = self._relearn_probe(evaluator, arrays, original)
+                if method.name == REFERENCE:
+                    models["original"]["relearn_probe"] = self._relearn_probe(evaluator, original, original)
             entry["cost"] = cost.to_dict()
             totals[method.name] = totals[method.name] + cost if method.name in totals else cost
             if method.name != REFERENCE and reference_cost is not None:
@@ -399,6 +388,89 @@ class Experiment:
             self.progress.note(label, entry)
             self._write()
         return models
+
+    def _retrain_band(self, index: int, evaluator: Evaluator, reference_entry: dict[str, Any], reference: ArrayRecord, grid: Grid,
+                      fedavg: Callable[..., UnlearningFedAvg], suffix: str) -> dict[str, Any]:
+        """--retrain-seeds more retrainings with other seeds (initial weights, shuffles, sampling); the band over all of them."""
+        cfg = self.cfg
+        ledger = tuple(self.requests[: index + 1])
+        runs: list[dict[str, Any]] = []
+        for j in range(1, cfg.retrain_seeds + 1):
+            seed = int(np.random.SeedSequence([cfg.seed, 11, j]).generate_state(1)[0])
+            torch.manual_seed(seed)
+            model = build_model(app_config.model_name_for(cfg), self.data_input_shape, self.data_num_classes)
+            initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()))
+            label = f"retrain-band-{j}"
+            self.progress.start_phase(f"retrain band: seed {j} of {cfg.retrain_seeds}{suffix}", cfg.rounds)
+            phase = f"{label}{suffix}"
+            with self.meter.phase(phase):
+                arrays = fedavg(ledger=ledger, round_offset=0, label=label, seed=seed).start(
+                    grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout).arrays
+            metrics = evaluator.full(arrays, reference)
+            runs.append({"seed": seed, **{k: metrics.get(k) for k in (*BAND_METRICS, *BAND_DISTANCES)},
+                         "cost": self.meter.get(phase).to_dict()})
+        band = {**band_stats([reference_entry, *runs], BAND_METRICS), **band_stats(runs, BAND_DISTANCES)}
+        self.results["retrain_band"] = band
+        self.results["retrain_band_runs"] = runs
+        return band
+
+    def _durability(self, name: str, arrays: ArrayRecord, evaluator: Evaluator, grid: Grid, fedavg: Callable[..., UnlearningFedAvg],
+                    ledger: tuple[DeletionRequest, ...], suffix: str, rounds: int | None = None) -> dict[str, Any]:
+        """`rounds` (--relearn-rounds) more FedAvg rounds on the remaining clients from `arrays`, same seeds for every model."""
+        cfg = self.cfg
+        rounds = cfg.relearn_rounds if rounds is None else rounds
+        label = f"durability:{name}"
+        continued = arrays
+        if rounds > 0:
+            self.progress.start_phase(f"durability: {name}, {rounds} more rounds{suffix}", rounds)
+            with self.meter.phase(f"{label}{suffix}"):
+                continued = fedavg(ledger=ledger, round_offset=cfg.rounds, label=label).start(
+                    grid=grid, initial_arrays=arrays, num_rounds=rounds, timeout=cfg.round_timeout).arrays
+        after = evaluator.full(continued, None)
+        return {"rounds": rounds, "acc_test": after["acc_test"], "backdoor_asr": after["backdoor_asr"],
+                "mia_auc": after["mia_auc"], "mia": after["mia"]}
+
+    def _relearn_probe(self, evaluator: Evaluator, arrays: ArrayRecord, original: ArrayRecord) -> dict[str, Any]:
+        """Steps of SGD on the forget set until its ASR (backdoor) or accuracy is back at 90% of the original model's."""
+        cfg = self.cfg
+        if evaluator.triggered is not None:
+            triggered = evaluator.triggered[:1000]
+            metric = "backdoor_asr"
+            def measure(model: torch.nn.Module) -> float:
+                return attack_success_rate(model, triggered, cfg.backdoor_target)
+        else:
+            metric = "acc_deleted"
+            def measure(model: torch.nn.Module) -> float:
+                return accuracy(model, *evaluator.deleted)
+        threshold = 0.9 * measure(evaluator.model(original))
+        result = relearn_steps(evaluator.model(arrays), *evaluator.deleted, measure=measure, threshold=threshold,
+                               lr=cfg.relearn_lr or cfg.lr / 10,
+                               batch_size=cfg.batch_size, max_steps=cfg.relearn_steps, momentum=cfg.momentum, seed=cfg.seed)
+        return {"metric": metric, **result.to_dict()}
+
+    def _shadow_bank(self, data: FederatedData) -> ShadowBank | None:
+        """The shadows the selected attacks need (shadow, lira, ulira), trained before the target's phases are scored."""
+        cfg = self.cfg
+        attacks = attacks_of(cfg)
+        if not set(attacks) & {"shadow", "lira", "ulira"}:
+            return None
+        sets = membership_sets(data, self.requests)  # every request's candidates: a stream scores subsets of this pool
+        if sets.too_small:
+            self.results["membership"] = {"skipped": f"{sets.scored()['which']}: too few to train shadows on"}
+            return None
+        pool = torch.unique(torch.cat([sets.members, sets.non_members]))
+        count = max(cfg.lira_shadows if set(attacks) & {"lira", "ulira"} else 0, cfg.shadow_models if "shadow" in attacks else 0)
+        ulira = []
+        if "ulira" in attacks:
+            ulira = [get_method(name) for name in (cfg.ulira_methods or tuple(m.name for m in self.methods if m.name != REFERENCE))]
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # shadows seed torch themselves; the target's run keeps its own stream
+            bank = train_shadow_bank(cfg, data, pool, self.request, num_shadows=count, with_shadow_attack="shadow" in attacks,
+                                     ulira_methods=ulira, progress=self.progress)
+        self.results["membership"] = {"pool": int(len(pool)), **sets.scored(), "global_variance": bank.global_variance,
+                                      "wall_s": time.perf_counter() - started, **bank.cost}
+        self._write()
+        return bank
 
     def _unfinished(self, name: str, context: MethodContext, err: FedUnlearnError) -> MethodOutcome:
         """A method that ended without an unlearned model: the model it was given stays, and the results say why."""

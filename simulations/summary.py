@@ -11,17 +11,21 @@ import numpy as np
 from .results import METRIC_KEYS, finite_or_none
 
 COST_COLUMNS = ("wall_s", "rounds", "bytes")
-EXTRA_METRICS = ("mia_shadow_auc", "dist_output_deleted")
+EXTRA_METRICS = ("mia_shadow_auc", "mia_lira_auc", "mia_ulira_auc", "dist_output_deleted", "dist_output_triggered")
 # (column, label, lower is better) used to rank methods against retraining.
 RANKINGS = (
     ("asr_gap", "ASR gap to retrain", True),
     ("acc_test", "ACC test", False),
-    ("dist_output", "DIST output", True),
+    ("dist_output_deleted", "DIST output on the deleted set", True),
+    ("dist_output_triggered", "DIST output on triggered inputs", True),
     ("mia_gap", "MIA AUC gap to retrain", True),
+    ("durable_asr_gap", "ASR gap to retrain after the relearning rounds", True),
     ("wall_s", "seconds", True),
     ("rounds", "rounds", True),
     ("bytes", "bytes", True),
 )
+# Two methods tie when their means agree at the precision the report prints (3 decimals; seconds 2; counts 0).
+TIE_DIGITS = {"wall_s": 2, "rounds": 0, "bytes": 0}
 
 
 def _model_values(results: dict[str, Any], name: str) -> dict[str, float]:
@@ -39,6 +43,21 @@ def _model_values(results: dict[str, Any], name: str) -> dict[str, float]:
     for key, gap in (("backdoor_asr", "asr_gap"), ("mia_auc", "mia_gap")):
         if isinstance(model.get(key), (int, float)) and isinstance(retrain.get(key), (int, float)):
             values[gap] = abs(float(model[key]) - float(retrain[key]))
+    for attack in ("lira", "ulira"):
+        tpr = (model.get("mia") or {}).get(attack, {}).get("tpr_at_1pct_fpr")
+        if isinstance(tpr, (int, float)):
+            values[f"mia_{attack}_tpr_1pct"] = float(tpr)
+    durability, retrain_durability = model.get("durability") or {}, retrain.get("durability") or {}
+    for key in ("acc_test", "backdoor_asr", "mia_auc"):
+        if isinstance(durability.get(key), (int, float)):
+            values[f"durable_{key}"] = float(durability[key])
+    if isinstance(durability.get("backdoor_asr"), (int, float)) and isinstance(retrain_durability.get("backdoor_asr"), (int, float)):
+        values["durable_asr_gap"] = abs(float(durability["backdoor_asr"]) - float(retrain_durability["backdoor_asr"]))
+    probe = model.get("relearn_probe") or {}
+    if "steps" in probe:  # not reached within the budget counts as the budget (a lower bound)
+        values["relearn_steps"] = float(probe["steps"] if probe["steps"] is not None else probe["max_steps"])
+    for key, versus in (model.get("vs_retrain_band") or {}).items():
+        values[f"in_band_{key}"] = 1.0 if versus.get("inside") else 0.0
     storage = model.get("storage")
     if isinstance(storage, dict):
         for key, value in storage.items():
@@ -96,14 +115,25 @@ def stream_markdown(stream: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def rankings(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, list[str]]:
-    """For each ranking criterion, the unlearning methods (not original/retrain) best first."""
+def rankings(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, list[list[str]]]:
+    """For each ranking criterion, the unlearning methods (not original/retrain) best first, in groups of equals."""
     methods = [n for n in summary if n not in ("original", "retrain")]
-    ranked: dict[str, list[str]] = {}
+    ranked: dict[str, list[list[str]]] = {}
     for key, _, lower in RANKINGS:
-        having = [m for m in methods if key in summary[m]]
-        ranked[key] = sorted(having, key=lambda m: summary[m][key]["mean"] * (1 if lower else -1))
+        digits = TIE_DIGITS.get(key, 3)
+        shown = {m: round(summary[m][key]["mean"], digits) for m in methods if key in summary[m]}
+        groups: list[list[str]] = []
+        for m in sorted(shown, key=lambda m: shown[m] * (1 if lower else -1)):
+            if groups and shown[groups[-1][0]] == shown[m]:
+                groups[-1].append(m)
+            else:
+                groups.append([m])
+        ranked[key] = groups
     return ranked
+
+
+def _ranking_text(groups: list[list[str]]) -> str:
+    return " > ".join(" = ".join(group) for group in groups)
 
 
 def _cell(stats: dict[str, float] | None, digits: int = 3) -> str:
@@ -120,6 +150,77 @@ def _bytes_cell(stats: dict[str, float] | None) -> str:
     return f"{stats['mean'] / 2**20:.2f} MB"
 
 
+REPORT_COLUMNS = (("acc_test", "ACC test"), ("acc_remained", "ACC rem"), ("acc_deleted", "ACC del"), ("backdoor_asr", "ASR"),
+                  ("asr_gap", "ASR gap"), ("mia_auc", "MIA loss"), ("mia_shadow_auc", "MIA shadow"), ("mia_lira_auc", "MIA LiRA"),
+                  ("mia_lira_tpr_1pct", "LiRA TPR@1%"), ("mia_ulira_auc", "U-LiRA"), ("dist_output_deleted", "DIST del"),
+                  ("dist_output_triggered", "DIST trig"), ("dist_output", "DIST test"), ("dist_para", "DIST para"),
+                  ("durable_backdoor_asr", "ASR after relearn"), ("durable_acc_test", "ACC after relearn"),
+                  ("relearn_steps", "relearn steps"), ("wall_s", "seconds"), ("rounds", "rounds"))
+BAND_COLUMNS = (("acc_test", "ACC test"), ("backdoor_asr", "ASR"), ("mia_auc", "MIA loss"), ("mia_lira_auc", "MIA LiRA"),
+                ("dist_output_deleted", "DIST del"), ("dist_output_triggered", "DIST trig"), ("dist_para", "DIST para"))
+
+
+def chance_bound(members: int, non_members: int) -> float:
+    """AUC two standard errors above 0.5 for these set sizes (Hanley and McNeil 1982 at AUC 0.5): below it, chance."""
+    if members < 1 or non_members < 1:
+        return float("nan")
+    return 0.5 + 2.0 * float(np.sqrt((members + non_members + 1) / (12.0 * members * non_members)))
+
+
+def attack_notes(runs: list[dict[str, Any]]) -> list[str]:
+    """Per run and attack: does the attack beat chance on the ORIGINAL model? Where it does not, its numbers measure nothing."""
+    lines = []
+    for run in runs:
+        seed = run["config"]["seed"]
+        for attack, entry in ((run["models"].get("original") or {}).get("mia") or {}).items():
+            scored = entry.get("scored") or {}
+            auc = entry.get("auc")
+            if attack == "ulira" or not isinstance(auc, (int, float)):
+                if entry.get("skipped"):
+                    lines.append(f"- Seed {seed}, {attack} attack: not scored ({entry['skipped']}).")
+                continue
+            bound = chance_bound(int(scored.get("members", 0)), int(scored.get("non_members", 0)))
+            verdict = ("beats chance" if auc > bound else
+                       "does NOT beat chance: its numbers measure nothing in this scenario")
+            lines.append(f"- Seed {seed}, {attack} attack on the original model: AUC {auc:.3f} "
+                         f"({scored.get('members')} members vs {scored.get('non_members')} non-members; chance up to {bound:.3f}): {verdict}.")
+    return lines
+
+
+def band_markdown(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The band of retrained models (mean ± std [min, max] per metric, averaged over seeds) and which methods lie inside it."""
+    bands = [r["retrain_band"] for r in runs if r.get("retrain_band")]
+    if not bands:
+        return []
+    keys = [(k, label) for k, label in BAND_COLUMNS if any(k in b for b in bands)]
+    n = bands[0].get("acc_test", {}).get("n", "?")
+    lines = ["", "## The band of retrained models", "",
+             f"{n} retrainings per seed (the reference and --retrain-seeds more, other initial weights, shuffles and sampling; "
+             "distances are between the extra retrains and the reference). A method is inside the band on a metric when its "
+             "value lies in the band's [min, max]; with several seeds the cell counts the seeds where it does.", "",
+             "| | " + " | ".join(label for _, label in keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    def band_cell(key: str) -> str:
+        having = [b[key] for b in bands if key in b]
+        mean = float(np.mean([b["mean"] for b in having]))
+        std = float(np.mean([b["std"] for b in having]))
+        return f"{mean:.3f} ± {std:.3f} [{min(b['min'] for b in having):.3f}, {max(b['max'] for b in having):.3f}]"
+    lines.append("| retrain band | " + " | ".join(band_cell(k) for k, _ in keys) + " |")
+    for name, stats in summary.items():
+        if name == "retrain":
+            continue
+        cells = []
+        for key, _ in keys:
+            inside = stats.get(f"in_band_{key}")
+            if inside is None:
+                cells.append("-")
+            elif inside["n"] == 1:
+                cells.append("inside" if inside["mean"] == 1.0 else "outside")
+            else:
+                cells.append(f"inside {round(inside['mean'] * inside['n'])}/{inside['n']}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[str, float]]], title: str) -> str:
     """The report: settings, a table with methods as rows (retrain the reference row), rankings, notes."""
     cfg = runs[0]["config"]
@@ -132,9 +233,7 @@ def markdown_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dic
              + (f" after round {cfg['withdraw-round']}" if cfg.get("withdraw-round") else " after training")
              + f". Seeds: {', '.join(map(str, seeds))} (mean ± sample std). Machine: {machine.get('cpus', '?')} CPUs, "
              f"{machine.get('platform', '?')}, GPU: {machine.get('gpu') or 'none'}.", ""]
-    columns = [("acc_test", "ACC test"), ("acc_remained", "ACC rem"), ("acc_deleted", "ACC del"), ("backdoor_asr", "ASR"),
-               ("asr_gap", "ASR gap"), ("mia_auc", "MIA loss"), ("mia_shadow_auc", "MIA shadow"), ("dist_output", "DIST out"),
-               ("dist_para", "DIST para"), ("wall_s", "seconds"), ("rounds", "rounds")]
+    columns = [(key, label) for key, label in REPORT_COLUMNS if any(key in stats for stats in summary.values())]
     lines.append("| model | " + " | ".join(label for _, label in columns) + " | bytes | x seconds |")
     lines.append("|" + "---|" * (len(columns) + 3))
     retrain_wall = summary.get("retrain", {}).get("wall_s", {}).get("mean")
@@ -151,21 +250,23 @@ def markdown_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dic
                      + ", ".join(str(r["request"]["client"]) for r in runs[0]["stream"])
                      + ". The table shows the models after the last request and the cost of serving all of them.")
         lines.insert(4, "")
+    lines += band_markdown(runs, summary)
     lines += stream_markdown(stream_aggregate(runs))
     lines += ["", "## Rankings (best first)", ""]
     for key, label, lower in RANKINGS:
         order = rankings(summary)[key]
         if order:
-            lines.append(f"- {label} ({'lower' if lower else 'higher'} is better): " + " > ".join(order))
+            lines.append(f"- {label} ({'lower' if lower else 'higher'} is better): " + _ranking_text(order))
     lines += ["", "## Notes", ""]
-    original = summary.get("original", {})
-    for key, label in (("mia_auc", "loss-threshold"), ("mia_shadow_auc", "shadow-model")):
-        if key in original:
-            auc = original[key]["mean"]
-            verdict = ("distinguishes deleted from held-out data better than chance" if auc > 0.55
-                       else "does NOT distinguish deleted from held-out data better than chance here: its numbers measure nothing in this scenario")
-            lines.append(f"- The {label} attack on the original model has AUC {auc:.3f}: it {verdict}.")
+    lines += attack_notes(runs)
     lines.append("- ASR gap and MIA gap are |method - retrain|: the goal is to behave as the retrained model, not to reach zero.")
+    lines.append("- Membership is scored on the clean part of the forget set (untriggered, true labels) against the same clients' "
+                 "held-out data; the poisoned part is the backdoor metric's (ASR) job. DIST del / DIST trig: output distance "
+                 "to the retrained model on the deleted set and on triggered test inputs (the clean test set, DIST test, "
+                 "favours the original model, which is already close to retraining there).")
+    if any("relearn_steps" in stats for stats in summary.values()):
+        lines.append("- relearn steps: SGD steps of fine-tuning on the forget set until its ASR (or accuracy) is back at 90% of "
+                     "the original's; fewer than the retrained model needs means the behaviour was hidden, not removed.")
     lines.append("- Costs are the unlearning phase only (plus the rounds trained afterwards for a mid-training request);"
                  " training and cache filling are one-time costs listed in each results.json under `phases`.")
     return "\n".join(lines) + "\n"

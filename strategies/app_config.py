@@ -32,6 +32,7 @@ def data_spec_for(cfg: ExperimentConfig) -> DataSpec:
         partition=cfg.partition, alpha=cfg.alpha, heldout_fraction=cfg.heldout_fraction, train_limit=cfg.train_limit,
         seed=cfg.seed, backdoor_client=cfg.forget_client if cfg.backdoor else None,
         backdoor_fraction=cfg.backdoor_fraction, backdoor_target=cfg.backdoor_target, trigger_size=cfg.trigger_size,
+        input_noise=cfg.input_noise,
     )
 
 
@@ -71,7 +72,8 @@ def iau_settings_for(cfg: ExperimentConfig, correction: bool = True) -> IAUSetti
 
 def pga_settings_for(cfg: ExperimentConfig) -> PGASettings:
     """PGA's ascent settings (momentum, clipping and the radius rule as in the authors' code)."""
-    return PGASettings(lr=cfg.pga_lr, epochs=cfg.pga_epochs, batch_size=cfg.batch_size, radius=cfg.pga_radius)
+    return PGASettings(lr=cfg.pga_lr, epochs=cfg.pga_epochs, batch_size=cfg.batch_size, radius=cfg.pga_radius,
+                       stop_distance=cfg.pga_stop_distance)
 
 
 def imu_settings_for(cfg: ExperimentConfig) -> IMUSettings:

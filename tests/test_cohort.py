@@ -214,9 +214,9 @@ def run_experiment(cfg, tmp_path, monkeypatch, mode: str, cohort_size: int = 2, 
     seen: list[ArrayRecord] = []
     full = runner.Evaluator.full
 
-    def recording(self, arrays, reference):  # type: ignore[no-untyped-def]
+    def recording(self, arrays, reference, method=None):  # type: ignore[no-untyped-def]
         seen.append(arrays)
-        return full(self, arrays, reference)
+        return full(self, arrays, reference, method)
 
     monkeypatch.setattr(runner.Evaluator, "full", recording)
     spec = app_config.client_spec_for(cfg, str(tmp_path / mode / "caches"))

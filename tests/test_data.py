@@ -181,7 +181,8 @@ def test_backdoor_poisoned_set(data: FederatedData) -> None:
     spec = data.spec
     own = data.client_train[spec.backdoor_client]
     poisoned_idx = torch.nonzero(data.poisoned).flatten()
-    assert poisoned_idx.numel() == round(0.8 * own.numel())
+    # Only examples whose true label is not the target are poisoned.
+    assert poisoned_idx.numel() == round(0.8 * int((data.y_train_clean[own] != spec.backdoor_target).sum()))
     assert set(poisoned_idx.tolist()) <= set(own.tolist())
     assert torch.all(data.y_train[poisoned_idx] == spec.backdoor_target)
     patch = data.x_train[poisoned_idx][..., -spec.trigger_size :, -spec.trigger_size :]
@@ -203,7 +204,8 @@ def test_backdoor_changes_do_not_change_partition(data: FederatedData) -> None:
     assert all(torch.equal(a, b) for a, b in zip(data.client_train, other.client_train))
     poisoned_idx = torch.nonzero(other.poisoned).flatten()
     assert set(poisoned_idx.tolist()) <= set(other.client_train[3].tolist())
-    assert poisoned_idx.numel() == round(0.5 * other.client_train[3].numel())
+    own = other.client_train[3]
+    assert poisoned_idx.numel() == round(0.5 * int((other.y_train_clean[own] != other.spec.backdoor_target).sum()))
 
 
 def test_stamp_trigger_copies_and_stamps() -> None:

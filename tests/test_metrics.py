@@ -276,7 +276,8 @@ def test_evaluate_model_keys_values_and_mode_restored() -> None:
     assert torch.equal(net[1].running_mean, bn_mean)
 
     out = evaluate_model(net, **{**kwargs, "triggered": x_m}, reference=copy.deepcopy(net))
-    assert set(out) == BASE_KEYS | REF_KEYS
+    assert set(out) == BASE_KEYS | REF_KEYS | {"dist_output_triggered"}
+    assert out["dist_output_triggered"] == pytest.approx(0.0, abs=1e-9)
     assert [m.training for m in net.modules()] == before
     assert 0.0 <= out["backdoor_asr"] <= 1.0
     assert out["dist_para"] == 0.0 and out["dist_para_normalized"] == 0.0

@@ -14,7 +14,9 @@ from fedunlearn.errors import ConfigError
 def fake_run(seed, iau_asr, ga_asr, iau_wall):
     def model(asr, acc, wall=None, rounds=None):
         entry = {"acc_test": acc, "acc_remained": acc, "acc_deleted": 0.5, "backdoor_asr": asr, "dist_para": 1.0,
-                 "dist_output": 0.01, "mia_auc": 0.5, "mia_shadow_auc": 0.6}
+                 "dist_output": 0.01, "mia_auc": 0.5, "mia_shadow_auc": 0.6,
+                 "mia": {"loss": {"auc": 0.5, "scored": {"members": 30, "non_members": 30, "which": "test"}},
+                         "shadow": {"auc": 0.9, "scored": {"members": 30, "non_members": 30, "which": "test"}}}}
         if wall is not None:
             entry["cost"] = {"wall_s": wall, "client_compute_s": 0.0, "rounds": rounds, "participations": 1, "bytes_down": 100, "bytes_up": 50}
         return entry
@@ -42,10 +44,25 @@ def test_mean_and_sample_std_per_metric_and_method():
 def test_rankings_order_methods_by_each_criterion():
     summary = aggregate([fake_run(0, 0.10, 0.0, 0.5)])
     ranked = rankings(summary)
-    assert ranked["asr_gap"] == ["gradient-ascent", "iau"]   # |0.0-0.02| < |0.10-0.02|
-    assert ranked["acc_test"] == ["iau", "gradient-ascent"]  # higher is better
-    assert ranked["wall_s"] == ["gradient-ascent", "iau"]
-    assert "retrain" not in ranked["wall_s"]
+    assert ranked["asr_gap"] == [["gradient-ascent"], ["iau"]]   # |0.0-0.02| < |0.10-0.02|
+    assert ranked["acc_test"] == [["iau"], ["gradient-ascent"]]  # higher is better
+    assert ranked["wall_s"] == [["gradient-ascent"], ["iau"]]
+    assert "retrain" not in ranked["wall_s"][0]
+
+
+def test_methods_equal_at_the_printed_precision_rank_equal():
+    run = fake_run(0, 0.10, 0.1002, 0.5)
+    run["models"]["imu"] = {**run["models"]["iau"], "backdoor_asr": 0.3}
+    ranked = rankings(aggregate([run]))
+    assert ranked["asr_gap"] == [["iau", "gradient-ascent"], ["imu"]]  # 0.080 and 0.0802 print alike
+    assert ranked["rounds"] == [["iau", "gradient-ascent", "imu"]]
+
+
+def test_chance_bound_is_two_standard_errors_of_a_null_auc():
+    from simulations.summary import chance_bound
+
+    # Hanley-McNeil at AUC 0.5: var = (n1 + n2 + 1) / (12 n1 n2); 30 vs 30: sqrt(61 / 10800) = 0.07516
+    assert chance_bound(30, 30) == pytest.approx(0.5 + 2 * 0.075155, abs=1e-5)
 
 
 def test_report_files_are_written(tmp_path):
@@ -55,7 +72,8 @@ def test_report_files_are_written(tmp_path):
     assert "| **retrain** (reference) |" in report
     assert "0.150 ± 0.071" in report  # iau ASR over the two seeds
     assert "ASR gap to retrain (lower is better): gradient-ascent > iau" in report
-    assert "does NOT distinguish" in report  # loss-attack AUC 0.5 on the original: said plainly
+    assert "Seed 0, loss attack on the original model: AUC 0.500" in report and "does NOT beat chance" in report
+    assert "Seed 1, shadow attack on the original model: AUC 0.900 (30 members vs 30 non-members; chance up to 0.650): beats chance" in report
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["seeds"] == [0, 1]
     assert {p.split("/")[-1] for p in document["plots"]} == {"metrics.png", "quality_vs_cost.png", "accuracy_per_round.png"}
