@@ -27,12 +27,16 @@ def band_stats(samples: Iterable[Mapping[str, float | None]], keys: Iterable[str
     return out
 
 
-def versus_band(values: Mapping[str, float | None], band: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float | bool | None]]:
+def versus_band(values: Mapping[str, float | None], band: Mapping[str, Mapping[str, float]],
+                distances: Iterable[str] = ()) -> dict[str, dict[str, float | bool | None]]:
     """Per band key: the value, its distance from the band mean in band-std units (z), and whether it lies in [min, max].
 
-    z is None when the band has no spread (std 0) and the value differs from it: no finite number of standard
-    deviations describes that; `inside` still answers.
+    For the `distances` keys (distances to the reference retrain) only the upper end counts: a model closer to
+    the reference than two retrainings are to each other is inside. z is None when the band has no spread
+    (std 0) and the value differs from it: no finite number of standard deviations describes that; `inside`
+    still answers.
     """
+    one_sided = set(distances)
     out: dict[str, dict[str, float | bool | None]] = {}
     for key, stats in band.items():
         value = values.get(key)
@@ -44,5 +48,6 @@ def versus_band(values: Mapping[str, float | None], band: Mapping[str, Mapping[s
             z: float | None = diff / stats["std"]
         else:
             z = 0.0 if diff == 0 else None
-        out[key] = {"value": value, "z": z, "inside": bool(stats["min"] <= value <= stats["max"])}
+        low = float("-inf") if key in one_sided else stats["min"]
+        out[key] = {"value": value, "z": z, "inside": bool(low <= value <= stats["max"])}
     return out

@@ -364,9 +364,9 @@ class Experiment:
                     band = self._retrain_band(index, evaluator, entry, reference, metered, fedavg, suffix)
                     if stream:
                         self.results["stream"][index]["retrain_band"] = band
-                    models["original"]["vs_retrain_band"] = versus_band(models["original"], band)
+                    models["original"]["vs_retrain_band"] = versus_band(models["original"], band, BAND_DISTANCES)
             elif "retrain_band" in self.results:
-                entry["vs_retrain_band"] = versus_band(entry, self.results["retrain_band"])
+                entry["vs_retrain_band"] = versus_band(entry, self.results["retrain_band"], BAND_DISTANCES)
             if cfg.relearn_rounds > 0:
                 entry["durability"] = self._durability(method.name, arrays, evaluator, metered, fedavg,
                                                        ledger=tuple(self.requests[: index + 1]), suffix=suffix)

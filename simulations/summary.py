@@ -26,6 +26,7 @@ RANKINGS = (
 )
 # Two methods tie when their means agree at the precision the report prints (3 decimals; seconds 2; counts 0).
 TIE_DIGITS = {"wall_s": 2, "rounds": 0, "bytes": 0}
+CELL_DIGITS = {"wall_s": 2, "rounds": 0, "relearn_steps": 1}
 
 
 def _model_values(results: dict[str, Any], name: str) -> dict[str, float]:
@@ -33,7 +34,7 @@ def _model_values(results: dict[str, Any], name: str) -> dict[str, float]:
     retrain = results["models"].get("retrain", {})
     values: dict[str, float] = {}
     for key in (*METRIC_KEYS, *EXTRA_METRICS):
-        if isinstance(model.get(key), (int, float)):
+        if isinstance(model.get(key), (int, float)) and np.isfinite(model[key]):  # NaN (no backdoor: no ASR) shows as "-"
             values[key] = float(model[key])
     cost = model.get("cost")
     if cost:
@@ -109,7 +110,7 @@ def stream_markdown(stream: list[dict[str, Any]]) -> list[str]:
         lines += [f"### Request {j}: client {request['client']} forgets `{request['samples']}`", "",
                   "| model | " + " | ".join(label for _, label in STREAM_COLUMNS) + " |", "|" + "---|" * (len(STREAM_COLUMNS) + 1)]
         for name, stats in step["models"].items():
-            row = [_cell(stats.get(key), {"wall_s": 2, "rounds": 0}.get(key, 3)) for key, _ in STREAM_COLUMNS]
+            row = [_cell(stats.get(key), CELL_DIGITS.get(key, 3)) for key, _ in STREAM_COLUMNS]
             lines.append(f"| {name} | " + " | ".join(row) + " |")
         lines.append("")
     return lines
@@ -242,8 +243,7 @@ def markdown_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dic
         speed = "-"
         if retrain_wall and "wall_s" in stats and name != "retrain" and stats["wall_s"]["mean"] > 0:
             speed = f"{retrain_wall / stats['wall_s']['mean']:.1f}x"
-        digits = {"wall_s": 2, "rounds": 0}
-        row = [_cell(stats.get(key), digits.get(key, 3)) for key, _ in columns]
+        row = [_cell(stats.get(key), CELL_DIGITS.get(key, 3)) for key, _ in columns]
         lines.append(f"| {label} | " + " | ".join(row) + f" | {_bytes_cell(stats.get('bytes'))} | {speed} |")
     if runs[0].get("stream"):
         lines.insert(3, f"A stream of {len(runs[0]['stream'])} withdrawals, one after another: clients "

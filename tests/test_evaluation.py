@@ -88,6 +88,11 @@ def test_band_arithmetic_against_hand_values():
     versus = versus_band({"asr": 0.08, "acc": 0.96}, band)
     assert versus["asr"] == {"value": 0.08, "z": pytest.approx(3.0), "inside": False}
     assert versus["acc"] == {"value": 0.96, "z": pytest.approx(0.0), "inside": True}
+    # A distance to the reference below every retrain's is inside: only the upper end bounds a distance.
+    spread = band_stats([{"dist": 15.0}, {"dist": 16.0}], ["dist"])
+    assert versus_band({"dist": 1.5}, spread, distances=["dist"])["dist"]["inside"] is True
+    assert versus_band({"dist": 1.5}, spread)["dist"]["inside"] is False
+    assert versus_band({"dist": 16.5}, spread, distances=["dist"])["dist"]["inside"] is False
     flat = band_stats([{"asr": 0.0}, {"asr": 0.0}], ["asr"])
     assert versus_band({"asr": 0.0}, flat)["asr"]["z"] == 0.0
     assert versus_band({"asr": 0.1}, flat)["asr"] == {"value": 0.1, "z": None, "inside": False}
