@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .iau import CALIBRATIONS, STEP_RULES
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 PARTITIONS = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
 FORGET_SAMPLES = ("all", "poisoned", "random")
-STEP_RULES = ("adam-first-step", "sgd")
 CACHE_DTYPES = ("float64", "float32", "bfloat16", "float16")
 MODELS = ("auto", "mlp", "cnn", "mcmahan-cnn", "resnet18")
 UNLEARN_POLICIES = ("renormalise", "abort")
@@ -67,7 +67,12 @@ class ExperimentConfig:
     # retraining's ASR while keeping test accuracy; the reference adam-first-step stays available.
     iau_eta: float = field(default=0.045, metadata={"help": "IAU step size eta (sgd: 0.045 on the default scenario; adam-first-step: about 1e-3)"})
     iau_steps: int = field(default=1, metadata={"help": "IAU steps K (each a round in the fresh protocol)"})
-    iau_step_rule: str = field(default="sgd", metadata={"help": f"IAU step rule: {', '.join(STEP_RULES)} (adam-first-step is the IAU reference code's one Adam step)"})
+    iau_step_rule: str = field(default="sgd", metadata={"help": f"IAU step rule: {', '.join(STEP_RULES)} (adam-first-step is the IAU reference code's one Adam step; normalised: each step of length --iau-radius times ||theta||)"})
+    iau_radius: float = field(default=0.02, metadata={"help": "IAU normalised rule: each step's length as a fraction of the parameter norm ||theta||"})
+    iau_correction_weight: float = field(default=1.0, metadata={"help": "IAU: weight lambda of the remaining-data gradient in d = lambda g_r - g_f"})
+    iau_per_layer: bool = field(default=False, metadata={"help": "IAU normalised rule: normalise each layer's slice of d on its own (same total length)"})
+    iau_calibrate: str = field(default="off", metadata={"help": f"IAU: who chooses the normalised step's length: {', '.join(CALIBRATIONS)} (heldout-loss: the withdrawing client, from its own forget set and held-out data, one extra message to it alone)"})
+    iau_refresh_every: int = field(default=0, metadata={"help": "IAU cached protocol with --iau-steps > 1: refresh g_r by a fresh round every k steps (0 = never: later steps use the aggregate cache's g_r, stale)"})
     allow_stale_cache: bool = field(default=False, metadata={"help": "let clients answer from a cache at another model version instead of refreshing it"})
     cache_dtype: str = field(default="float32", metadata={"help": f"storage precision of client gradient caches: {', '.join(CACHE_DTYPES)}"})
     # baselines
@@ -124,7 +129,14 @@ class ExperimentConfig:
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("forget-samples", self.forget_samples, FORGET_SAMPLES)
-        _check_choice("iau-step-rule", self.iau_step_rule, STEP_RULES)
+        _check_choice("iau-step-rule", self.iau_step_rule, tuple(STEP_RULES))
+        _check_choice("iau-calibrate", self.iau_calibrate, CALIBRATIONS)
+        _check_open("iau-radius", self.iau_radius, 0.0, None)
+        _check_range("iau-correction-weight", self.iau_correction_weight, 0.0, None)
+        _check_range("iau-refresh-every", self.iau_refresh_every, 0, None, "0 = never")
+        if self.iau_calibrate != "off" and self.iau_step_rule != "normalised":
+            raise ConfigError(f"iau-calibrate={self.iau_calibrate}: the client chooses a normalised step's length; add "
+                              "--iau-step-rule normalised or drop --iau-calibrate")
         _check_choice("cache-dtype", self.cache_dtype, CACHE_DTYPES)
         _check_choice("model", self.model, MODELS)
         _check_range("num-clients", self.num_clients, 2, None, "at least 2 clients (one forgets, one remains)")

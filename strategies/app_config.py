@@ -67,7 +67,9 @@ def train_settings_for(cfg: ExperimentConfig) -> TrainSettings:
 
 def iau_settings_for(cfg: ExperimentConfig, correction: bool = True) -> IAUSettings:
     """IAU correction settings (`correction=False` is plain gradient ascent)."""
-    return IAUSettings(eta=cfg.iau_eta, steps=cfg.iau_steps, step_rule=cfg.iau_step_rule, correction=correction)
+    return IAUSettings(eta=cfg.iau_eta, steps=cfg.iau_steps, step_rule=cfg.iau_step_rule, correction=correction, radius=cfg.iau_radius,
+                       correction_weight=cfg.iau_correction_weight, per_layer=cfg.iau_per_layer, calibrate=cfg.iau_calibrate,
+                       refresh_every=cfg.iau_refresh_every)
 
 
 def pga_settings_for(cfg: ExperimentConfig) -> PGASettings:

@@ -24,8 +24,8 @@ from fedunlearn.baselines import (IMUSettings, PGASettings, ball_radius_from_ran
 from fedunlearn.cache import CacheStore, GradientCache, exclusion_digest
 from fedunlearn.data import DataSpec, DatasetStore, FederatedData
 from fedunlearn.deletion import DeletionRequest, decode_ledger, excluded_indices, forget_indices, kept_indices
-from fedunlearn.gradients import ParamLayout, gradient_sum, model_vector
-from fedunlearn.iau import remaining_contribution, withdrawing_contribution
+from fedunlearn.gradients import ParamLayout, gradient_sum, load_model_vector, model_vector
+from fedunlearn.iau import choose_radius, remaining_contribution, withdrawing_contribution
 from fedunlearn.models import build_model
 from fedunlearn.training import TrainSettings, local_train
 
@@ -101,6 +101,30 @@ class ClientRuntime:
         cache = GradientCache(flat, len(indices), version, scope)
         self.store.put(pid, cache)
         return cache, False, False
+
+
+def calibrate_radius(runtime: "ClientRuntime", arrays: ArrayRecord, direction: ArrayRecord, forget: torch.Tensor,
+                     heldout: torch.Tensor) -> tuple[float, list[dict[str, float]]]:
+    """`choose_radius` on this client's forget set and held-out data, stepping its resident model along -d."""
+    import torch.nn.functional as F
+
+    runtime.load(arrays)
+    theta = model_vector(runtime.model).to(torch.float64)
+    d = runtime.layout.flatten(direction.to_torch_state_dict()).to(torch.float64)
+    unit = d / d.norm().clamp_min(1e-300)
+    x_forget, y_forget = runtime.arrays_xy(forget)
+    x_held, y_held = runtime.arrays_xy(heldout)
+
+    def losses(radius: float) -> tuple[float, float]:
+        load_model_vector(runtime.model, theta - radius * float(theta.norm()) * unit)
+        runtime.model.eval()
+        with torch.no_grad():
+            return (float(F.cross_entropy(runtime.model(x_forget), y_forget)), float(F.cross_entropy(runtime.model(x_held), y_held)))
+
+    try:
+        return choose_radius(losses)
+    finally:
+        runtime.load(arrays)
 
 
 def _spec_from_context(context: Context, overrides: Mapping[str, Any] | None = None) -> ClientSpec:
@@ -205,6 +229,26 @@ def build_client_app(spec: ClientSpec | None = None, overrides: Mapping[str, Any
         metrics[keys.COMPUTE_S] = time.perf_counter() - start
         return _reply(msg, metrics, arrays, version=str(config[keys.MODEL_VERSION]) if keys.MODEL_VERSION in config else None)
 
+    @app.query("calibrate")
+    def calibrate(msg: Message, context: Context) -> Message:
+        # IAU, the withdrawing client's own step-length rule: it tries normalised steps along -d on ITS data only
+        # (the forget set S and its held-out examples; nothing of the test split or of any other client).
+        start = time.perf_counter()
+        runtime = runtime_for(context)
+        pid = int(context.node_config["partition-id"])
+        config = msg.content[keys.CONFIG]
+        request = DeletionRequest(**json.loads(str(config[keys.REQUEST])))
+        ledger = decode_ledger(str(config.get(keys.LEDGER, "")))
+        before = excluded_indices(runtime.data, pid, ledger)
+        forget = forget_indices(runtime.data, request)
+        forget = forget[~torch.isin(forget, before)] if before.numel() else forget
+        radius, trail = calibrate_radius(runtime, msg.content[keys.ARRAYS], msg.content[keys.DIRECTION], forget,
+                                         runtime.data.client_heldout[pid])
+        metrics = {keys.RADIUS: radius, keys.FORGET_SIZE: len(forget), keys.COMPUTE_S: time.perf_counter() - start}
+        reply = _reply(msg, metrics, version=str(config[keys.MODEL_VERSION]))
+        reply.content[keys.CONFIG][keys.CALIBRATION_TRAIL] = json.dumps(trail)
+        return reply
+
     @app.query("gradient")
     def gradient(msg: Message, context: Context) -> Message:
         start = time.perf_counter()
@@ -224,7 +268,7 @@ def build_client_app(spec: ClientSpec | None = None, overrides: Mapping[str, Any
         if role == keys.ROLE_REMAINING:
             kept = kept_indices(runtime.data, pid, ledger)
             cache, hit, stale = runtime.cached_gradient(pid, kept, version, before_scope, allow_stale)
-            vector = remaining_contribution(cache.gradient_sum, remaining_count)
+            vector = remaining_contribution(cache.gradient_sum, remaining_count, float(config.get(keys.CORRECTION_WEIGHT, 1.0)))
             metrics = {keys.NUM_EXAMPLES: cache.num_examples, keys.CACHE_HIT: int(hit), keys.CACHE_STALE: int(stale)}
         else:
             forget = forget_indices(runtime.data, request)
@@ -253,7 +297,8 @@ def build_client_app(spec: ClientSpec | None = None, overrides: Mapping[str, Any
                     runtime.store.put(pid, kept_cache)  # the client keeps a cache consistent with what it still holds
                     kept_sum = kept_cache.gradient_sum
                     metrics[keys.CACHE_HIT] = int(hit)
-                vector = withdrawing_contribution(kept_sum, forget_sum, remaining_count, len(forget), bool(config.get(keys.CORRECTION, True)))
+                vector = withdrawing_contribution(kept_sum, forget_sum, remaining_count, len(forget), bool(config.get(keys.CORRECTION, True)),
+                                                  float(config.get(keys.CORRECTION_WEIGHT, 1.0)))
                 metrics[keys.NUM_EXAMPLES] = len(forget)
         metrics[keys.COMPUTE_S] = time.perf_counter() - start
         # A remaining client may answer from a stale cache (when allowed): it reports the version that cache is at.

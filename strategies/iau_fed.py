@@ -7,9 +7,10 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -17,7 +18,7 @@ from flwr.serverapp import Grid
 from fedunlearn.deletion import DeletionRequest
 from fedunlearn.errors import InvalidReplyError, MissingRepliesError, UnlearningAbortedError
 from fedunlearn.gradients import ParamLayout
-from fedunlearn.iau import PROTOCOLS, CorrectionStepper, IAUSettings, direction_from_total, withdrawing_contribution
+from fedunlearn.iau import PROTOCOLS, CorrectionStepper, IAUSettings, direction_from_parts, direction_from_total, withdrawing_contribution
 
 from . import keys
 from .fedavg import UnlearningFedAvg, model_version
@@ -86,10 +87,18 @@ class UnlearningReport:
     fallback: str = ""              # "uploaded-cache": an offline withdrawing client's uploaded cache stood in for it
     gradient_version: str = ""      # cached protocol: the model version every gradient of the direction was taken at
     reason: str = ""
+    steps: int = 0                  # steps taken (each a round in the fresh protocol, a message to client u in the cached one)
+    step_norms: list[float] = field(default_factory=list)      # ||theta_j+1 - theta_j|| of each step
+    radius: float = 0.0             # the normalised rule's relative step length used (chosen by client u when calibrated)
+    calibration: list[dict[str, float]] = field(default_factory=list)  # client u's trail: radii tried, losses seen
+    remaining_term: str = ""        # cached protocol: where g_r of each step came from (the cache, or a refresh round)
+    stale_drift: list[float] = field(default_factory=list)     # cached, K > 1: ||g_r used - g_r at the step's model|| / ||...||
+    # The model before each step (not written to results.json): what the stale-drift measurement needs.
+    step_arrays: list[ArrayRecord] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for results.json."""
-        return asdict(self)
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "step_arrays"}
 
 
 def arrays_to_vector(arrays: ArrayRecord, layout: ParamLayout) -> torch.Tensor:
@@ -228,19 +237,34 @@ class IAUFed(UnlearningFedAvg):
         remaining_count = n_total - forget_count
         report = UnlearningReport(method, protocol, asdict(request), forget_count, remaining_count)
         theta = arrays_to_vector(arrays, self.layout)
-        stepper = CorrectionStepper(theta, self.iau)
+        segments = tuple(int(np.prod(shape)) for shape in self.layout.shapes)
+        stepper = CorrectionStepper(theta, self.iau, segments)
         current = arrays
         try:
-            if protocol == "fresh":
-                for _ in range(self.iau.steps):
+            for step in range(self.iau.steps):
+                # Fresh: every step a round at the current model. Cached: step 1 from G_tot and client u's G_S at the
+                # cache's version; later steps client u recomputes G_S at the current model alone, g_r stays the cache's
+                # (stale) unless a refresh round is due.
+                refresh = protocol == "cached" and step > 0 and self.iau.refresh_every > 0 and step % self.iau.refresh_every == 0
+                if protocol == "fresh" or refresh:
                     direction = self._fresh_direction(grid, current, request, remaining_count, report)
-                    theta = stepper.step(direction)
-                    current = vector_to_arrays(theta, arrays, self.layout)
-            else:
-                direction = self._cached_direction(grid, current, request, forget_count, report)
-                for _ in range(self.iau.steps):
-                    theta = stepper.step(direction)
+                elif step == 0:
+                    direction = self._cached_direction(grid, current, request, forget_count, report)
+                    report.remaining_term = "aggregate cache G_tot at the cached model"
+                else:
+                    direction = self._cached_step_direction(grid, current, request, forget_count, report)
+                if refresh:
+                    report.remaining_term += f"; refreshed by a fresh round at step {step + 1}"
+                if step == 0 and self.iau.calibrate != "off" and self.iau.step_rule == "normalised":
+                    stepper.length = self._calibrate(grid, current, direction, request, report)
+                report.step_arrays.append(current)
+                before = theta
+                theta = stepper.step(direction)
+                report.step_norms.append(float((theta - before).norm()))
+                report.steps += 1
                 current = vector_to_arrays(theta, arrays, self.layout)
+            if self.iau.step_rule == "normalised":
+                report.radius = stepper.length if stepper.length is not None else self.iau.radius
         except _Abort as abort:
             report.status, report.reason = "aborted", str(abort)
             logger.warning("%s: request of client %s aborted, model left unchanged: %s", method, request.client, abort)
@@ -272,6 +296,7 @@ class IAUFed(UnlearningFedAvg):
         record.update({
             keys.MODEL_VERSION: model_version(arrays), keys.ROLE: role, keys.REQUEST: json.dumps(asdict(request)),
             keys.REMAINING_COUNT: remaining_count, keys.FORGET_COUNT: forget_count, keys.CORRECTION: self.iau.correction,
+            keys.CORRECTION_WEIGHT: float(self.iau.correction_weight),
             keys.ALLOW_STALE: self.allow_stale, "gradient-dtype": self.gradient_dtype,
         })
         return RecordDict({keys.ARRAYS: arrays, keys.CONFIG: record})
@@ -411,7 +436,8 @@ class IAUFed(UnlearningFedAvg):
         self._note_cache_use([reply for reply, _ in accepted.values()], report)
         if client in missing:
             forget_sum = self._offline_withdrawing(request, version, report.forget_count, report)
-            withdrawing["vector"] = withdrawing_contribution(None, forget_sum, remaining_count, report.forget_count, self.iau.correction)
+            withdrawing["vector"] = withdrawing_contribution(None, forget_sum, remaining_count, report.forget_count, self.iau.correction,
+                                                             self.iau.correction_weight)
         others_missing = [p for p in missing if p != client]
         if not others_missing:
             direction = remaining_sum + withdrawing["vector"]
@@ -466,8 +492,57 @@ class IAUFed(UnlearningFedAvg):
         else:
             reply, forget_sum = accepted[request.client]
             self._note_cache_use([reply], report)
-        direction = direction_from_total(self.gradient_total, self.gradient_total_count, forget_sum, forget_count, self.iau.correction)
+        direction = direction_from_total(self.gradient_total, self.gradient_total_count, forget_sum, forget_count, self.iau.correction,
+                                         self.iau.correction_weight)
         self.gradient_total = self.gradient_total - forget_sum
         self.gradient_total_count -= forget_count
         report.direction_norm = float(direction.norm())
         return direction
+
+    def _cached_step_direction(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int,
+                               report: UnlearningReport) -> torch.Tensor:
+        """A later step of the cached protocol: client u sends G_S at the current model; g_r is the cache's (stale)."""
+        assert self.gradient_total is not None
+        version = model_version(arrays)
+        content = self._query(arrays, request, keys.ROLE_FORGET_ONLY, self.gradient_total_count, forget_count)
+        message = Message(content, dst_node_id=self.directory.node_of[request.client], message_type=keys.QUERY_GRADIENT)
+
+        def parse(partition: int, reply: Message) -> tuple[Message, torch.Tensor]:
+            sent_count = positive_count(reply, keys.FORGET_SIZE)
+            if sent_count != forget_count:
+                raise InvalidReplyError(f"client {partition} reports |S|={sent_count}, the request says {forget_count}")
+            return self._contribution(partition, reply, version, report, count_key=keys.FORGET_SIZE, bound_scale=float(forget_count))
+
+        accepted, missing = self._ask(grid, [message], "unlearn", parse, report)
+        if missing:
+            raise _Abort(f"withdrawing client {request.client} did not answer step {report.steps + 1} of the cached correction")
+        _, forget_sum = accepted[request.client]
+        # self.gradient_total already excludes G_S (at the cache's version): it is the remaining data's sum there.
+        direction = direction_from_parts(self.gradient_total, self.gradient_total_count, forget_sum, forget_count, self.iau.correction,
+                                         self.iau.correction_weight)
+        report.direction_norm = float(direction.norm())
+        return direction
+
+    def _calibrate(self, grid: Grid, arrays: ArrayRecord, direction: torch.Tensor, request: DeletionRequest,
+                   report: UnlearningReport) -> float:
+        """Client u chooses the normalised step's relative length from its own data (one message to u alone)."""
+        version = model_version(arrays)
+        record = self.base_config()
+        record.update({keys.MODEL_VERSION: version, keys.REQUEST: json.dumps(asdict(request))})
+        content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: record,
+                              keys.DIRECTION: ArrayRecord(OrderedDict((n, t.to(torch.float32)) for n, t in self.layout.unflatten(direction).items()))})
+        message = Message(content, dst_node_id=self.directory.node_of[request.client], message_type=keys.QUERY_CALIBRATE)
+
+        def parse(partition: int, reply: Message) -> tuple[float, list[dict[str, float]]]:
+            check_version(reply, version)
+            radius = finite_metric(reply, keys.RADIUS)
+            if not radius > 0:
+                raise InvalidReplyError(f"client {partition} chose a step length {radius}: must be > 0")
+            return float(radius), json.loads(str(reply.content[keys.CONFIG].get(keys.CALIBRATION_TRAIL, "[]")))
+
+        accepted, missing = self._ask(grid, [message], "unlearn", parse, report)
+        if missing:
+            raise _Abort(f"withdrawing client {request.client} did not answer the step-length query")
+        radius, trail = accepted[request.client]
+        report.calibration = trail
+        return radius

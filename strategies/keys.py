@@ -7,6 +7,7 @@ QUERY_INFO = "query.info"
 QUERY_GRADIENT = "query.gradient"
 QUERY_PGA = "query.pga"        # PGA: client u's projected gradient ascent around w_ref
 QUERY_IMU = "query.imu"        # IMU-head: client u's influence-weighted ascent on the final layer
+QUERY_CALIBRATE = "query.calibrate"  # IAU: client u chooses the step length along the direction it is sent
 
 # Record names inside a RecordDict
 ARRAYS = "arrays"          # model parameters (server -> client, client -> server in train)
@@ -33,6 +34,10 @@ ROLE = "role"                     # query.gradient: "remaining", "withdrawing" o
 REMAINING_COUNT = "remaining-count"  # n - |S|
 FORGET_COUNT = "forget-count"        # |S|
 CORRECTION = "correction"         # query.gradient: include the remaining-data term
+CORRECTION_WEIGHT = "correction-weight"  # query.gradient: lambda, the weight of the remaining-data term
+DIRECTION = "direction"           # query.calibrate: the IAU direction d by parameter name (server -> client u)
+RADIUS = "radius"                 # query.calibrate reply: the relative step length client u chose
+CALIBRATION_TRAIL = "calibration-trail"  # query.calibrate reply: JSON of the radii tried and the losses seen
 ALLOW_STALE = "allow-stale"
 CLIP_GRAD = "clip-grad"          # query.pga: gradient-norm clip (0 = none)
 PGA_RADIUS = "pga-radius"        # query.pga: L2 radius of the ball around w_ref (<= 0: the authors' rule)
