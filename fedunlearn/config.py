@@ -72,6 +72,7 @@ class ExperimentConfig:
     iau_correction_weight: float = field(default=1.0, metadata={"help": "IAU: weight lambda of the remaining-data gradient in d = lambda g_r - g_f"})
     iau_per_layer: bool = field(default=False, metadata={"help": "IAU normalised rule: normalise each layer's slice of d on its own (same total length)"})
     iau_calibrate: str = field(default="off", metadata={"help": f"IAU: who chooses the normalised step's length: {', '.join(CALIBRATIONS)} (heldout-loss: the withdrawing client, from its own forget set and held-out data, one extra message to it alone)"})
+    iau_repair_rounds: int = field(default=0, metadata={"help": "IAU: FedAvg rounds among the remaining clients after the correction (repair; they contact every remaining client, so the cached protocol is then no longer one client's business)"})
     iau_refresh_every: int = field(default=0, metadata={"help": "IAU cached protocol with --iau-steps > 1: refresh g_r by a fresh round every k steps (0 = never: later steps use the aggregate cache's g_r, stale)"})
     allow_stale_cache: bool = field(default=False, metadata={"help": "let clients answer from a cache at another model version instead of refreshing it"})
     cache_dtype: str = field(default="float32", metadata={"help": f"storage precision of client gradient caches: {', '.join(CACHE_DTYPES)}"})
@@ -134,6 +135,7 @@ class ExperimentConfig:
         _check_open("iau-radius", self.iau_radius, 0.0, None)
         _check_range("iau-correction-weight", self.iau_correction_weight, 0.0, None)
         _check_range("iau-refresh-every", self.iau_refresh_every, 0, None, "0 = never")
+        _check_range("iau-repair-rounds", self.iau_repair_rounds, 0, None, "0 = no repair rounds")
         if self.iau_calibrate != "off" and self.iau_step_rule != "normalised":
             raise ConfigError(f"iau-calibrate={self.iau_calibrate}: the client chooses a normalised step's length; add "
                               "--iau-step-rule normalised or drop --iau-calibrate")

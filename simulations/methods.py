@@ -16,7 +16,14 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
+import torch
+
 from fedunlearn.baselines import LastModelStore, UpdateHistory
+from fedunlearn.data import DatasetStore
+from fedunlearn.deletion import kept_indices
+from fedunlearn.gradients import gradient_sum
+from fedunlearn.models import build_model
+from strategies import app_config
 from fedunlearn.config import ExperimentConfig
 from fedunlearn.deletion import DeletionRequest
 from fedunlearn.errors import UnknownMethodError
@@ -59,17 +66,19 @@ class Method:
     run: Callable[[MethodContext], MethodOutcome]
     summary: str
     continues: bool = True
+    uploads_caches: bool = False  # needs the clients' caches uploaded into the server's aggregate (the cached protocol)
 
 
 REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, summary: str, continues: bool = True) -> Callable[[Callable[[MethodContext], MethodOutcome]], Callable[[MethodContext], MethodOutcome]]:
+def register(name: str, summary: str, continues: bool = True,
+             uploads_caches: bool = False) -> Callable[[Callable[[MethodContext], MethodOutcome]], Callable[[MethodContext], MethodOutcome]]:
     """Decorator adding a method to the registry under `name`."""
     def wrap(fn: Callable[[MethodContext], MethodOutcome]) -> Callable[[MethodContext], MethodOutcome]:
         if name in REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
-        REGISTRY[name] = Method(name, fn, summary, continues)
+        REGISTRY[name] = Method(name, fn, summary, continues, uploads_caches)
         return fn
     return wrap
 
@@ -107,15 +116,45 @@ def storage(server_bytes: int = 0, client_bytes: int = 0, **notes: Any) -> dict[
     return {"server_bytes": int(server_bytes), "client_bytes": int(client_bytes), **notes}
 
 
-def _iau(ctx: MethodContext, protocol: str, name: str) -> MethodOutcome:
+def stale_drift(ctx: MethodContext, report: Any) -> list[float]:
+    """Cached protocol, K > 1: how far the cache's g_r is from the remaining data's g_r at each later step's model.
+
+    A measurement of the simulator (the driver holds every client's data), not part of the protocol:
+    ||g_r(cache) - g_r(theta_j)|| / ||g_r(theta_j)|| for every step j > 1.
+    """
+    total = ctx.strategy.gradient_total
+    if total is None or len(report.step_arrays) < 2:
+        return []
+    data = DatasetStore.get(app_config.data_spec_for(ctx.cfg))
+    ledger = (*ctx.strategy.ledger, ctx.request)
+    withdrawn = {r.client for r in ledger if r.client_level}
+    remaining = torch.cat([kept_indices(data, p, list(ledger)) for p in range(data.num_clients) if p not in withdrawn])
+    cached = total / ctx.strategy.gradient_total_count
+    model = build_model(app_config.model_name_for(ctx.cfg), data.input_shape, data.num_classes)
+    drift = []
+    for arrays in report.step_arrays[1:]:
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        fresh, _, _ = gradient_sum(model, data.x_train[remaining], data.y_train[remaining])
+        fresh = fresh.to(torch.float64) / len(remaining)
+        drift.append(float((cached - fresh).norm() / fresh.norm().clamp_min(1e-300)))
+    return drift
+
+
+def _iau(ctx: MethodContext, protocol: str, name: str, repair_rounds: int | None = None) -> MethodOutcome:
     strategy = ctx.strategy
     arrays, report = strategy.unlearn(ctx.grid, ctx.arrays, ctx.request, ctx.forget_count, protocol=protocol, method=name)
+    if protocol == "cached" and report.steps > 1 and not strategy.iau.refresh_every:
+        report.stale_drift = stale_drift(ctx, report)
+    repair = ctx.cfg.iau_repair_rounds if repair_rounds is None else repair_rounds
+    if repair > 0:  # FedAvg among the remaining clients from the corrected model: what PGA does after its ascent
+        fedavg = ctx.fedavg(ledger=strategy.ledger, round_offset=ctx.request_round, label=name)
+        arrays = fedavg.start(grid=ctx.grid, initial_arrays=arrays, num_rounds=repair, timeout=ctx.cfg.round_timeout).arrays
     # Every client keeps its gradient cache (any of them may withdraw); the cached protocol also keeps G_tot on the server.
     total = ctx.strategy.gradient_total if protocol == "cached" else None
     server = total.numel() * total.element_size() if total is not None else 0
     # Each client's upload, when the server keeps them for an offline withdrawing client (--withdrawing-offline).
     server += sum(vector.numel() * vector.element_size() for vector, _, _ in ctx.strategy.client_uploads.values())
-    return MethodOutcome(arrays, details={"unlearning": report.to_dict(),
+    return MethodOutcome(arrays, details={"unlearning": {**report.to_dict(), "repair_rounds": repair},
                                           "storage": storage(server, sum(ctx.strategy.client_cache_bytes.values()))})
 
 
@@ -125,7 +164,7 @@ def iau_fresh(ctx: MethodContext) -> MethodOutcome:
     return _iau(ctx, "fresh", "iau")
 
 
-@register("iau-cached", "IAU-Fed, cached protocol: only the withdrawing client sends G_S; the server holds G_tot")
+@register("iau-cached", "IAU-Fed, cached protocol: only the withdrawing client sends G_S; the server holds G_tot", uploads_caches=True)
 def iau_cached(ctx: MethodContext) -> MethodOutcome:
     """IAU correction with the cached protocol."""
     return _iau(ctx, "cached", "iau-cached")

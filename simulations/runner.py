@@ -269,7 +269,7 @@ class Experiment:
         self._checkpoint_label = None
         strategy.update_recorder = None
         # The final evaluation of training fills every client's gradient cache (and uploads it for iau-cached).
-        upload = any(m.name == "iau-cached" for m in self.methods)
+        upload = any(m.uploads_caches for m in self.methods)
         self.progress.start_phase("caching (final evaluation)", 1)
         with self.meter.phase("caching"):
             self.results["final_evaluation"] = strategy.fill_caches(metered, trained, upload=upload)

@@ -46,7 +46,6 @@ from .progress import Progress
 
 # Below this many shadows one variance for all examples beats per-example variances (Carlini et al. 2022, section VI).
 GLOBAL_VARIANCE_BELOW = 64
-NEEDS_CACHES = ("iau", "iau-cached", "gradient-ascent")
 
 
 def shadow_seed(seed: int, index: int) -> int:
@@ -140,9 +139,7 @@ def train_shadow_bank(cfg: ExperimentConfig, data: FederatedData, pool: torch.Te
                     shadow_data = DatasetStore.get(spec)
                     attack.add_shadow(shadow, *_attack_examples(shadow_data, pool, members, data, test_order))
                 if ulira_methods:
-                    names = {m.name for m in ulira_methods}
-                    if names & set(NEEDS_CACHES):
-                        run.fill_caches(trained, upload="iau-cached" in names)
+                    run.fill_caches(trained, upload=any(m.uploads_caches for m in ulira_methods))  # cheap: every method may use them
                     target = shadow_request(request, members)
                     for method in ulira_methods:
                         started = time.perf_counter()

@@ -299,3 +299,20 @@ def test_report_renders_every_saved_result_as_markdown(tmp_path):
             tables.append(current)
             current = []
     assert tables and all(len(set(counts)) == 1 and len(counts) >= 3 for counts in tables), tables
+
+
+def test_iau_ablation_miniature_writes_its_report(tmp_path, monkeypatch):
+    """The ablation's grid in miniature: one preset, one seed, two variants, quick settings; the report has their rows."""
+    from benchmarks import iau_ablation
+    from simulations import methods
+
+    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))  # the variants register as methods: keep them in this test
+    report = tmp_path / "ablation.md"
+    code = iau_ablation.main(["--presets", "smoke", "--seeds", "0", "--variants", "sgd-0.045,calibrated", "--quick",
+                              "--out", str(tmp_path / "runs"), "--report", str(report)])
+    assert code == 0
+    text = report.read_text()
+    assert "| iau:sgd-0.045 |" in text and "| iau:calibrated |" in text and "| pga |" in text
+    saved = json.loads((tmp_path / "runs" / "smoke-seed0.json").read_text())
+    assert saved["models"]["iau:calibrated"]["unlearning"]["calibration"]  # client u chose the step length
+    assert saved["models"]["iau:sgd-0.045"]["unlearning"]["steps"] == 1
