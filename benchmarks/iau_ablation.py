@@ -67,6 +67,10 @@ VARIANTS = (
             summary="two fresh normalised steps of 2%, lambda 3, then one FedAvg round among the remaining clients"),
     Variant("norm-2x0.03-l3-r1", {"step_rule": "normalised", "radius": 0.03, "steps": 2, "correction_weight": 3.0}, repair_rounds=1,
             summary="two fresh normalised steps of 3%, lambda 3, then one FedAvg repair round"),
+    Variant("norm-2x0.04-l3-r1", {"step_rule": "normalised", "radius": 0.04, "steps": 2, "correction_weight": 3.0}, repair_rounds=1,
+            summary="two fresh normalised steps of 4%, lambda 3, then one FedAvg repair round"),
+    Variant("norm-2x0.05-l3-r1", {"step_rule": "normalised", "radius": 0.05, "steps": 2, "correction_weight": 3.0}, repair_rounds=1,
+            summary="two fresh normalised steps of 5%, lambda 3, then one FedAvg repair round"),
     Variant("norm-0.05-r2", {"step_rule": "normalised", "radius": 0.05}, repair_rounds=2,
             summary="one deep normalised step of 5%, then two FedAvg repair rounds (PGA's budget: 1 + 2 rounds)"),
 )

@@ -477,16 +477,8 @@ class IAUFed(UnlearningFedAvg):
         # report.gradient_version says at which model the direction was taken).
         version = self.gradient_total_version
         report.gradient_version = version
-        content = self._query(self.gradient_total_arrays, request, keys.ROLE_FORGET_ONLY, self.gradient_total_count - forget_count, forget_count)
-        message = Message(content, dst_node_id=self.directory.node_of[request.client], message_type=keys.QUERY_GRADIENT)
-
-        def parse(partition: int, reply: Message) -> tuple[Message, torch.Tensor]:
-            sent_count = positive_count(reply, keys.FORGET_SIZE)
-            if sent_count != forget_count:
-                raise InvalidReplyError(f"client {partition} reports |S|={sent_count}, the request says {forget_count}")
-            return self._contribution(partition, reply, version, report, count_key=keys.FORGET_SIZE, bound_scale=float(forget_count))
-
-        accepted, missing = self._ask(grid, [message], "unlearn", parse, report)
+        accepted, missing = self._ask_forget_sum(grid, self.gradient_total_arrays, version, request, forget_count,
+                                                 self.gradient_total_count - forget_count, report)
         if missing:
             forget_sum = self._offline_withdrawing(request, version, forget_count, report)
         else:
@@ -499,12 +491,10 @@ class IAUFed(UnlearningFedAvg):
         report.direction_norm = float(direction.norm())
         return direction
 
-    def _cached_step_direction(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int,
-                               report: UnlearningReport) -> torch.Tensor:
-        """A later step of the cached protocol: client u sends G_S at the current model; g_r is the cache's (stale)."""
-        assert self.gradient_total is not None
-        version = model_version(arrays)
-        content = self._query(arrays, request, keys.ROLE_FORGET_ONLY, self.gradient_total_count, forget_count)
+    def _ask_forget_sum(self, grid: Grid, arrays: ArrayRecord, version: str, request: DeletionRequest, forget_count: int,
+                        remaining_count: int, report: UnlearningReport) -> tuple[dict[int, Any], list[int]]:
+        """Ask client u alone for G_S at `arrays` (validated: |S|, the version, the norm bound)."""
+        content = self._query(arrays, request, keys.ROLE_FORGET_ONLY, remaining_count, forget_count)
         message = Message(content, dst_node_id=self.directory.node_of[request.client], message_type=keys.QUERY_GRADIENT)
 
         def parse(partition: int, reply: Message) -> tuple[Message, torch.Tensor]:
@@ -513,7 +503,14 @@ class IAUFed(UnlearningFedAvg):
                 raise InvalidReplyError(f"client {partition} reports |S|={sent_count}, the request says {forget_count}")
             return self._contribution(partition, reply, version, report, count_key=keys.FORGET_SIZE, bound_scale=float(forget_count))
 
-        accepted, missing = self._ask(grid, [message], "unlearn", parse, report)
+        return self._ask(grid, [message], "unlearn", parse, report)
+
+    def _cached_step_direction(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int,
+                               report: UnlearningReport) -> torch.Tensor:
+        """A later step of the cached protocol: client u sends G_S at the current model; g_r is the cache's (stale)."""
+        assert self.gradient_total is not None
+        accepted, missing = self._ask_forget_sum(grid, arrays, model_version(arrays), request, forget_count,
+                                                 self.gradient_total_count, report)
         if missing:
             raise _Abort(f"withdrawing client {request.client} did not answer step {report.steps + 1} of the cached correction")
         _, forget_sum = accepted[request.client]
