@@ -49,6 +49,8 @@ class Variant:
     repair_rounds: int = 0
 
 
+# What a variant does not set (fixed here, not the current defaults, so a variant means the same thing when they change).
+VARIANT_BASE: dict[str, Any] = {"eta": 0.045, "steps": 1, "step_rule": "sgd", "radius": 0.02, "correction_weight": 1.0, "calibrate": "off"}
 VARIANTS = (
     Variant("sgd-0.045", {"step_rule": "sgd", "eta": 0.045}, summary="the previous default: one sgd step, eta 0.045"),
     Variant("adam-1e-3", {"step_rule": "adam-first-step", "eta": 1e-3}, summary="the IAU reference code's rule: one step of a fresh Adam"),
@@ -68,7 +70,7 @@ VARIANTS = (
     Variant("norm-2x0.03-l3-r1", {"step_rule": "normalised", "radius": 0.03, "steps": 2, "correction_weight": 3.0}, repair_rounds=1,
             summary="two fresh normalised steps of 3%, lambda 3, then one FedAvg repair round"),
     Variant("norm-2x0.04-l3-r1", {"step_rule": "normalised", "radius": 0.04, "steps": 2, "correction_weight": 3.0}, repair_rounds=1,
-            summary="two fresh normalised steps of 4%, lambda 3, then one FedAvg repair round"),
+            summary="two fresh normalised steps of 4%, lambda 3, then one FedAvg repair round (the default of `iau` since this ablation)"),
     Variant("norm-2x0.05-l3-r1", {"step_rule": "normalised", "radius": 0.05, "steps": 2, "correction_weight": 3.0}, repair_rounds=1,
             summary="two fresh normalised steps of 5%, lambda 3, then one FedAvg repair round"),
     Variant("norm-0.05-r2", {"step_rule": "normalised", "radius": 0.05}, repair_rounds=2,
@@ -78,7 +80,6 @@ VARIANTS = (
 
 def variant_method(variant: Variant) -> str:
     """Register `variant` as a method named iau:<name> (once) and return that name."""
-    from fedunlearn.iau import IAUSettings
     from simulations.methods import REGISTRY, MethodContext, MethodOutcome, _iau, register
     from strategies import app_config
 
@@ -86,8 +87,7 @@ def variant_method(variant: Variant) -> str:
     if name not in REGISTRY:
         def run(ctx: MethodContext) -> MethodOutcome:
             base = app_config.iau_settings_for(ctx.cfg)
-            defaults = {f: getattr(IAUSettings(), f) for f in ("eta", "steps", "step_rule", "radius", "correction_weight", "calibrate")}
-            ctx.strategy.iau = replace(base, **{**defaults, **variant.settings})
+            ctx.strategy.iau = replace(base, **{**VARIANT_BASE, **variant.settings})
             return _iau(ctx, variant.protocol, name, repair_rounds=variant.repair_rounds)
         register(name, variant.summary, uploads_caches=variant.protocol == "cached")(run)
     return name

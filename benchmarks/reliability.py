@@ -112,8 +112,13 @@ def fault_table(preset: str, extra: dict[str, Any] | None = None) -> dict[str, A
 
 
 def norm_bound_effect(preset: str, bound: float = 5.0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train once; then one IAU correction with client 3 sending a gradient of norm 1e6: no bound, clipped, rejected."""
-    cfg = build_config(preset, overrides={"shadow_mia": False, **(extra or {})})
+    """Train once; then one IAU correction with client 3 sending a gradient of norm 1e6: no bound, clipped, rejected.
+
+    With one sgd step, where a gradient's size becomes the step's size (the worst case; the normalised default rule
+    bounds the step's length, but a huge gradient still takes over its direction).
+    """
+    cfg = build_config(preset, overrides={"shadow_mia": False, "iau_step_rule": "sgd", "iau_steps": 1, "iau_correction_weight": 1.0,
+                                          **(extra or {})})
     cache = tempfile.mkdtemp(prefix="reliability-norm-")
     app = FaultyClientApp(build_client_app(app_config.client_spec_for(cfg, cache)), FaultPlan())
     grid = LocalGrid(app, cfg.num_clients, capture_errors=True)

@@ -28,12 +28,14 @@ class IAUSettings:
     first step's length from its own data (`choose_radius`).
     """
 
+    # Defaults: the best measured variant of docs/reports/iau-ablation.md over six presets x three seeds (two normalised
+    # steps of 4% of ||theta||, lambda 3; the runner adds one FedAvg repair round for the fresh protocol).
     eta: float = 0.045
-    steps: int = 1
-    step_rule: str = "sgd"
+    steps: int = 2
+    step_rule: str = "normalised"
     correction: bool = True  # False = gradient ascent only (the ablation baseline)
-    radius: float = 0.02
-    correction_weight: float = 1.0
+    radius: float = 0.04
+    correction_weight: float = 3.0
     per_layer: bool = False
     calibrate: str = "off"
     refresh_every: int = 0  # cached protocol: refresh g_r with a fresh round every k steps (0 = never: the cache's g_r)

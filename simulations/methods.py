@@ -146,6 +146,8 @@ def _iau(ctx: MethodContext, protocol: str, name: str, repair_rounds: int | None
     if protocol == "cached" and report.steps > 1 and not strategy.iau.refresh_every:
         report.stale_drift = stale_drift(ctx, report)
     repair = ctx.cfg.iau_repair_rounds if repair_rounds is None else repair_rounds
+    if ctx.cfg.withdraw_round is not None:
+        repair = 0  # a mid-training request: FedAvg without the data continues right after anyway
     if repair > 0:  # FedAvg among the remaining clients from the corrected model: what PGA does after its ascent
         fedavg = ctx.fedavg(ledger=strategy.ledger, round_offset=ctx.request_round, label=name)
         arrays = fedavg.start(grid=ctx.grid, initial_arrays=arrays, num_rounds=repair, timeout=ctx.cfg.round_timeout).arrays
@@ -158,7 +160,7 @@ def _iau(ctx: MethodContext, protocol: str, name: str, repair_rounds: int | None
                                           "storage": storage(server, sum(ctx.strategy.client_cache_bytes.values()))})
 
 
-@register("iau", "IAU-Fed, fresh protocol: one round, every remaining client sends its (cached) gradient")
+@register("iau", "IAU-Fed, fresh protocol: a round per step, every remaining client sends its (cached) gradient, then --iau-repair-rounds FedAvg rounds")
 def iau_fresh(ctx: MethodContext) -> MethodOutcome:
     """IAU correction with the fresh protocol."""
     return _iau(ctx, "fresh", "iau")
@@ -167,7 +169,7 @@ def iau_fresh(ctx: MethodContext) -> MethodOutcome:
 @register("iau-cached", "IAU-Fed, cached protocol: only the withdrawing client sends G_S; the server holds G_tot", uploads_caches=True)
 def iau_cached(ctx: MethodContext) -> MethodOutcome:
     """IAU correction with the cached protocol."""
-    return _iau(ctx, "cached", "iau-cached")
+    return _iau(ctx, "cached", "iau-cached", repair_rounds=0)  # the cached protocol contacts client u alone
 
 
 # The baselines register themselves on import; importing them here keeps REGISTRY complete whenever methods is imported.

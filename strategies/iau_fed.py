@@ -263,6 +263,10 @@ class IAUFed(UnlearningFedAvg):
                 report.step_norms.append(float((theta - before).norm()))
                 report.steps += 1
                 current = vector_to_arrays(theta, arrays, self.layout)
+                if report.fallback and step + 1 < self.iau.steps:
+                    # An offline client u's uploaded cache is G_S at one model: it cannot give G_S at the next one.
+                    report.reason = f"withdrawing client offline: {step + 1} of {self.iau.steps} steps, from its uploaded cache"
+                    break
             if self.iau.step_rule == "normalised":
                 report.radius = stepper.length if stepper.length is not None else self.iau.radius
         except _Abort as abort:

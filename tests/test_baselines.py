@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn import functional as F
 
+from one_step import one_step
 from fedunlearn.baselines import (
     FedEraserSettings,
     IMUSettings,
@@ -274,6 +275,7 @@ def test_finetune_with_zero_rounds_returns_the_original_model(small_cfg, tmp_pat
 
 
 def test_gradient_ascent_equals_iau_without_correction_and_the_pooled_reference(small_cfg, tmp_path):
+    small_cfg = small_cfg.replace(iau_step_rule="sgd", iau_steps=1)  # the pooled reference below is one sgd step
     fed = Federation(small_cfg, tmp_path, rounds=1)
     fed.strategy.fill_caches(fed.grid, fed.arrays)
     request = DeletionRequest(client=small_cfg.forget_client)
@@ -284,7 +286,7 @@ def test_gradient_ascent_equals_iau_without_correction_and_the_pooled_reference(
     got = arrays_to_vector(outcome.arrays, fed.layout)
 
     # The same request through IAUFed with the correction switched off.
-    settings = IAUSettings(eta=small_cfg.iau_eta, steps=small_cfg.iau_steps, step_rule=small_cfg.iau_step_rule, correction=False)
+    settings = one_step(eta=small_cfg.iau_eta, steps=small_cfg.iau_steps, step_rule=small_cfg.iau_step_rule, correction=False)
     plain = fed.strategy.branch()
     plain.iau = settings
     direct, _ = plain.unlearn(fed.grid, fed.arrays, request, len(forget_indices(fed.data, request)))
@@ -395,7 +397,7 @@ def test_every_method_runs_in_one_experiment_and_meets_the_contract(tmp_path):
     n = cfg.num_clients
     assert models["finetune"]["cost"]["rounds"] == cfg.finetune_rounds
     assert models["finetune"]["cost"]["participations"] == cfg.finetune_rounds * (n - 1)
-    assert models["gradient-ascent"]["cost"]["participations"] == 1
+    assert models["gradient-ascent"]["cost"]["participations"] == cfg.iau_steps  # only client u, once per step
     assert models["pga"]["cost"]["rounds"] == 1 + cfg.pga_rounds
     assert models["pga"]["storage"]["server_bytes"] == n * 4 * p  # every client's last local model (float32)
     assert models["imu"]["cost"]["rounds"] == 1 and models["imu"]["cost"]["participations"] == 1

@@ -195,7 +195,8 @@ def test_unlearning_benchmark_miniature_reports_every_registered_method(tmp_path
         assert summary["wall_s"] > 0 and summary["statuses"] == ["complete"], name
         if name != "retrain":
             assert summary["speedup_wall"] == pytest.approx(retrain["wall_s"] / summary["wall_s"]), name
-    assert result["methods"]["iau-cached"]["rounds"] == 1 and result["methods"]["iau-cached"]["participations"] == 1
+    steps = result["scenario"].get("iau-steps", 2)  # the cached protocol: one message to client u per step
+    assert result["methods"]["iau-cached"]["rounds"] == steps and result["methods"]["iau-cached"]["participations"] == steps
     assert result["grid_pull_interval_s"] is None  # in-process: nothing polls
     targets = {t["method"]: t for t in result["targets"]}
     assert targets["iau"]["required"] == 0.5 and targets["iau-cached"]["required"] == 1000

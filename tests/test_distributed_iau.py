@@ -8,6 +8,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from one_step import one_step
 from fedunlearn.costs import CostMeter
 from fedunlearn.data import DatasetStore
 from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
@@ -62,11 +63,11 @@ class Setup:
 @pytest.mark.parametrize("kind", list(REQUESTS))
 def test_distributed_update_equals_pooled_reference(small_cfg, tmp_path, kind, protocol, step_rule, eta):
     cfg = small_cfg.replace(forget_client=REQUESTS[kind].client)
-    setup = Setup(cfg, tmp_path, IAUSettings(eta=eta, step_rule=step_rule))
+    setup = Setup(cfg, tmp_path, one_step(eta=eta, step_rule=step_rule))
     request = REQUESTS[kind]
     theta = arrays_to_vector(setup.arrays, setup.layout)
     direction, remaining_count, forget_count = setup.reference_direction(theta, request)
-    expected = CorrectionStepper(theta, IAUSettings(eta=eta, step_rule=step_rule)).step(direction)
+    expected = CorrectionStepper(theta, one_step(eta=eta, step_rule=step_rule)).step(direction)
 
     setup.strategy.fill_caches(setup.grid, setup.arrays, upload=(protocol == "cached"))
     assert setup.strategy.current_examples() - forget_count == remaining_count
@@ -86,7 +87,7 @@ def test_distributed_update_equals_pooled_reference(small_cfg, tmp_path, kind, p
 
 def test_direction_matches_reference_closely(small_cfg, tmp_path):
     """The summed client vectors reproduce d itself to float64 precision (not only the stepped parameters)."""
-    setup = Setup(small_cfg, tmp_path, IAUSettings(eta=0.1, step_rule="sgd"))
+    setup = Setup(small_cfg, tmp_path, one_step(eta=0.1, step_rule="sgd"))
     request = REQUESTS["sample-poisoned"]
     theta = arrays_to_vector(setup.arrays, setup.layout)
     direction, _, forget_count = setup.reference_direction(theta, request)
@@ -97,7 +98,7 @@ def test_direction_matches_reference_closely(small_cfg, tmp_path):
 
 
 def test_fresh_protocol_with_k_steps_recomputes_direction(small_cfg, tmp_path):
-    setup = Setup(small_cfg, tmp_path, IAUSettings(eta=0.3, steps=2, step_rule="sgd"))
+    setup = Setup(small_cfg, tmp_path, one_step(eta=0.3, steps=2, step_rule="sgd"))
     request = REQUESTS["client-level"]
     theta = arrays_to_vector(setup.arrays, setup.layout)
     d1, _, forget_count = setup.reference_direction(theta, request)
@@ -112,7 +113,7 @@ def test_fresh_protocol_with_k_steps_recomputes_direction(small_cfg, tmp_path):
 
 def test_cached_protocol_stays_consistent_over_a_stream_of_requests(small_cfg, tmp_path):
     """After a first request G_tot is reduced by G_S, so a second request matches a fresh pooled reference."""
-    setup = Setup(small_cfg, tmp_path, IAUSettings(eta=0.2, step_rule="sgd"))
+    setup = Setup(small_cfg, tmp_path, one_step(eta=0.2, step_rule="sgd"))
     first, second = DeletionRequest(client=2, samples="random", fraction=0.3), DeletionRequest(client=1, samples="poisoned")
     theta = arrays_to_vector(setup.arrays, setup.layout)
     setup.strategy.fill_caches(setup.grid, setup.arrays, upload=True)
@@ -126,7 +127,7 @@ def test_cached_protocol_stays_consistent_over_a_stream_of_requests(small_cfg, t
 
 
 def test_fresh_round_answers_from_caches_without_recomputing(small_cfg, tmp_path):
-    setup = Setup(small_cfg, tmp_path, IAUSettings(eta=1e-3))
+    setup = Setup(small_cfg, tmp_path, one_step(eta=1e-3))
     request = REQUESTS["client-level"]
     setup.strategy.fill_caches(setup.grid, setup.arrays)
     forget_count = len(forget_indices(setup.data, request))
@@ -135,7 +136,7 @@ def test_fresh_round_answers_from_caches_without_recomputing(small_cfg, tmp_path
 
 
 def test_repeated_withdrawal_is_idempotent_and_unknown_or_withdrawn_client_refused(small_cfg, tmp_path):
-    setup = Setup(small_cfg, tmp_path, IAUSettings(eta=1e-3))
+    setup = Setup(small_cfg, tmp_path, one_step(eta=1e-3))
     setup.strategy.fill_caches(setup.grid, setup.arrays)
     request = REQUESTS["client-level"]
     forget_count = len(forget_indices(setup.data, request))
@@ -154,7 +155,7 @@ def test_repeated_withdrawal_is_idempotent_and_unknown_or_withdrawn_client_refus
 
 
 def test_model_vector_roundtrip(small_cfg, tmp_path):
-    setup = Setup(small_cfg, tmp_path, IAUSettings(), train_rounds=1)
+    setup = Setup(small_cfg, tmp_path, one_step(), train_rounds=1)
     theta = arrays_to_vector(setup.arrays, setup.layout)
     load_model_vector(setup.model, theta.float())
     torch.testing.assert_close(model_vector(setup.model).double(), theta)

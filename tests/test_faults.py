@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from one_step import one_step
 from fedunlearn.cache import CacheStore
 from fedunlearn.costs import CostMeter
 from fedunlearn.data import DatasetStore
@@ -53,7 +54,7 @@ class Federation:
         torch.manual_seed(0)
         self.model = build_model("mlp", self.data.input_shape, self.data.num_classes)
         self.layout = ParamLayout.of(self.model)
-        self.strategy = IAUFed(layout=self.layout, iau=IAUSettings(eta=ETA, step_rule="sgd"), gradient_dtype="float64",
+        self.strategy = IAUFed(layout=self.layout, iau=one_step(eta=ETA, step_rule="sgd"), gradient_dtype="float64",
                                directory=self.directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
                                policy=policy, keep_client_uploads=keep_uploads)
         initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items()))

@@ -135,7 +135,7 @@ def test_multi_step_update_equals_an_independent_pooled_reference(small_cfg, tmp
 
 def test_the_stale_cached_remaining_term_differs_from_the_fresh_one(small_cfg, tmp_path):
     """The two references disagree on a multi-step update: the equality test above can tell the protocols apart."""
-    setup = Setup(small_cfg.replace(forget_client=1), tmp_path, IAUSettings(step_rule="normalised", radius=0.05, steps=3))
+    setup = Setup(small_cfg.replace(forget_client=1), tmp_path, IAUSettings(step_rule="normalised", radius=0.05, steps=3, correction_weight=1.0))
     theta = arrays_to_vector(setup.arrays, setup.layout)
     fresh, _ = reference_steps(setup, DeletionRequest(client=1), theta, steps=3, radius=0.05, weight=1.0, stale_remaining=False)
     stale, _ = reference_steps(setup, DeletionRequest(client=1), theta, steps=3, radius=0.05, weight=1.0, stale_remaining=True)
@@ -154,7 +154,7 @@ def test_calibration_reads_only_the_withdrawing_clients_own_data(small_cfg, tmp_
         return original(self, indices)
 
     cfg = small_cfg.replace(forget_client=1)
-    settings = IAUSettings(step_rule="normalised", radius=0.05, calibrate="heldout-loss")
+    settings = IAUSettings(step_rule="normalised", radius=0.05, steps=1, calibrate="heldout-loss")
     setup = Setup(cfg, tmp_path, settings)
     setup.strategy.fill_caches(setup.grid, setup.arrays)
     request = DeletionRequest(client=1)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from one_step import one_step
 from fedunlearn.costs import CostMeter, PhaseCost, speedup
 from strategies import app_config
 from strategies.client_app import build_client_app
@@ -57,7 +58,7 @@ def test_metered_bytes_equal_sum_of_payloads(small_cfg, tmp_path):
     with meter.phase("setup"):
         directory = discover_clients(grid, small_cfg.num_clients)
     model = build_model("mlp", (1, 8, 8), 10)
-    strategy = IAUFed(layout=ParamLayout.of(model), iau=IAUSettings(), directory=directory,
+    strategy = IAUFed(layout=ParamLayout.of(model), iau=one_step(), directory=directory,
                       train=app_config.train_settings_for(small_cfg), seed=0)
     with meter.phase("training"):
         arrays = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=2).arrays

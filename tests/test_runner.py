@@ -52,19 +52,20 @@ def test_smoke_experiment_in_process_meets_the_contract(tmp_path):
     assert results["status"] == "complete"
     models = results["models"]
     assert models["retrain"]["cost"]["rounds"] == 3
-    assert models["iau"]["cost"]["rounds"] == 1 and models["iau"]["unlearning"]["rounds"] == 1
-    assert models["iau"]["cost"]["participations"] == cfg.num_clients
+    k, repair = cfg.iau_steps, cfg.iau_repair_rounds
+    # The fresh protocol: a round per step, every client; then the repair rounds among the remaining clients.
+    assert models["iau"]["unlearning"]["rounds"] == k and models["iau"]["cost"]["rounds"] == k + repair
+    assert models["iau"]["cost"]["participations"] == k * cfg.num_clients + repair * (cfg.num_clients - 1)
+    # The cached protocol: one message to client u per step, nobody else, no repair.
     assert models["iau-cached"]["unlearning"]["clients_asked"] == [cfg.forget_client]
-    assert models["iau-cached"]["cost"]["participations"] == 1
-    assert models["iau"]["speedup"]["rounds"] == 3.0
-    # Both protocols compute the same update from the same state.
-    assert models["iau"]["dist_para"] == pytest.approx(models["iau-cached"]["dist_para"], rel=1e-3)
+    assert models["iau-cached"]["cost"]["participations"] == k and models["iau-cached"]["unlearning"]["repair_rounds"] == 0
+    assert models["iau"]["speedup"]["rounds"] == 3 / (k + repair)
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     check_contract(on_disk, ["original", "retrain", "iau", "iau-cached"])
     with open(tmp_path / "out" / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["model"] for r in rows] == ["original", "retrain", "iau", "iau-cached"]
-    assert rows[2]["cost_rounds"] == "1"
+    assert rows[2]["cost_rounds"] == str(cfg.iau_steps + cfg.iau_repair_rounds)
 
 
 def test_retrain_reproduces_training_when_nothing_is_forgotten_elsewhere(tmp_path):
@@ -81,9 +82,10 @@ def test_mid_training_withdrawal_continues_without_the_client(tmp_path):
     results = drive(cfg, tmp_path)
     check_contract(results, ["original", "retrain", "iau"])
     iau = results["models"]["iau"]
-    assert iau["unlearning_cost"]["rounds"] == 1
-    assert iau["cost"]["rounds"] == 1 + 2  # the correction, then two rounds of training without the client
-    assert iau["cost"]["participations"] == cfg.num_clients + 2 * (cfg.num_clients - 1)
+    k = cfg.iau_steps  # no repair rounds mid-training: training without the client continues right after
+    assert iau["unlearning_cost"]["rounds"] == k and iau["unlearning"]["repair_rounds"] == 0
+    assert iau["cost"]["rounds"] == k + 2  # the correction, then two rounds of training without the client
+    assert iau["cost"]["participations"] == k * cfg.num_clients + 2 * (cfg.num_clients - 1)
     assert [p["round"] for p in results["history"]["iau"]] == [3, 4]
     assert results["phases"]["training"]["rounds"] == 2
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_distributed_iau import Setup
 
+from one_step import one_step
 from fedunlearn.cache import CacheStore
 from fedunlearn.config import build_config
 from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
@@ -31,7 +32,7 @@ STREAMS = {
 @pytest.mark.parametrize("protocol", ["fresh", "cached"])
 @pytest.mark.parametrize("kind", list(STREAMS))
 def test_two_requests_in_sequence_equal_the_pooled_reference_and_keep_caches_consistent(small_cfg, tmp_path, kind, protocol):
-    settings = IAUSettings(eta=0.5, step_rule="sgd")
+    settings = one_step(eta=0.5, step_rule="sgd")
     setup = Setup(small_cfg, tmp_path, settings)
     first, second = STREAMS[kind]
     theta0 = arrays_to_vector(setup.arrays, setup.layout)
@@ -93,9 +94,11 @@ def test_stream_experiment_reports_every_request_and_charges_the_whole_stream(tm
         # Retraining is from scratch without every client withdrawn so far; the others serve from their own state.
         assert models["retrain"]["cost"]["rounds"] == cfg.rounds
         assert models["retrain"]["cost"]["participations"] == cfg.rounds * (active - 1)
-        assert models["iau"]["cost"]["participations"] == active and models["iau"]["unlearning"]["status"] == "complete"
+        k, repair = cfg.iau_steps, cfg.iau_repair_rounds
+        assert models["iau"]["cost"]["participations"] == k * active + repair * (active - 1)
+        assert models["iau"]["unlearning"]["status"] == "complete"
         assert models["iau"]["unlearning"]["clients_asked"] == [p for p in range(cfg.num_clients) if p not in (0, 2, 4)[:j]]
-        assert models["iau-cached"]["cost"]["participations"] == 1
+        assert models["iau-cached"]["cost"]["participations"] == k
         assert models["finetune"]["cost"]["participations"] == active - 1
         assert models["retrain"]["dist_para"] == 0.0 and models["iau"]["dist_para"] > 0.0
         # The deleted data grows with the stream: ACC on it is measured over every request so far.
@@ -104,9 +107,9 @@ def test_stream_experiment_reports_every_request_and_charges_the_whole_stream(tm
     assert stream[2]["models"]["iau"]["dist_para"] != stream[0]["models"]["iau"]["dist_para"]
     # The headline: the final models at the cost of the whole stream.
     final = results["models"]
-    assert final["iau"]["cost"]["rounds"] == 3 and final["retrain"]["cost"]["rounds"] == 3 * cfg.rounds
+    assert final["iau"]["cost"]["rounds"] == 3 * (cfg.iau_steps + cfg.iau_repair_rounds) and final["retrain"]["cost"]["rounds"] == 3 * cfg.rounds
     assert final["iau"]["cost_last_request"] == stream[2]["models"]["iau"]["cost"]
-    assert final["iau"]["speedup"]["rounds"] == pytest.approx(cfg.rounds)
+    assert final["iau"]["speedup"]["rounds"] == pytest.approx(cfg.rounds / (cfg.iau_steps + cfg.iau_repair_rounds))
     assert {f"unlearn:iau#{j}" for j in (1, 2, 3)} <= set(results["phases"])
     with open(tmp_path / "out" / "stream.csv") as handle:
         rows = list(csv.DictReader(handle))

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from one_step import one_step
 from fedunlearn.deletion import DeletionRequest
 from fedunlearn.errors import InvalidReplyError, UnlearningAbortedError, WithdrawalRequestError
 from fedunlearn.gradients import ParamLayout
@@ -156,7 +157,7 @@ class ScriptedGrid(Grid):
 def strategy(policy: RoundPolicy) -> IAUFed:
     """IAUFed over the four scripted clients (float32 wire, plain SGD step with eta = 1)."""
     directory = ClientDirectory(node_of=dict(NODE_OF), num_train=dict(NUM_TRAIN), num_heldout={p: 1 for p in NUM_TRAIN})
-    return IAUFed(layout=LAYOUT, iau=IAUSettings(eta=1.0, step_rule="sgd"), directory=directory, policy=policy,
+    return IAUFed(layout=LAYOUT, iau=one_step(eta=1.0, step_rule="sgd"), directory=directory, policy=policy,
                   train=TrainSettings(epochs=1, lr=0.1, batch_size=4, optimizer="sgd"), seed=0)
 
 
