@@ -4,6 +4,16 @@
     python -m benchmarks.iau_ablation --presets smoke --seeds 0 --variants sgd-0.045,norm-3x0.01-l5   # a miniature
     python -m benchmarks.iau_ablation --report-only        # rewrite the report from benchmarks/results/iau-ablation/
 
+docs/reports/iau-ablation.md was written in four parts (2026-12-01, 2-core AMD EPYC, about 55 min of runs):
+    python -m benchmarks.iau_ablation --variants sgd-0.045,adam-1e-3,norm-0.02,norm-3x0.01-l5,norm-3x0.02-l3,cached-3x0.02-l3,calibrated,calibrated-3-l3
+    python -m benchmarks.iau_ablation --variants sgd-0.045,norm-2x0.02-l3-r1,norm-2x0.03-l3-r1,norm-0.05-r2 --out benchmarks/results/iau-ablation-repair
+    python -m benchmarks.iau_ablation --variants norm-2x0.04-l3-r1,norm-2x0.05-l3-r1 --out benchmarks/results/iau-ablation-deeper
+    python -m benchmarks.iau_ablation --presets default --variants sgd-0.045,norm-2x0.04-l3-r1 --set gr-alpha=0.005 --tag gr0.005 \
+        --out benchmarks/results/iau-ablation-gr
+    python -m benchmarks.iau_ablation --report-only --also benchmarks/results/iau-ablation-repair \
+        --also benchmarks/results/iau-ablation-deeper --also benchmarks/results/iau-ablation-gr
+(the same experiments give the same numbers: retrain, pga and iau:sgd-0.045 agree to the last digit across the folders.)
+
 Each (preset, seed) is ONE experiment, in-process (LocalGrid, no Ray: the quality metrics are the same
 as on Ray, tests/test_ray_e2e.py), in which every variant is a method of its own: all of them unlearn the
 same trained model, and each is measured with the same evaluation: ACC_test, ASR, the loss attack on the
@@ -213,12 +223,21 @@ def verdicts(rows: list[dict[str, float]], pga: list[dict[str, float]], protocol
     return out
 
 
+def _shown(path: Path) -> str:
+    """A folder relative to the repository when it is inside it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def write_report(out: Path, report: Path, machine: str, also: tuple[Path, ...] = ()) -> str:
     """docs/reports/iau-ablation.md from the saved experiments."""
     table = collect(out, also)
     lines = ["# IAU-Fed ablation", "",
              "Written by `python -m benchmarks.iau_ablation` (see its docstring) from the experiments in "
-             "`benchmarks/results/iau-ablation/`. Each (preset, seed) is one in-process experiment in which every variant "
+             + ", ".join(f"`{_shown(p)}`" for p in (out, *also)) + ". Each (preset, seed) is one in-process experiment in which every variant "
              "unlearns the same trained model; mean ± sample std over the seeds. " + machine, "",
              "Columns: ACC = ACC_test, ASR = backdoor success, gaps are method - retrain, `in band` counts the seeds where "
              "the value lies inside the band of 3 retrained models (the reference + 2 other seeds), `durable ASR` is the "
