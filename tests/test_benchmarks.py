@@ -263,7 +263,7 @@ def test_memory_benchmark_miniature_on_ray_counts_fedunlearns_caches(tmp_path):
     assert 3 * MCMAHAN_PARAMETERS * 4 < caches["client_cache_bytes"] < 3 * (MCMAHAN_PARAMETERS * 4 + 1024)
     assert caches["server_aggregate_cache_bytes"] == MCMAHAN_PARAMETERS * 8  # G_tot is kept in float64
     assert list(caches["phases"]) == ["discovery", "training", "caching (fill + upload)", "unlearn:iau-cached", "unlearn:iau"]
-    assert caches["phases"]["unlearn:iau-cached"]["rounds"] == 1 and caches["phases"]["training"]["rounds"] == 2
+    assert caches["phases"]["unlearn:iau-cached"]["rounds"] == 2 and caches["phases"]["training"]["rounds"] == 2
     assert [t["met"] for t in result["targets"]] == [None] and result["target"]["path"] == "fedunlearn"  # 1000 clients not asked for
     assert "3 clients x 8 examples" in markdown.memory(result)
 
