@@ -31,7 +31,7 @@ from fedunlearn.baselines import LastModelStore, UpdateHistory
 from fedunlearn.config import ExperimentConfig
 from fedunlearn.costs import CostMeter, PhaseCost, speedup
 from fedunlearn.data import DatasetStore, FederatedData
-from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
+from fedunlearn.deletion import DeletionRequest, forget_indices
 from fedunlearn.errors import ConfigError, FedUnlearnError, UnlearningAbortedError
 from fedunlearn.gradients import ParamLayout
 from fedunlearn.iau import CorrectionStepper

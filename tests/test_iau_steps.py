@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
 from fedunlearn.iau import STEP_RULES, CorrectionStepper, IAUSettings, choose_radius, direction_from_parts
-from strategies import keys
 from strategies.iau_fed import arrays_to_vector
 
 from test_distributed_iau import Setup
