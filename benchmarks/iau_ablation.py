@@ -10,8 +10,11 @@ docs/reports/iau-ablation.md was written in four parts (2026-12-01, 2-core AMD E
     python -m benchmarks.iau_ablation --variants norm-2x0.04-l3-r1,norm-2x0.05-l3-r1 --out benchmarks/results/iau-ablation-deeper
     python -m benchmarks.iau_ablation --presets default --variants sgd-0.045,norm-2x0.04-l3-r1 --set gr-alpha=0.005 --tag gr0.005 \
         --out benchmarks/results/iau-ablation-gr
+    python -m benchmarks.iau_ablation --presets default --variants sgd-0.045,norm-2x0.04-l3-r1 --set num-clients=20 \
+        --set model=mlp --tag 20-clients-mlp --out benchmarks/results/iau-ablation-outside     # outside the presets
     python -m benchmarks.iau_ablation --report-only --also benchmarks/results/iau-ablation-repair \
-        --also benchmarks/results/iau-ablation-deeper --also benchmarks/results/iau-ablation-gr
+        --also benchmarks/results/iau-ablation-deeper --also benchmarks/results/iau-ablation-gr \
+        --also benchmarks/results/iau-ablation-outside
 (the same experiments give the same numbers: retrain, pga and iau:sgd-0.045 agree to the last digit across the folders.)
 
 Each (preset, seed) is ONE experiment, in-process (LocalGrid, no Ray: the quality metrics are the same
