@@ -54,6 +54,7 @@ class Evaluator:
         self.triggered = data.triggered_test()[0] if cfg.backdoor else None
         self.attacks = attacks_of(cfg)
         self.bank = bank
+        self.relearn_threshold: float | None = None  # the relearning probe's target, from the original model
 
     def model(self, arrays: ArrayRecord) -> torch.nn.Module:
         """A fresh model holding `arrays`."""

@@ -442,7 +442,9 @@ class Experiment:
             metric = "acc_deleted"
             def measure(model: torch.nn.Module) -> float:
                 return accuracy(model, *evaluator.deleted)
-        threshold = 0.9 * measure(evaluator.model(original))
+        if evaluator.relearn_threshold is None:  # the original's level, once per request (evaluator), not once per model
+            evaluator.relearn_threshold = 0.9 * measure(evaluator.model(original))
+        threshold = evaluator.relearn_threshold
         result = relearn_steps(evaluator.model(arrays), *evaluator.deleted, measure=measure, threshold=threshold,
                                lr=cfg.relearn_lr or cfg.lr / 10,
                                batch_size=cfg.batch_size, max_steps=cfg.relearn_steps, momentum=cfg.momentum, seed=cfg.seed)

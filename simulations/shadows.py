@@ -31,7 +31,7 @@ from fedunlearn.data import DatasetStore, FederatedData
 from fedunlearn.deletion import DeletionRequest, forget_indices
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.gradients import ParamLayout
-from fedunlearn.lira import fit_gaussians, leave_one_out_scores, lira_scores, model_logit_confidence, split_halves
+from fedunlearn.lira import GaussianFits, fit_gaussians, leave_one_out_scores, lira_scores, model_logit_confidence, split_halves
 from fedunlearn.mia import ShadowAttack
 from fedunlearn.models import build_model
 from strategies import app_config
@@ -73,6 +73,7 @@ class ShadowBank:
     unlearned_phi: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> (K, N) after the shadow unlearned
     shadow_attack: ShadowAttack | None = None
     cost: dict[str, Any] = field(default_factory=dict)
+    _fits: GaussianFits | None = field(default=None, init=False, repr=False)
 
     @property
     def global_variance(self) -> bool:
@@ -88,7 +89,9 @@ class ShadowBank:
 
     def lira_scores(self, target_phi: torch.Tensor) -> torch.Tensor:
         """The online LiRA score of every pool example under a target model (higher = member)."""
-        return lira_scores(target_phi, fit_gaussians(self.phi, self.in_mask, global_variance=self.global_variance))
+        if self._fits is None:  # the shadows do not change: fit once, score every model against the same Gaussians
+            self._fits = fit_gaussians(self.phi, self.in_mask, global_variance=self.global_variance)
+        return lira_scores(target_phi, self._fits)
 
     def ulira_scores(self, method: str) -> torch.Tensor:
         """U-LiRA: each unlearned shadow scored against the others, (K, N) (members: its own unlearned examples)."""
