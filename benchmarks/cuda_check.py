@@ -23,6 +23,7 @@ import argparse
 import copy
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def _loop(model: torch.nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor]
     return states
 
 
-def _max_diff(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+def _max_diff(a: Sequence[Mapping[str, torch.Tensor]], b: Sequence[Mapping[str, torch.Tensor]]) -> tuple[float, float]:
     """(max absolute difference, max of |a - b| / (|b| + 1e-12)) over every client and tensor, on the CPU in float64."""
     abs_diff, rel_diff = 0.0, 0.0
     for sa, sb in zip(a, b, strict=True):
