@@ -14,6 +14,7 @@ import pytest
 
 from fedunlearn.config import build_config
 from fedunlearn.errors import ConfigError
+from simulations.checkpoint import check_same_experiment
 from simulations.run import main
 from simulations.runner import Experiment
 from simulations.summary import write_summary
@@ -86,7 +87,9 @@ def test_mlflow_holds_one_run_with_the_config_the_curves_the_metrics_and_the_fil
     experiment, results = drive(tmp_path, tracking="mlflow")
     out = tmp_path / "out"
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")  # the default local store, under --out
-    [run] = client.search_runs([client.get_experiment_by_name("fedunlearn").experiment_id])
+    store = client.get_experiment_by_name("fedunlearn")
+    assert store is not None
+    [run] = client.search_runs([store.experiment_id])
     run_id = run.info.run_id
     assert run.info.status == "FINISHED" and run.info.run_name == "out"
     assert run.data.params["rounds"] == "3" and run.data.params["methods"] == "retrain,iau"
@@ -101,6 +104,7 @@ def test_mlflow_holds_one_run_with_the_config_the_curves_the_metrics_and_the_fil
     for key, value in (("iau/acc_test", iau["acc_test"]), ("iau/cost/wall_s", iau["cost"]["wall_s"]),
                        ("iau/cost/participations", iau["cost"]["participations"]), ("iau/speedup/rounds", iau["speedup"]["rounds"]),
                        ("original/backdoor_asr", results["models"]["original"]["backdoor_asr"]),
+                       ("iau/storage/client_bytes", iau["storage"]["client_bytes"]),
                        ("phases/training/rounds", results["phases"]["training"]["rounds"])):
         [metric] = client.get_metric_history(run_id, key)
         assert (metric.step, metric.value) == (1, value), key
@@ -115,19 +119,20 @@ def test_mlflow_holds_one_run_with_the_config_the_curves_the_metrics_and_the_fil
 def test_tracking_off_writes_nothing_and_imports_neither_backend(tmp_path):
     """In a fresh interpreter: the default run leaves only its results in --out, and no backend is imported."""
     script = textwrap.dedent(f"""
+        import json
         import sys
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_tracking import drive
         experiment, _ = drive(Path({str(tmp_path)!r}))
-        print(sorted(p.name for p in (Path({str(tmp_path)!r}) / "out").iterdir()))
-        print(sorted(m for m in sys.modules if m.split(".")[0] in ("mlflow", "tensorboard", "tensorboardX")
-                     or m.startswith("torch.utils.tensorboard")))
+        print(json.dumps(sorted(p.name for p in (Path({str(tmp_path)!r}) / "out").iterdir())))
+        print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("mlflow", "tensorboard", "tensorboardX")
+                                or m.startswith("torch.utils.tensorboard"))))
     """)
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    written, imported = (eval(line) for line in proc.stdout.strip().splitlines()[-2:])
+    written, imported = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
     assert written == ["plots", "report.md", "results.csv", "results.json", "summary.csv", "summary.json"]
     assert imported == []
 
@@ -162,6 +167,13 @@ def test_tracking_needs_a_place_to_write():
     pytest.importorskip("mlflow")
     with pytest.raises(ConfigError, match=r"--tracking mlflow needs --out DIR .* or --tracking-uri URI"):
         Experiment(cfg.replace(tracking="mlflow"), out_dir=None, show_progress=False)
+
+
+def test_resume_may_turn_tracking_on_even_from_a_checkpoint_that_predates_it():
+    saved = {k: v for k, v in build_config("smoke").to_dict().items() if not k.startswith("tracking")}
+    check_same_experiment(saved, build_config("smoke", overrides={"tracking": "mlflow", "tracking-uri": "http://localhost:5000"}).to_dict())
+    with pytest.raises(ConfigError, match="rounds"):  # what the run computes still has to match
+        check_same_experiment(saved, build_config("smoke", overrides={"tracking": "mlflow", "rounds": 2}).to_dict())
 
 
 @pytest.mark.ray
