@@ -7,7 +7,8 @@ experiment is set up, before Ray starts.
 
 What is logged, under the same names in both backends:
 - `history/<run>/<metric>` at step = round: the curves of results.json's `history` (train_loss, acc_test, ...), for
-  every training run (original, retrain, finetune, durability:<method>, ...);
+  every training run (original, retrain, finetune, durability:<method>, ...); in a stream, the same run for a later
+  request is `<run>-request-<n>`;
 - `<model>/<metric>` at step = request (1 unless a stream): each model's numbers of results.json's `models`, nested
   ones joined by `/` (`iau/cost/wall_s`, `iau/speedup/wall`, `iau/mia/lira/auc`); what results.json holds as null is
   not logged;
@@ -84,6 +85,25 @@ def curve(point: Mapping[str, float]) -> Iterator[tuple[str, float]]:
     return ((key, value) for key, value in numbers(point) if key != "round")
 
 
+class RunNames:
+    """A training run whose rounds start again (the same run for the next request of a stream) is `<run>-request-<n>`.
+
+    results.json appends it to the same history list; in a tracker the restarted steps would interleave with the first
+    request's, and TensorBoard discards the points of a tag whose step goes back (it takes them for a crashed run's).
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, int]] = {}  # run -> (its latest round, how many times it started)
+
+    def __call__(self, run: str, server_round: int) -> str:
+        """The name the point of `run` at `server_round` is logged under."""
+        last, starts = self._last.get(run, (server_round, 1))
+        if server_round <= last and run in self._last:
+            starts += 1
+        self._last[run] = (server_round, starts)
+        return run if starts == 1 else f"{run}-request-{starts}"
+
+
 def _config_text(cfg: ExperimentConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=2)
 
@@ -96,6 +116,7 @@ class TensorBoardTracker:
         self.logdir = logdir
         self._writer: Any = None
         self._finished = False
+        self._names = RunNames()
 
     def _open(self) -> Any:
         if self._writer is None:  # opened at the first event: an experiment refused at setup writes nothing
@@ -108,9 +129,10 @@ class TensorBoardTracker:
 
     def on_round(self, run: str, point: Mapping[str, float]) -> None:
         """Each curve value as history/<run>/<metric> at step = round."""
-        writer = self._open()
+        writer, step = self._open(), int(point["round"])
+        name = self._names(run, step)
         for key, value in curve(point):
-            writer.add_scalar(f"history/{run}/{key}", value, global_step=int(point["round"]))
+            writer.add_scalar(f"history/{name}/{key}", value, global_step=step)
 
     def on_method(self, name: str, entry: Mapping[str, Any], step: int = 1) -> None:
         """Each number of the entry as <name>/<key> at step = request."""
@@ -167,6 +189,7 @@ class MlflowTracker:
         self._client: Any = None
         self.run_id: str | None = None
         self._finished = False
+        self._names = RunNames()
 
     def _open(self) -> tuple[Any, str]:
         if self._client is None or self.run_id is None:
@@ -204,7 +227,9 @@ class MlflowTracker:
 
     def on_round(self, run: str, point: Mapping[str, float]) -> None:
         """Each curve value as history/<run>/<metric> at step = round."""
-        self._log(((f"history/{run}/{key}", value) for key, value in curve(point)), step=int(point["round"]))
+        step = int(point["round"])
+        name = self._names(run, step)
+        self._log(((f"history/{name}/{key}", value) for key, value in curve(point)), step=step)
 
     def on_method(self, name: str, entry: Mapping[str, Any], step: int = 1) -> None:
         """Each number of the entry as <name>/<key> at step = request."""

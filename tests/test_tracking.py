@@ -40,41 +40,52 @@ def drive(tmp_path: Path, **overrides: object) -> tuple[Experiment, dict]:
 
 
 def curves(results: dict) -> dict[str, list[tuple[int, float]]]:
-    """results.json's history as {history/<run>/<metric>: [(round, value), ...]}: the reference the stores must hold."""
+    """results.json's history as {history/<run>/<metric>: [(round, value), ...]}: the reference the stores must hold.
+
+    A run's list that starts again at a lower round (its next request in a stream) continues as <run>-request-2, ...
+    """
     expected: dict[str, list[tuple[int, float]]] = {}
     for run, points in results["history"].items():
+        starts, previous = 1, None
         for point in points:
+            if previous is not None and point["round"] <= previous:
+                starts += 1
+            previous = point["round"]
+            name = run if starts == 1 else f"{run}-request-{starts}"
             for key, value in point.items():
                 if key != "round" and value is not None:
-                    expected.setdefault(f"history/{run}/{key}", []).append((point["round"], value))
+                    expected.setdefault(f"history/{name}/{key}", []).append((point["round"], value))
     return expected
 
 
 def test_tensorboard_holds_the_curves_the_method_metrics_and_the_plots(tmp_path):
+    """A stream of two requests: every method's numbers at step 1 and 2, the restarted runs under their own names."""
     pytest.importorskip("tensorboard", reason="--tracking tensorboard needs the tensorboard package (pip install 'fedunlearn[tensorboard]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, results = drive(tmp_path, tracking="tensorboard")
+    _, results = drive(tmp_path, tracking="tensorboard", **{"stream-clients": "2"})
     events = EventAccumulator(str(tmp_path / "out" / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
     expected = curves(results)
-    assert {"history/original/train_loss", "history/original/acc_test", "history/retrain/acc_test"} <= set(expected)
+    assert {"history/original/train_loss", "history/original/acc_test", "history/retrain/acc_test",
+            "history/retrain-request-2/acc_test"} <= set(expected)
     assert {t for t in tags["scalars"] if t.startswith("history/")} == set(expected)
     for tag, points in expected.items():
         logged = events.Scalars(tag)
         assert [e.step for e in logged] == [r for r, _ in points], tag  # one step per round, numbered as the rounds
         # TensorBoard stores float32: the same number, rounded once.
         assert [e.value for e in logged] == [float(np.float32(v)) for _, v in points], tag
-    assert len(events.Scalars("history/original/acc_test")) == 3
-    for name, key in (("iau", "acc_test"), ("iau", "backdoor_asr"), ("original", "acc_test"), ("retrain", "mia_auc")):
-        [event] = events.Scalars(f"{name}/{key}")
-        assert (event.step, event.value) == (1, float(np.float32(results["models"][name][key])))
-    for key in ("wall_s", "rounds", "bytes_up"):
-        [event] = events.Scalars(f"iau/cost/{key}")
-        assert event.value == float(np.float32(results["models"]["iau"]["cost"][key]))
-    [event] = events.Scalars("iau/speedup/wall")
-    assert event.value == float(np.float32(results["models"]["iau"]["speedup"]["wall"]))
+    assert len(events.Scalars("history/original/acc_test")) == len(events.Scalars("history/retrain-request-2/acc_test")) == 3
+    first, second = (request["models"] for request in results["stream"])
+    for name, key in (("iau", "acc_test"), ("iau", "backdoor_asr"), ("original", "acc_test"), ("retrain", "mia_auc"),
+                      ("iau", "cost/wall_s"), ("iau", "cost/rounds"), ("iau", "cost/bytes_up"), ("iau", "speedup/wall")):
+        path = key.split("/")
+        values = [model[name] for model in (first, second)]
+        for part in path:
+            values = [value[part] for value in values]
+        assert [(e.step, e.value) for e in events.Scalars(f"{name}/{key}")] == [(1, float(np.float32(values[0]))),
+                                                                               (2, float(np.float32(values[1])))], key
     plots = sorted(p.stem for p in (tmp_path / "out" / "plots").glob("*.png"))  # what the report drew, on disk
     assert plots and sorted(t.removeprefix("plots/") for t in tags["images"]) == plots
     assert {"config/text_summary", "status/text_summary", "report/text_summary"} <= set(tags["tensors"])
