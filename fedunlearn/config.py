@@ -24,6 +24,7 @@ NORM_ACTIONS = ("clip", "reject")
 EXECUTIONS = ("per-node", "cohort")
 MIA_ATTACKS = ("loss", "shadow", "lira", "ulira")
 COHORT_TRAIN = ("auto", "vmap", "loop")
+TRACKING = ("off", "tensorboard", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,10 @@ class ExperimentConfig:
     relearn_steps: int = field(default=100, metadata={"help": "relearning probe: at most this many SGD steps of fine-tuning on the forget set, counting the steps until its ASR (or forget-set accuracy) is back at 90 percent of the original model's (0 = off)"})
     checkpoint_every: int = field(default=5, metadata={"help": "save the global model and run state every N training rounds under DIR/checkpoint (0 = never); --resume continues from there"})
     verbose: bool = field(default=False, metadata={"help": "show Flower's and Ray's own logs"})
+    # experiment tracking (simulations/tracking.py; the backends are optional extras)
+    tracking: str = field(default="off", metadata={"help": f"log per-round curves, every method's metrics and costs, and the report's plots to: {', '.join(TRACKING)} (tensorboard: DIR/tensorboard; mlflow: one run per experiment; needs pip install 'fedunlearn[tensorboard]' or 'fedunlearn[mlflow]')"})
+    tracking_uri: str | None = field(default=None, metadata={"help": "with --tracking mlflow: the tracking URI, e.g. http://host:5000 or sqlite:///runs.db (default: a local store in DIR, sqlite:///DIR/mlflow.db with artifacts in DIR/mlartifacts)"})
+    tracking_experiment: str = field(default="fedunlearn", metadata={"help": "with --tracking mlflow: the MLflow experiment the run is logged under"})
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -192,6 +197,20 @@ class ExperimentConfig:
             raise ConfigError(f"device={self.device!r}: must be auto, cpu, cuda or cuda:N")
         self._check_faults()
         self._check_execution()
+        self._check_tracking()
+
+    def _check_tracking(self) -> None:
+        _check_choice("tracking", self.tracking, TRACKING)
+        if self.tracking != "mlflow":
+            for key, value, default in (("tracking-uri", self.tracking_uri, None), ("tracking-experiment", self.tracking_experiment, "fedunlearn")):
+                if value != default:
+                    raise ConfigError(f"{key}={value!r} has no effect with tracking={self.tracking!r}: it names an MLflow store; "
+                                      f"add --tracking mlflow, or drop --{key}" + (" (TensorBoard logs go to DIR/tensorboard)"
+                                                                                 if self.tracking == "tensorboard" else ""))
+        if not self.tracking_experiment.strip():
+            raise ConfigError("tracking-experiment='': name the MLflow experiment, e.g. --tracking-experiment fedunlearn")
+        if self.tracking_uri is not None and not self.tracking_uri.strip():
+            raise ConfigError("tracking-uri='': give an MLflow tracking URI (e.g. http://localhost:5000) or drop it for the local store in DIR")
 
     def _check_evaluation(self) -> None:
         for attack in self.mia_attacks:

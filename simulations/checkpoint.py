@@ -25,6 +25,7 @@ from .results import finite_or_none
 
 # Settings that change how a run is shown or scheduled, not what it computes: they may differ on resume.
 RUNTIME_KEYS = {"verbose", "ray-address", "num-cpus-per-client", "num-gpus-per-client", "round-timeout", "checkpoint-every"}
+RUNTIME_KEYS |= {"tracking", "tracking-uri", "tracking-experiment"}  # where the run is also logged (older checkpoints lack them)
 
 
 class Checkpoints:

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from .summary import write_summary
+    from .tracking import log_report
 
     runs = []
     for experiment in experiments:
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(results)
     title = f"fedunlearn report: preset {args.preset}" + (f", seeds {args.seeds}" if seeds else "")
     summary = write_summary(args.out, runs, title)
+    log_report(experiments, args.out, summary)  # --tracking: the report and plots join each experiment's run
     where = f"{args.out}/seed-N/results.json" if seeds else f"{args.out}/results.json, {args.out}/results.csv"
     print(f"results: {where}; report: {args.out}/report.md ({len(summary['plots'])} plots in {args.out}/plots)")
     return 0

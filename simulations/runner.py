@@ -55,6 +55,7 @@ from .shadows import ShadowBank, train_shadow_bank
 from .methods import MethodContext, MethodOutcome, check_methods, get_method
 from .progress import Progress
 from .results import write_results
+from .tracking import tracker_for
 
 REFERENCE = "retrain"
 # What the band of retrained models describes (distances only over the extra retrains: the reference is at 0 from itself).
@@ -104,6 +105,7 @@ class Experiment:
         self.resume_state: dict[str, Any] | None = None
         self._check_membership()
         self._prepare_out_dir(resume, overwrite)
+        self.tracker = tracker_for(cfg, self.out_dir)  # --tracking: checked here, before Ray; opened at its first event
 
     def _check_membership(self) -> None:
         """Costly attacks on sets too small to score are refused before anything starts (the data is loaded once here)."""
@@ -191,6 +193,7 @@ class Experiment:
                                backend_config=backend_config, verbose_logging=self.cfg.verbose)
         finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
+            self.tracker.finish(self.results)  # a failed run's tracking ends too (a finished one's already did)
         if self._error is not None:
             raise self._error
         if self.results["status"] != "complete":
@@ -297,6 +300,7 @@ class Experiment:
                                request_round, update_history, last_models, totals)
             self.results["models"] = step
             self._write()
+            self.tracker.on_method("original", step["original"], step=index + 1)
         if len(self.requests) > 1:  # the headline of a stream: the final models, at the cost of serving every request
             reference_total = totals.get(REFERENCE)
             self.results["models"] = copy.deepcopy(self.results["models"])  # results["stream"] keeps the last request's own
@@ -308,6 +312,7 @@ class Experiment:
                         entry["speedup"] = speedup(reference_total, totals[name])
         self.results["status"] = "complete"
         self._write()
+        self.tracker.finish(self.results)
 
     def _serve(self, index: int, request: DeletionRequest, forget_count: int, evaluator: Evaluator, states: dict[str, IAUFed],
                current: dict[str, ArrayRecord], original: ArrayRecord, initial: ArrayRecord, metered: Grid,
@@ -386,6 +391,7 @@ class Experiment:
                 self.results["models"] = models
             self.results["phases"] = {name: c.to_dict() for name, c in self.meter.phases.items()}
             self.progress.note(label, entry)
+            self.tracker.on_method(method.name, entry, step=index + 1)
             self._write()
         return models
 
@@ -526,6 +532,7 @@ class Experiment:
                 point.update(self.evaluator.quick(arrays))
             self.results["history"].setdefault(label, []).append(point)
             self.progress.advance(point)
+            self.tracker.on_round(label, point)
             if label == self._checkpoint_label and self.checkpoints is not None and self.cfg.checkpoint_every > 0 \
                     and server_round % self.cfg.checkpoint_every == 0 and server_round <= self._checkpoint_until:
                 self.checkpoints.save_arrays("training", arrays)
