@@ -412,6 +412,14 @@ def test_select_forget_subset_errors(data: FederatedData, kwargs: dict, needle: 
         ("backdoor_target", 10),
         ("trigger_size", 0),
         ("trigger_size", 9),
+        ("partition", "sorted"),
+        ("min_partition_size", 1),
+        ("self_balancing", "yes"),
+        ("classes_per_client", 0),
+        ("class_assignment", "round-robin"),
+        ("shards_per_client", 0),
+        ("shard_size", -1),
+        ("dataset", "mylab.data"),
     ],
 )
 def test_bad_spec_values_raise(field: str, value: object) -> None:

@@ -240,13 +240,14 @@ def test_plugin_model_and_loader_on_ray(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run(
         [sys.executable, "-m", "simulations.run", *SMALL, "--out", str(out), "--dataset", f"{ZOO}:blobs_loader",
-         "--model", f"{ZOO}:tiny_net", "--trigger-size", "2", "--rounds", "2"],
+         "--model", f"{ZOO}:tiny_net", "--trigger-size", "2", "--rounds", "2", "--local-epochs", "2"],
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "complete"
     assert results["num_parameters"] == sum(p.numel() for p in plugin_zoo.TinyNet((1, 6, 6), 3).parameters())
-    assert results["models"]["original"]["acc_test"] > 0.6  # the workers trained the user's model on the user's data
+    # The workers trained the user's model on the user's data (in-process, the same settings reach 0.9; chance is 1/3).
+    assert results["models"]["original"]["acc_test"] > 0.6
     assert results["models"]["retrain"]["cost"]["participations"] == 2 * 2
 
 
