@@ -276,7 +276,7 @@ def stamp_trigger(x: torch.Tensor, size: int, value: float = 1.0) -> torch.Tenso
 
 def _partitioner(spec: DataSpec, seed: int) -> Any:
     """The flwr-datasets partitioner `spec.partition` with the spec's parameters, seeded by `seed`."""
-    # Imported here: `datasets` and pyarrow take about a second to import, paid only by the process that partitions.
+    # Imported here: `datasets` and pyarrow take seconds to import, paid only by a process that partitions.
     from flwr_datasets import partitioner as fp
 
     n = spec.num_clients
