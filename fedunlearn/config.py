@@ -10,15 +10,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .data import CLASS_ASSIGNMENTS, DATASET_NAMES, LOADER_CONTRACT, MIN_CLIENT_EXAMPLES, PARTITIONS
 from .errors import ConfigError
 from .iau import CALIBRATIONS, STEP_RULES
+from .models import FACTORY_CONTRACT, MODEL_NAMES, registered_models
+from .plugins import is_plugin_path
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
-PARTITIONS = ("iid", "dirichlet")
+DATASETS = DATASET_NAMES
 OPTIMIZERS = ("sgd", "adam")
 FORGET_SAMPLES = ("all", "poisoned", "random")
 CACHE_DTYPES = ("float64", "float32", "bfloat16", "float16")
-MODELS = ("auto", "mlp", "cnn", "mcmahan-cnn", "resnet18")
+MODELS = ("auto", *MODEL_NAMES)
 UNLEARN_POLICIES = ("renormalise", "abort")
 NORM_ACTIONS = ("clip", "reject")
 EXECUTIONS = ("per-node", "cohort")
@@ -32,13 +34,19 @@ class ExperimentConfig:
     """Every setting of one experiment; field names are the CLI flags with '_' for '-'."""
 
     # data
-    dataset: str = field(default="digits", metadata={"help": f"dataset: {', '.join(DATASETS)} (digits ships with scikit-learn: offline)"})
-    data_dir: str | None = field(default=None, metadata={"help": "folder holding torchvision datasets (MNIST, FashionMNIST, CIFAR-10)"})
+    dataset: str = field(default="digits", metadata={"help": f"dataset: {', '.join(DATASETS)} (digits ships with scikit-learn: offline), or PKG.MODULE:LOADER, your own loader (docs/data-and-models.md)"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder holding torchvision datasets (MNIST, FashionMNIST, CIFAR-10); passed to a PKG.MODULE:LOADER as data_dir"})
     download: bool = field(default=False, metadata={"help": "let torchvision download the dataset into --data-dir if it is missing"})
     train_limit: int | None = field(default=None, metadata={"help": "use at most this many training examples (seeded subset)"})
     num_clients: int = field(default=10, metadata={"help": "number of federated clients (Flower SuperNodes)"})
-    partition: str = field(default="iid", metadata={"help": f"how data is split over clients: {', '.join(PARTITIONS)}"})
+    partition: str = field(default="iid", metadata={"help": f"how data is split over clients, by the flwr-datasets partitioner of that name: {', '.join(PARTITIONS)} (seeded by --seed)"})
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration for --partition dirichlet (smaller = more label skew)"})
+    min_partition_size: int = field(default=MIN_CLIENT_EXAMPLES, metadata={"help": f"--partition dirichlet: redraw until every client holds at least this many examples (>= {MIN_CLIENT_EXAMPLES}; flwr-datasets gives up after 10 redraws)"})
+    self_balancing: bool = field(default=False, metadata={"help": "--partition dirichlet: stop giving a class to clients that already hold more than the average (flwr-datasets' self_balancing)"})
+    classes_per_client: int = field(default=2, metadata={"help": "--partition pathological: classes each client holds"})
+    class_assignment: str = field(default="first-deterministic", metadata={"help": f"--partition pathological: how classes are dealt, {', '.join(CLASS_ASSIGNMENTS)} (first-deterministic: client i's first class is i mod classes, so every class is used once there are as many clients; random may leave classes, and their examples, unused)"})
+    shards_per_client: int = field(default=2, metadata={"help": "--partition shard: label-sorted shards each client receives (McMahan et al. use 2)"})
+    shard_size: int = field(default=0, metadata={"help": "--partition shard: examples per shard (0 = the train split cut into num-clients x shards-per-client equal shards; examples left over are used by no client)"})
     input_noise: float = field(default=0.0, metadata={"help": "std of Gaussian noise added once to every input, train and test (seeded; 0 = none): a harder task on the same images, where membership becomes measurable"})
     heldout_fraction: float = field(default=0.2, metadata={"help": "fraction of each client's data held out (evaluation, MIA non-members)"})
     # backdoor used to verify removal
@@ -47,7 +55,7 @@ class ExperimentConfig:
     backdoor_target: int = field(default=0, metadata={"help": "label the triggered examples are relabelled to"})
     trigger_size: int = field(default=4, metadata={"help": "side in pixels of the square trigger in the bottom-right corner"})
     # model and training
-    model: str = field(default="auto", metadata={"help": f"model: {', '.join(MODELS)} (auto: cnn for digits/MNIST, resnet18 for CIFAR-10)"})
+    model: str = field(default="auto", metadata={"help": f"model: {', '.join(MODELS)} (auto: cnn for digits/MNIST and for a plug-in dataset, resnet18 for CIFAR-10), or PKG.MODULE:FACTORY, your own FACTORY(input_shape, num_classes) -> torch.nn.Module (docs/data-and-models.md)"})
     rounds: int = field(default=30, metadata={"help": "FedAvg training rounds"})
     local_epochs: int = field(default=2, metadata={"help": "local epochs per round"})
     batch_size: int = field(default=32, metadata={"help": "local mini-batch size"})
@@ -131,8 +139,7 @@ class ExperimentConfig:
     tracking_experiment: str = field(default="fedunlearn", metadata={"help": "with --tracking mlflow: the MLflow experiment the run is logged under"})
 
     def __post_init__(self) -> None:
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("partition", self.partition, PARTITIONS)
+        self._check_data_and_model()
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("forget-samples", self.forget_samples, FORGET_SAMPLES)
         _check_choice("iau-step-rule", self.iau_step_rule, tuple(STEP_RULES))
@@ -145,7 +152,6 @@ class ExperimentConfig:
             raise ConfigError(f"iau-calibrate={self.iau_calibrate}: the client chooses a normalised step's length; add "
                               "--iau-step-rule normalised or drop --iau-calibrate")
         _check_choice("cache-dtype", self.cache_dtype, CACHE_DTYPES)
-        _check_choice("model", self.model, MODELS)
         _check_range("num-clients", self.num_clients, 2, None, "at least 2 clients (one forgets, one remains)")
         _check_range("rounds", self.rounds, 1, None)
         _check_range("local-epochs", self.local_epochs, 1, None)
@@ -211,6 +217,24 @@ class ExperimentConfig:
             raise ConfigError("tracking-experiment='': name the MLflow experiment, e.g. --tracking-experiment fedunlearn")
         if self.tracking_uri is not None and not self.tracking_uri.strip():
             raise ConfigError("tracking-uri='': give an MLflow tracking URI (e.g. http://localhost:5000) or drop it for the local store in DIR")
+
+    def _check_data_and_model(self) -> None:
+        """The form of --dataset and --model and the partitioner's options; a plug-in is imported and checked on the
+        actual data when the experiment is set up (fedunlearn.models.check_model_fits), before anything starts."""
+        if self.dataset not in DATASETS and not is_plugin_path(self.dataset):
+            raise ConfigError(f"dataset={self.dataset!r}: must be one of {', '.join(DATASETS)}{_close(self.dataset, DATASETS)}, or "
+                              f"PKG.MODULE:LOADER naming {LOADER_CONTRACT}")
+        models = ("auto", *registered_models())
+        if self.model not in models and not is_plugin_path(self.model):
+            raise ConfigError(f"model={self.model!r}: must be one of {', '.join(models)}{_close(self.model, models)}, or "
+                              f"PKG.MODULE:FACTORY naming {FACTORY_CONTRACT}")
+        _check_choice("partition", self.partition, PARTITIONS)
+        _check_range("min-partition-size", self.min_partition_size, MIN_CLIENT_EXAMPLES, None,
+                     "every client trains on one example and holds one out")
+        _check_range("classes-per-client", self.classes_per_client, 1, None)
+        _check_choice("class-assignment", self.class_assignment, CLASS_ASSIGNMENTS)
+        _check_range("shards-per-client", self.shards_per_client, 1, None)
+        _check_range("shard-size", self.shard_size, 0, None, "0 = equal shards from the whole train split")
 
     def _check_evaluation(self) -> None:
         for attack in self.mia_attacks:
@@ -316,6 +340,11 @@ def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         close = difflib.get_close_matches(str(value), allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}{hint}")
+
+
+def _close(value: str, allowed: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(value), allowed, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _check_range(key: str, value: float, low: float | None, high: float | None, why: str = "") -> None:

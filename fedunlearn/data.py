@@ -1,32 +1,49 @@
-"""Federated datasets: loading, client partitioning, held-out splits and the backdoor used to test unlearning."""
+"""Federated datasets: loading, client partitioning, held-out splits and the backdoor used to test unlearning.
+
+A dataset is a built-in name or a user loader `PKG.MODULE:LOADER` (the contract is in `LOADER_CONTRACT`
+and docs/data-and-models.md); either way the arrays then go through the same steps: seeded subset,
+partition over clients by a flwr-datasets partitioner, per-client held-out split, backdoor, noise, shadows.
+"""
 
 from __future__ import annotations
 
 import math
 import threading
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from .errors import ConfigError
+from .plugins import is_plugin_path, load_callable
+
 __all__ = [
+    "CLASS_ASSIGNMENTS",
     "DATASET_NAMES",
+    "LOADER_CONTRACT",
     "PARTITIONS",
     "DataSpec",
     "DatasetStore",
     "FederatedData",
     "load_federated_data",
-    "partition_dirichlet",
-    "partition_iid",
+    "partition_labels",
     "select_forget_subset",
     "stamp_trigger",
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10")
-PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
+# Each is a flwr-datasets partitioner (IidPartitioner, DirichletPartitioner, PathologicalPartitioner, ShardPartitioner).
+PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "pathological", "shard")
+CLASS_ASSIGNMENTS: tuple[str, ...] = ("random", "deterministic", "first-deterministic")
 FORGET_SAMPLES: tuple[str, ...] = ("poisoned", "random")
+LOADER_CONTRACT = ("a function LOADER(data_dir: str | None, download: bool, seed: int) -> (train, test, num_classes), "
+                   "each split a pair (x float (N, C, H, W), y int (N,)) or a torch Dataset of (x, y) items")
+# Every client needs one example to train on and one held out.
+MIN_CLIENT_EXAMPLES = 2
 
 # Known up front so DataSpec can validate backdoor_target and trigger_size without loading anything.
 _NUM_CLASSES: dict[str, int] = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10}
@@ -38,9 +55,6 @@ _INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
 }
 # Used when data_dir is None; matches the /data/ entry of .gitignore.
 DEFAULT_DATA_DIR = "data"
-# Resampling bound for the Dirichlet partition: large enough that feasible settings practically
-# always succeed, small enough that infeasible ones fail within a fraction of a second.
-_DIRICHLET_MAX_TRIES = 1000
 
 
 def _is_int(value: object) -> bool:
@@ -76,6 +90,15 @@ class DataSpec:
     backdoor_target: int = 0
     trigger_size: int = 3
     input_noise: float = 0.0
+    # Partitioner parameters (flwr-datasets names in brackets): dirichlet [min_partition_size, self_balancing],
+    # pathological [num_classes_per_partition, class_assignment_mode], shard [num_shards_per_partition, shard_size].
+    min_partition_size: int = MIN_CLIENT_EXAMPLES
+    self_balancing: bool = False
+    classes_per_client: int = 2
+    # flwr-datasets' default is "random", which can leave classes (and their examples) in no client.
+    class_assignment: str = "first-deterministic"
+    shards_per_client: int = 2
+    shard_size: int = 0
     # Membership-inference shadows: examples of `shadow_pool` (global indices into the train split, clean: never poisoned)
     # train only where listed in `shadow_in`, each with the client that holds it (train or held-out); the rest are left out.
     shadow_pool: tuple[int, ...] = ()
@@ -83,9 +106,9 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         """Reject invalid settings with a message naming the field, the value and the fix."""
-        if self.dataset not in DATASET_NAMES:
+        if self.dataset not in DATASET_NAMES and not is_plugin_path(self.dataset):
             allowed = ", ".join(repr(n) for n in DATASET_NAMES)
-            raise ValueError(f"dataset={self.dataset!r}: must be one of {allowed}")
+            raise ConfigError(f"dataset={self.dataset!r}: must be one of {allowed}, or PKG.MODULE:LOADER naming {LOADER_CONTRACT}")
         if self.data_dir is not None and not isinstance(self.data_dir, (str, Path)):
             raise ValueError(f"data_dir={self.data_dir!r}: must be a folder path (str) or None")
         if not isinstance(self.download, bool):
@@ -97,6 +120,7 @@ class DataSpec:
             raise ValueError(f"partition={self.partition!r}: must be one of {allowed}")
         if not _is_real(self.alpha) or self.alpha <= 0:
             raise ValueError(f"alpha={self.alpha!r}: alpha must be > 0 (finite; smaller = more label skew)")
+        self._check_partitioner()
         if not _is_real(self.heldout_fraction) or not 0 < self.heldout_fraction < 1:
             raise ValueError(
                 f"heldout_fraction={self.heldout_fraction!r}: must be strictly between 0 and 1"
@@ -123,32 +147,66 @@ class DataSpec:
             )
         if not _is_real(self.backdoor_fraction) or not 0 <= self.backdoor_fraction <= 1:
             raise ValueError(f"backdoor_fraction={self.backdoor_fraction!r}: must be in [0, 1]")
-        num_classes = _NUM_CLASSES[self.dataset]
-        if not _is_int(self.backdoor_target) or not 0 <= self.backdoor_target < num_classes:
-            raise ValueError(
-                f"backdoor_target={self.backdoor_target!r}: must be a class index in "
-                f"[0, {num_classes}) for dataset {self.dataset!r}"
-            )
+        if not _is_int(self.backdoor_target) or self.backdoor_target < 0:
+            raise ValueError(f"backdoor_target={self.backdoor_target!r}: must be a class index >= 0")
         if not _is_real(self.input_noise) or self.input_noise < 0:
             raise ValueError(f"input_noise={self.input_noise!r}: must be a finite std >= 0 (0 = none)")
         if not all(_is_int(i) and i >= 0 for i in self.shadow_pool) or not set(self.shadow_in) <= set(self.shadow_pool):
             raise ValueError("shadow_pool must be train-split indices >= 0 and shadow_in a subset of it")
-        _, height, width = _INPUT_SHAPES[self.dataset]
+        if not _is_int(self.trigger_size) or self.trigger_size < 1:
+            raise ValueError(f"trigger_size={self.trigger_size!r}: must be an integer >= 1")
+        if self.dataset in DATASET_NAMES:  # a plug-in dataset's classes and shape are checked once it is loaded
+            self.check_fits(_NUM_CLASSES[self.dataset], _INPUT_SHAPES[self.dataset])
+
+    def _check_partitioner(self) -> None:
+        """The partitioner's own parameters (what depends on the data is checked when partitioning)."""
+        if self.partition not in PARTITIONS:
+            allowed = ", ".join(repr(p) for p in PARTITIONS)
+            raise ValueError(f"partition={self.partition!r}: must be one of {allowed}")
+        if not _is_int(self.min_partition_size) or self.min_partition_size < MIN_CLIENT_EXAMPLES:
+            raise ValueError(f"min_partition_size={self.min_partition_size!r}: must be an integer >= {MIN_CLIENT_EXAMPLES} "
+                             "(every client trains on one example and holds one out)")
+        if not isinstance(self.self_balancing, bool):
+            raise ValueError(f"self_balancing={self.self_balancing!r}: must be True or False")
+        if not _is_int(self.classes_per_client) or self.classes_per_client < 1:
+            raise ValueError(f"classes_per_client={self.classes_per_client!r}: must be an integer >= 1")
+        if self.class_assignment not in CLASS_ASSIGNMENTS:
+            allowed = ", ".join(repr(c) for c in CLASS_ASSIGNMENTS)
+            raise ValueError(f"class_assignment={self.class_assignment!r}: must be one of {allowed}")
+        if not _is_int(self.shards_per_client) or self.shards_per_client < 1:
+            raise ValueError(f"shards_per_client={self.shards_per_client!r}: must be an integer >= 1")
+        if not _is_int(self.shard_size) or self.shard_size < 0:
+            raise ValueError(f"shard_size={self.shard_size!r}: must be an integer >= 0 (0 = the train split cut into "
+                             "num_clients * shards_per_client equal shards)")
+
+    def check_fits(self, num_classes: int, input_shape: tuple[int, ...]) -> None:
+        """The settings that depend on the dataset's classes and image size (for a plug-in dataset: once loaded)."""
+        if self.backdoor_target >= num_classes:
+            raise ConfigError(f"backdoor_target={self.backdoor_target!r}: must be a class index in [0, {num_classes}) "
+                              f"for dataset {self.dataset!r}")
+        height, width = input_shape[-2], input_shape[-1]
         side = min(height, width)
-        if not _is_int(self.trigger_size) or not 1 <= self.trigger_size <= side:
-            raise ValueError(
-                f"trigger_size={self.trigger_size!r}: must be an integer in [1, {side}] "
-                f"for {self.dataset!r} ({height}x{width} images)"
-            )
+        if self.trigger_size > side:
+            raise ConfigError(f"trigger_size={self.trigger_size!r}: must be an integer in [1, {side}] "
+                              f"for {self.dataset!r} ({height}x{width} images)")
+        if self.partition == "pathological" and self.classes_per_client > num_classes:
+            raise ConfigError(f"classes_per_client={self.classes_per_client}: dataset {self.dataset!r} has {num_classes} "
+                              f"classes; use at most {num_classes}")
 
     @property
     def num_classes(self) -> int:
-        """Number of classes of the dataset."""
+        """Number of classes of a built-in dataset (a plug-in dataset's: `FederatedData.num_classes`, once loaded)."""
+        if self.dataset not in _NUM_CLASSES:
+            raise ValueError(f"dataset={self.dataset!r}: a plug-in dataset's classes are known once it is loaded "
+                             "(FederatedData.num_classes)")
         return _NUM_CLASSES[self.dataset]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        """Shape (C, H, W) of one input of the dataset."""
+        """Shape (C, H, W) of one input of a built-in dataset (a plug-in dataset's: `FederatedData.input_shape`)."""
+        if self.dataset not in _INPUT_SHAPES:
+            raise ValueError(f"dataset={self.dataset!r}: a plug-in dataset's input shape is known once it is loaded "
+                             "(FederatedData.input_shape)")
         return _INPUT_SHAPES[self.dataset]
 
 
@@ -216,62 +274,178 @@ def stamp_trigger(x: torch.Tensor, size: int, value: float = 1.0) -> torch.Tenso
     return out
 
 
-def partition_iid(num_examples: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Shuffle range(num_examples) and deal it into num_clients parts whose sizes differ by at most 1."""
-    if not _is_int(num_clients) or num_clients < 1:
-        raise ValueError(f"num_clients={num_clients!r}: must be an integer >= 1")
-    if not _is_int(num_examples) or num_examples < num_clients:
-        raise ValueError(
-            f"num_examples={num_examples!r}: must be an integer >= num_clients ({num_clients}) "
-            "so that no client is empty"
-        )
-    perm = rng.permutation(num_examples)
-    return [part.astype(np.int64) for part in np.array_split(perm, num_clients)]
+def _partitioner(spec: DataSpec, seed: int) -> Any:
+    """The flwr-datasets partitioner `spec.partition` with the spec's parameters, seeded by `seed`."""
+    # Imported here: `datasets` and pyarrow take seconds to import, paid only by a process that partitions.
+    from flwr_datasets import partitioner as fp
+
+    n = spec.num_clients
+    if spec.partition == "iid":
+        return fp.IidPartitioner(num_partitions=n)
+    if spec.partition == "dirichlet":
+        return fp.DirichletPartitioner(num_partitions=n, partition_by="label", alpha=float(spec.alpha),
+                                       min_partition_size=spec.min_partition_size, self_balancing=spec.self_balancing,
+                                       shuffle=True, seed=seed)
+    if spec.partition == "pathological":
+        return fp.PathologicalPartitioner(num_partitions=n, partition_by="label", num_classes_per_partition=spec.classes_per_client,
+                                          class_assignment_mode=spec.class_assignment, shuffle=True, seed=seed)
+    return fp.ShardPartitioner(num_partitions=n, partition_by="label", num_shards_per_partition=spec.shards_per_client,
+                               shard_size=spec.shard_size or None, keep_incomplete_shard=False, shuffle=True, seed=seed)
 
 
-def partition_dirichlet(
-    labels: np.ndarray,
-    num_clients: int,
-    alpha: float,
-    rng: np.random.Generator,
-    min_size: int = 2,
-) -> list[np.ndarray]:
-    """Split example indices into clients with per-class Dirichlet(alpha) shares (label skew)."""
+def _partition_settings(spec: DataSpec) -> str:
+    """The partition options in force, as the CLI spells them (for error messages)."""
+    extra = {
+        "iid": "",
+        "dirichlet": f", alpha={spec.alpha}, min-partition-size={spec.min_partition_size}, self-balancing={spec.self_balancing}",
+        "pathological": f", classes-per-client={spec.classes_per_client}, class-assignment={spec.class_assignment}",
+        "shard": f", shards-per-client={spec.shards_per_client}, shard-size={spec.shard_size}",
+    }[spec.partition]
+    return f"partition={spec.partition} (num-clients={spec.num_clients}{extra})"
+
+
+def partition_labels(labels: np.ndarray, spec: DataSpec, seed: int | None = None) -> list[np.ndarray]:
+    """Client index sets for `labels` from flwr-datasets' partitioner `spec.partition`, from local data only.
+
+    The labels become a `datasets.Dataset` built in memory (columns `label` and `index`), its rows in a
+    seeded random order as flwr-datasets' FederatedDataset shuffles before partitioning (IidPartitioner cuts
+    the rows in order, so without it an ordered dataset would give each client a block of classes), and
+    assigned to the partitioner: nothing is downloaded. Each returned part is sorted int64 row indices into `labels`.
+    Shard and pathological partitions can leave rows in no client (the last incomplete shards; classes
+    no client drew); every client gets at least `MIN_CLIENT_EXAMPLES` rows or ConfigError says how to fix it.
+    `seed` defaults to `spec.seed`; the shuffle and the partitioner draw from two streams derived from it.
+    """
+    from datasets import Dataset
+
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels has shape {labels.shape}: must be 1-D")
-    if not _is_int(num_clients) or num_clients < 1:
-        raise ValueError(f"num_clients={num_clients!r}: must be an integer >= 1")
-    if not _is_real(alpha) or alpha <= 0:
-        raise ValueError(f"alpha={alpha!r}: alpha must be > 0")
-    if not _is_int(min_size) or min_size < 0:
-        raise ValueError(f"min_size={min_size!r}: must be an integer >= 0")
-    if labels.size < num_clients * min_size:
-        raise ValueError(
-            f"{labels.size} examples cannot give each of num_clients={num_clients} clients "
-            f"min_size={min_size} examples: use fewer clients"
-        )
-    # Shuffle each class once; only the proportions are resampled, which keeps retries cheap.
-    class_indices = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    for _ in range(_DIRICHLET_MAX_TRIES):
-        cuts = []
-        sizes = np.zeros(num_clients, dtype=np.int64)
-        for idx in class_indices:
-            proportions = rng.dirichlet(np.full(num_clients, float(alpha)))
-            bounds = (np.cumsum(proportions) * idx.size).astype(np.int64)[:-1]
-            cuts.append(bounds)
-            sizes += np.diff(np.concatenate(([0], bounds, [idx.size])))
-        if sizes.min() >= min_size:
-            parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-            for idx, bounds in zip(class_indices, cuts):
-                for client, chunk in enumerate(np.split(idx, bounds)):
-                    parts[client].append(chunk)
-            return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
-    raise ValueError(
-        f"partition_dirichlet: after {_DIRICHLET_MAX_TRIES} draws some client still had fewer than "
-        f"min_size={min_size} examples; alpha={alpha} is too small for num_clients={num_clients} "
-        f"with {labels.size} examples: raise alpha, use fewer clients, or use more data"
-    )
+    if labels.size < MIN_CLIENT_EXAMPLES * spec.num_clients:
+        raise ConfigError(f"num_clients={spec.num_clients}: {labels.size} training examples cannot give every client "
+                          f"{MIN_CLIENT_EXAMPLES} (one to train on, one held out); use fewer clients")
+    shuffle_seed, partitioner_seed = (int(s) for s in np.random.SeedSequence(spec.seed if seed is None else seed).generate_state(2))
+    # The permutation is applied here rather than by Dataset.shuffle: the same order, without an indices mapping
+    # that every partition's select would compose (2x slower at 100 clients).
+    order = np.random.default_rng(shuffle_seed).permutation(labels.size)
+    table = Dataset.from_dict({"label": labels[order].astype(np.int64), "index": order.astype(np.int64)})
+    partitioner = _partitioner(spec, partitioner_seed)
+    partitioner.dataset = table
+    try:
+        with warnings.catch_warnings():
+            # DirichletPartitioner warns at every resampling before it gives up (then it raises, handled below).
+            warnings.filterwarnings("ignore", message=".*min_partition_size.*")
+            # pyarrow's deprecation notice inside datasets' sort (ShardPartitioner): not ours, not the user's.
+            warnings.filterwarnings("ignore", message=".*null_placement.*", category=FutureWarning)
+            # `[:]` in numpy format reads the column as one array; np.asarray over a `datasets` Column formats it
+            # row by row (60,000 rows: 40 s against 0.1 s, measured under load).
+            parts = [np.sort(np.asarray(partitioner.load_partition(i).with_format("numpy")[:]["index"], dtype=np.int64).reshape(-1))
+                     for i in range(spec.num_clients)]
+    except (ValueError, IndexError) as err:
+        raise ConfigError(f"{_partition_settings(spec)} cannot split {labels.size} examples: flwr-datasets says: "
+                          f"{' '.join(str(err).split())}") from None
+    sizes = [p.size for p in parts]
+    if min(sizes) < MIN_CLIENT_EXAMPLES:
+        fix = {
+            "iid": "use fewer clients",
+            "dirichlet": "raise --alpha or --min-partition-size, or use fewer clients",
+            "pathological": "raise --classes-per-client, try --class-assignment deterministic, or use fewer clients",
+            "shard": "lower --shards-per-client or --shard-size, or use fewer clients",
+        }[spec.partition]
+        raise ConfigError(f"{_partition_settings(spec)}: client {int(np.argmin(sizes))} got {min(sizes)} examples, every client "
+                          f"needs at least {MIN_CLIENT_EXAMPLES} (one to train on, one held out); {fix}")
+    return parts
+
+
+def _as_numpy(value: Any, what: str) -> np.ndarray:
+    """A tensor, array or array-like as a numpy array (floating tensors as float32: numpy has no bfloat16)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.is_floating_point() else value).numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    type_name = type(value).__name__
+    if type_name in ("Image", "JpegImageFile", "PngImageFile"):  # PIL images, without importing PIL
+        raise ConfigError(f"{what} is a PIL image: give the torchvision dataset transform=torchvision.transforms.ToTensor()")
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what} is a {type_name} that is not array-like ({err}); return tensors or numpy arrays") from None
+
+
+def _dataset_arrays(split: Any, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """A map-style torch Dataset of (x, y) items as stacked arrays (one pass over the items)."""
+    try:
+        n = len(split)
+    except TypeError:
+        raise ConfigError(f"{prefix} is a torch Dataset without len(): return a map-style Dataset (len and [i]) or a pair (x, y)") from None
+    xs, ys = [], []
+    for i in range(n):
+        item = split[i]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            keys = f" with keys {sorted(item)}" if isinstance(item, dict) else ""
+            raise ConfigError(f"{prefix} item {i} is a {type(item).__name__}{keys}: items must be (x, y) pairs")
+        xs.append(_as_numpy(item[0], f"{prefix} item {i}: x"))
+        ys.append(_as_numpy(item[1], f"{prefix} item {i}: y"))
+    if not xs:
+        return np.zeros((0,), np.float32), np.zeros((0,), np.int64)
+    shapes = {x.shape for x in xs}
+    if len(shapes) > 1:
+        raise ConfigError(f"{prefix} items have inputs of several shapes {sorted(shapes)[:3]}: every x must have the same (C, H, W)")
+    return np.stack(xs), np.stack([np.asarray(y).reshape(()) if np.asarray(y).size == 1 else np.asarray(y) for y in ys])
+
+
+def _split_arrays(split: Any, prefix: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One split returned by a loader as checked float32 inputs (N, C, H, W) and int64 labels in [0, num_classes)."""
+    if isinstance(split, torch.utils.data.Dataset):
+        x, y = _dataset_arrays(split, prefix)
+    elif isinstance(split, (tuple, list)) and len(split) == 2:
+        x, y = _as_numpy(split[0], f"{prefix}: x"), _as_numpy(split[1], f"{prefix}: y")
+    else:
+        raise ConfigError(f"{prefix} is a {type(split).__name__}: each split must be a pair (x, y) or a torch Dataset of (x, y) items")
+    if x.ndim != 4:
+        hint = "; grey images (N, H, W) need a channel axis: x[:, None]" if x.ndim == 3 else ""
+        raise ConfigError(f"{prefix}: x has shape {x.shape}: expected (N, C, H, W){hint}")
+    if x.shape[0] == 0:
+        raise ConfigError(f"{prefix}: no examples (x has shape {x.shape})")
+    if x.dtype.kind != "f":
+        raise ConfigError(f"{prefix}: x has dtype {x.dtype}: inputs must be floating point, e.g. x.float() / 255 for 8-bit images")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ConfigError(f"{prefix}: y has shape {y.shape}, x has {x.shape[0]} examples: y must be one label per example, shape ({x.shape[0]},)")
+    if y.dtype.kind not in "iu":
+        raise ConfigError(f"{prefix}: y has dtype {y.dtype}: labels must be integers (class indices), e.g. y.long()")
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        raise ConfigError(f"{prefix}: {int(bad.sum())} labels outside [0, {num_classes}) (min {int(y.min())}, max {int(y.max())}): "
+                          "labels must be class indices 0 .. num_classes - 1; remap them or return the right num_classes")
+    finite = np.isfinite(x)
+    if not finite.all():
+        raise ConfigError(f"{prefix}: x holds {int(x.size - finite.sum())} NaN or infinite values: clean or drop those examples")
+    return np.ascontiguousarray(x, dtype=np.float32), y.astype(np.int64)
+
+
+def _load_plugin(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Call the user's loader `spec.dataset` and check what it returns against LOADER_CONTRACT."""
+    loader = load_callable("dataset", spec.dataset, LOADER_CONTRACT)
+    prefix = f"dataset={spec.dataset!r}"
+    try:
+        result = loader(data_dir=spec.data_dir, download=spec.download, seed=spec.seed)
+    except ConfigError:
+        raise
+    except Exception as err:  # the user's loader failed: one line, with the arguments it was given
+        raise ConfigError(f"{prefix}: LOADER(data_dir={spec.data_dir!r}, download={spec.download}, seed={spec.seed}) raised "
+                          f"{type(err).__name__}: {' '.join(str(err).split())}; it must be {LOADER_CONTRACT}") from None
+    if not isinstance(result, Sequence) or isinstance(result, (str, bytes)) or len(result) != 3:
+        got = f"{len(result)} items" if isinstance(result, Sequence) else f"a {type(result).__name__}"
+        raise ConfigError(f"{prefix}: the loader returned {got}; return (train, test, num_classes)")
+    train, test, num_classes = result
+    if not _is_int(num_classes) or num_classes < 2:
+        raise ConfigError(f"{prefix}: num_classes={num_classes!r}: must be an integer >= 2 (the loader's third return value)")
+    x_train, y_train = _split_arrays(train, f"{prefix} train split", int(num_classes))
+    x_test, y_test = _split_arrays(test, f"{prefix} test split", int(num_classes))
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ConfigError(f"{prefix}: train inputs have shape {x_train.shape[1:]}, test inputs {x_test.shape[1:]}: both splits "
+                          "must hold inputs of the same (C, H, W)")
+    return x_train, y_train, x_test, y_test, int(num_classes)
 
 
 def _load_digits(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -324,10 +498,15 @@ def _load_torchvision(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def load_federated_data(spec: DataSpec) -> FederatedData:
     """Build the federated dataset described by spec (deterministic: same spec, same tensors)."""
-    if spec.dataset == "digits":
+    if is_plugin_path(spec.dataset):
+        x_train, y_train, x_test, y_test, num_classes = _load_plugin(spec)
+        spec.check_fits(num_classes, x_train.shape[1:])
+    elif spec.dataset == "digits":
         x_train, y_train, x_test, y_test = _load_digits(spec)
+        num_classes = spec.num_classes
     else:
         x_train, y_train, x_test, y_test = _load_torchvision(spec)
+        num_classes = spec.num_classes
 
     # Independent streams per step, so e.g. changing the backdoor does not change the partition.
     # spawn(5)[:4] equals spawn(4): the noise stream leaves the others (and every earlier dataset) unchanged.
@@ -343,17 +522,19 @@ def load_federated_data(spec: DataSpec) -> FederatedData:
         )
         x_train, y_train = x_train[keep], y_train[keep]
 
-    if y_train.size < 2 * spec.num_clients:
-        raise ValueError(
+    if y_train.size < MIN_CLIENT_EXAMPLES * spec.num_clients:
+        raise ConfigError(
             f"num_clients={spec.num_clients}: {y_train.size} training examples cannot give every "
             f"client one train and one held-out example; use fewer clients"
         )
 
-    partition_rng = np.random.default_rng(partition_ss)
-    if spec.partition == "iid":
-        parts = partition_iid(y_train.size, spec.num_clients, partition_rng)
-    else:
-        parts = partition_dirichlet(y_train, spec.num_clients, spec.alpha, partition_rng, min_size=2)
+    parts = partition_labels(y_train, spec, seed=int(partition_ss.generate_state(1)[0]))
+    assigned = np.sort(np.concatenate(parts))
+    if assigned.size < y_train.size:
+        # Rows no client received (shard's incomplete shards, classes pathological left undrawn) leave the train
+        # split, so that every train example belongs to exactly one client, as with the other partitioners.
+        x_train, y_train = x_train[assigned], y_train[assigned]
+        parts = [np.searchsorted(assigned, p).astype(np.int64) for p in parts]
 
     heldout_rng = np.random.default_rng(heldout_ss)
     client_train: list[np.ndarray] = []
@@ -397,7 +578,7 @@ def load_federated_data(spec: DataSpec) -> FederatedData:
         y_test=torch.from_numpy(y_test.astype(np.int64)),
         client_train=[torch.from_numpy(p.astype(np.int64)) for p in client_train],
         client_heldout=[torch.from_numpy(p.astype(np.int64)) for p in client_heldout],
-        num_classes=spec.num_classes,
+        num_classes=num_classes,
         input_shape=tuple(int(s) for s in x_train.shape[1:]),  # type: ignore[arg-type]
         spec=spec,
     )
@@ -411,7 +592,7 @@ def _swap_shadow_pool(client_train: list[np.ndarray], client_heldout: list[np.nd
     if poisoned[pool].any():
         raise ValueError("shadow_pool holds poisoned examples: membership candidates must be clean")
     trains, helds = [], []
-    for train, held in zip(client_train, client_heldout):
+    for train, held in zip(client_train, client_heldout, strict=True):
         mine = np.union1d(train, held)
         trains.append(np.union1d(np.setdiff1d(train, pool), np.intersect1d(mine, inside)).astype(np.int64))
         helds.append(np.setdiff1d(held, inside).astype(np.int64))

@@ -39,7 +39,7 @@ from fedunlearn.band import band_stats, versus_band
 from fedunlearn.durability import relearn_steps
 from fedunlearn.metrics import accuracy, attack_success_rate
 from fedunlearn.mia import MIN_SCORED, membership_sets
-from fedunlearn.models import build_model
+from fedunlearn.models import build_model, check_model_fits
 from strategies import app_config
 from strategies.client_app import build_client_app
 from strategies.engine_tuning import faster_message_pickup
@@ -103,9 +103,19 @@ class Experiment:
         self._checkpoint_until = 0
         self.checkpoints = Checkpoints(self.out_dir) if self.out_dir is not None else None
         self.resume_state: dict[str, Any] | None = None
+        self._check_data_and_model()
         self._check_membership()
         self._prepare_out_dir(resume, overwrite)
         self.tracker = tracker_for(cfg, self.out_dir)  # --tracking: checked here, before Ray; opened at its first event
+
+    def _check_data_and_model(self) -> None:
+        """The dataset loads and the model maps a batch of it to class logits, here, before Ray starts: a plug-in
+        `PKG.MODULE:NAME` that does not import or fit fails with one line (the driver keeps the data for the run)."""
+        try:
+            data = DatasetStore.get(self.data_spec)
+        except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError: its message stays as it is
+            raise err if isinstance(err, ConfigError) else ConfigError(f"data: {err}") from None
+        check_model_fits(app_config.model_name_for(self.cfg), data.x_train[:2], data.num_classes)
 
     def _check_membership(self) -> None:
         """Costly attacks on sets too small to score are refused before anything starts (the data is loaded once here)."""

@@ -29,7 +29,9 @@ def data_spec_for(cfg: ExperimentConfig) -> DataSpec:
     """The federated dataset of an experiment (the withdrawing client carries the backdoor)."""
     return DataSpec(
         dataset=cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, num_clients=cfg.num_clients,
-        partition=cfg.partition, alpha=cfg.alpha, heldout_fraction=cfg.heldout_fraction, train_limit=cfg.train_limit,
+        partition=cfg.partition, alpha=cfg.alpha, min_partition_size=cfg.min_partition_size, self_balancing=cfg.self_balancing,
+        classes_per_client=cfg.classes_per_client, class_assignment=cfg.class_assignment, shards_per_client=cfg.shards_per_client,
+        shard_size=cfg.shard_size, heldout_fraction=cfg.heldout_fraction, train_limit=cfg.train_limit,
         seed=cfg.seed, backdoor_client=cfg.forget_client if cfg.backdoor else None,
         backdoor_fraction=cfg.backdoor_fraction, backdoor_target=cfg.backdoor_target, trigger_size=cfg.trigger_size,
         input_noise=cfg.input_noise,

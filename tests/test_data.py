@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from fedunlearn.data import (
-    DataSpec,
+    PARTITIONS,
     DatasetStore,
+    DataSpec,
     FederatedData,
     load_federated_data,
-    partition_dirichlet,
-    partition_iid,
+    partition_labels,
     select_forget_subset,
     stamp_trigger,
 )
+from fedunlearn.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def _all_fields_equal(a: FederatedData, b: FederatedData) -> bool:
     lists = ["client_train", "client_heldout"]
     return all(
         len(getattr(a, name)) == len(getattr(b, name))
-        and all(torch.equal(p, q) for p, q in zip(getattr(a, name), getattr(b, name)))
+        and all(torch.equal(p, q) for p, q in zip(getattr(a, name), getattr(b, name), strict=True))
         for name in lists
     )
 
@@ -71,11 +72,8 @@ def test_same_dirichlet_spec_gives_identical_tensors(dirichlet_data: FederatedDa
 
 def test_different_seed_gives_different_partition(data: FederatedData) -> None:
     other = load_federated_data(DataSpec(seed=1))
-    assert any(not torch.equal(a, b) for a, b in zip(data.client_train, other.client_train))
+    assert any(not torch.equal(a, b) for a, b in zip(data.client_train, other.client_train, strict=True))
     assert not torch.equal(data.y_test, other.y_test)
-    a = partition_iid(100, 5, np.random.default_rng(0))
-    b = partition_iid(100, 5, np.random.default_rng(1))
-    assert any(not np.array_equal(p, q) for p, q in zip(a, b))
 
 
 def test_shapes_and_dtypes(data: FederatedData) -> None:
@@ -136,21 +134,9 @@ def test_heldout_fraction_respected(data: FederatedData) -> None:
         assert data.client_heldout[c].numel() == round(0.2 * n)
 
 
-def test_partition_iid_sizes_differ_by_at_most_one() -> None:
-    parts = partition_iid(103, 10, np.random.default_rng(0))
-    sizes = [p.size for p in parts]
-    assert max(sizes) - min(sizes) <= 1
-    assert sorted(np.concatenate(parts).tolist()) == list(range(103))
-
-
 def test_iid_client_sizes_before_heldout_differ_by_at_most_one(data: FederatedData) -> None:
     sizes = [data.client_train[c].numel() + data.client_heldout[c].numel() for c in range(10)]
     assert max(sizes) - min(sizes) <= 1
-
-
-def test_partition_iid_rejects_too_few_examples() -> None:
-    with pytest.raises(ValueError, match="num_examples"):
-        partition_iid(3, 5, np.random.default_rng(0))
 
 
 def test_dirichlet_is_more_skewed_than_iid(data: FederatedData, dirichlet_data: FederatedData) -> None:
@@ -160,18 +146,139 @@ def test_dirichlet_is_more_skewed_than_iid(data: FederatedData, dirichlet_data: 
     assert dir_share > 2 * iid_share
 
 
-def test_partition_dirichlet_min_size_and_cover() -> None:
-    labels = np.repeat(np.arange(10), 50)
-    parts = partition_dirichlet(labels, 20, 0.1, np.random.default_rng(0), min_size=5)
-    assert len(parts) == 20
-    assert min(p.size for p in parts) >= 5
-    assert sorted(np.concatenate(parts).tolist()) == list(range(labels.size))
+# --- flwr-datasets partitioners, on labels alone ---------------------------------------------
+
+# Labels written independently of the code under test: 997 examples, 10 classes, in a random order.
+LABELS = np.random.default_rng(123).integers(0, 10, size=997)
+SETTINGS = {"iid": {}, "dirichlet": {"alpha": 0.1, "min_partition_size": 5}, "pathological": {"classes_per_client": 2},
+            "shard": {"shards_per_client": 2}}
+SHARD_SIZE = 997 // (10 * 2)  # ShardPartitioner's own rule: the whole split cut into num_partitions * shards equal shards
 
 
-def test_partition_dirichlet_impossible_raises() -> None:
+def _spec(partition: str, seed: int = 0, **changes: object) -> DataSpec:
+    return DataSpec(num_clients=10, partition=partition, seed=seed, **{**SETTINGS[partition], **changes})  # type: ignore[arg-type]
+
+
+def _class_counts(parts: list[np.ndarray]) -> np.ndarray:
+    """Clients x classes counts of LABELS, by plain bincount (the independent reference)."""
+    return np.stack([np.bincount(LABELS[p], minlength=10) for p in parts])
+
+
+def test_every_claimed_partitioner_is_tested() -> None:
+    assert set(SETTINGS) == set(PARTITIONS) == {"iid", "dirichlet", "pathological", "shard"}
+
+
+@pytest.mark.parametrize("partition", sorted(SETTINGS))
+def test_partition_assigns_every_example_at_most_once(partition: str) -> None:
+    parts = partition_labels(LABELS, _spec(partition))
+    assert len(parts) == 10
+    for part in parts:
+        assert part.dtype == np.int64 and np.array_equal(part, np.sort(part))
+    everything = np.concatenate(parts)
+    assert np.unique(everything).size == everything.size  # no example in two clients
+    assert everything.min() >= 0 and everything.max() < LABELS.size
+    # Shard leaves out what does not fill a shard; the others assign every example.
+    expected = 10 * 2 * SHARD_SIZE if partition == "shard" else LABELS.size
+    assert everything.size == expected
+    assert _class_counts(parts).sum() == expected
+
+
+@pytest.mark.parametrize("partition", sorted(SETTINGS))
+def test_partition_sizes(partition: str) -> None:
+    sizes = np.array([p.size for p in partition_labels(LABELS, _spec(partition))])
+    assert sizes.min() >= 2
+    if partition == "iid":
+        assert sizes.max() - sizes.min() <= 1
+    if partition == "dirichlet":
+        assert sizes.min() >= 5 and sizes.max() - sizes.min() > 20  # min_partition_size held; sizes vary
+    if partition == "shard":
+        assert np.all(sizes == 2 * SHARD_SIZE)
+
+
+@pytest.mark.parametrize("partition", sorted(SETTINGS))
+def test_partition_label_skew(partition: str) -> None:
+    counts = _class_counts(partition_labels(LABELS, _spec(partition)))
+    classes_held = (counts > 0).sum(axis=1)
+    max_share = (counts.max(axis=1) / counts.sum(axis=1)).mean()
+    if partition == "iid":
+        assert np.all(classes_held == 10) and max_share < 0.25
+    if partition == "dirichlet":
+        assert max_share > 0.5
+    if partition == "pathological":
+        assert np.all(classes_held == 2)
+        # first-deterministic: client i's first class is i mod 10, so every class is held by someone.
+        assert np.all(counts[np.arange(10), np.arange(10)] > 0)
+    if partition == "shard":
+        # Two shards of label-sorted examples: each spans at most two labels.
+        assert np.all(classes_held <= 4) and max_share > 0.4
+
+
+@pytest.mark.parametrize("partition", sorted(SETTINGS))
+def test_partition_reproducible_from_the_seed(partition: str) -> None:
+    first = partition_labels(LABELS, _spec(partition, seed=3))
+    again = partition_labels(LABELS, _spec(partition, seed=3))
+    other = partition_labels(LABELS, _spec(partition, seed=4))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_partition_seed_argument_overrides_the_spec_seed() -> None:
+    a = partition_labels(LABELS, _spec("iid", seed=0), seed=9)
+    b = partition_labels(LABELS, _spec("iid", seed=9))
+    assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("partition", sorted(SETTINGS))
+def test_partition_fetches_nothing(partition: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the partitioner tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert len(partition_labels(LABELS, _spec(partition, seed=11))) == 10
+
+
+def test_pathological_random_assignment_can_leave_classes_unused() -> None:
+    # flwr-datasets' own default: random classes per client; with 3 clients x 2 classes at least 4 classes are unused.
+    with pytest.warns(UserWarning, match="NOT be used"):
+        parts = partition_labels(LABELS, DataSpec(num_clients=3, partition="pathological", class_assignment="random"))
+    assert (_class_counts(parts).sum(axis=0) > 0).sum() <= 6
+
+
+def test_partition_too_many_clients_for_the_examples() -> None:
+    with pytest.raises(ConfigError, match="num_clients=10: 5 training examples.*use fewer clients"):
+        partition_labels(LABELS[:5], DataSpec(num_clients=10))
+
+
+def test_dirichlet_impossible_min_size_names_the_fix() -> None:
     labels = np.repeat(np.arange(2), 10)
-    with pytest.raises(ValueError, match="alpha"):
-        partition_dirichlet(labels, 10, 0.01, np.random.default_rng(0), min_size=2)
+    with pytest.raises(ConfigError, match="alpha=0.01") as info:
+        partition_labels(labels, DataSpec(num_clients=10, partition="dirichlet", alpha=0.01))
+    assert "flwr-datasets says" in str(info.value) or "raise --alpha" in str(info.value)
+
+
+@pytest.mark.parametrize("partition", sorted(SETTINGS))
+def test_federated_data_every_train_example_in_one_client(partition: str) -> None:
+    spec = DataSpec(partition=partition, **SETTINGS[partition])  # type: ignore[arg-type]
+    d = load_federated_data(spec)
+    everything = torch.cat([*d.client_train, *d.client_heldout])
+    assert torch.equal(torch.sort(everything).values, torch.arange(d.x_train.shape[0]))
+    assert all(t.numel() >= 1 and h.numel() >= 1 for t, h in zip(d.client_train, d.client_heldout, strict=True))
+    # digits: 1437 training examples; shard drops the 1437 - 10 * 2 * (1437 // 20) = 17 that fill no shard.
+    assert d.x_train.shape[0] == (10 * 2 * (1437 // 20) if partition == "shard" else 1437)
+    assert torch.equal(d.y_train_clean[d.poisoned == 0], d.y_train[d.poisoned == 0])
+    assert _all_fields_equal(d, load_federated_data(spec))
+
+
+def test_shard_drops_rows_consistently_with_their_inputs() -> None:
+    """The rows left out by shard leave x and y together: each kept row is still the digit it was."""
+    iid = load_federated_data(DataSpec(backdoor_client=None))
+    shard = load_federated_data(DataSpec(partition="shard", backdoor_client=None))
+    # Match every kept input to its row in the full split (inputs of digits are distinct enough: compare exactly).
+    full = {bytes(x.numpy().tobytes()): int(y) for x, y in zip(iid.x_train, iid.y_train, strict=True)}
+    assert all(full[bytes(x.numpy().tobytes())] == int(y) for x, y in zip(shard.x_train, shard.y_train, strict=True))
 
 
 # --- backdoor ------------------------------------------------------------------------------
@@ -201,7 +308,7 @@ def test_backdoor_disabled() -> None:
 
 def test_backdoor_changes_do_not_change_partition(data: FederatedData) -> None:
     other = load_federated_data(DataSpec(backdoor_client=3, backdoor_fraction=0.5))
-    assert all(torch.equal(a, b) for a, b in zip(data.client_train, other.client_train))
+    assert all(torch.equal(a, b) for a, b in zip(data.client_train, other.client_train, strict=True))
     poisoned_idx = torch.nonzero(other.poisoned).flatten()
     assert set(poisoned_idx.tolist()) <= set(other.client_train[3].tolist())
     own = other.client_train[3]
@@ -305,6 +412,14 @@ def test_select_forget_subset_errors(data: FederatedData, kwargs: dict, needle: 
         ("backdoor_target", 10),
         ("trigger_size", 0),
         ("trigger_size", 9),
+        ("partition", "sorted"),
+        ("min_partition_size", 1),
+        ("self_balancing", "yes"),
+        ("classes_per_client", 0),
+        ("class_assignment", "round-robin"),
+        ("shards_per_client", 0),
+        ("shard_size", -1),
+        ("dataset", "mylab.data"),
     ],
 )
 def test_bad_spec_values_raise(field: str, value: object) -> None:

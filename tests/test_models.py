@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from fedunlearn.models import MODEL_NAMES, build_model, default_model_for
+from fedunlearn.errors import ConfigError
+from fedunlearn.models import (
+    MODEL_NAMES,
+    build_model,
+    check_model_fits,
+    default_model_for,
+    model_factory,
+    register_model,
+    registered_models,
+)
 
 SMALL_MODELS = ("mlp", "cnn", "mcmahan-cnn")
 SHAPES = ((1, 8, 8), (1, 28, 28), (3, 32, 32))
@@ -85,3 +94,41 @@ def test_default_model_for() -> None:
     with pytest.raises(ValueError, match="imagenet"):
         default_model_for("imagenet")
     assert set(MODEL_NAMES) == {"mlp", "cnn", "mcmahan-cnn", "resnet18"}
+
+
+def test_builtins_go_through_the_registry() -> None:
+    assert registered_models()[: len(MODEL_NAMES)] == MODEL_NAMES
+    calls = []
+
+    def spy(input_shape, num_classes):
+        calls.append((input_shape, num_classes))
+        return nn.Linear(2, num_classes)
+
+    original = model_factory("mlp")
+    register_model("mlp", spy)
+    try:
+        assert isinstance(build_model("mlp", (1, 8, 8), 4), nn.Linear) and calls == [((1, 8, 8), 4)]
+    finally:
+        register_model("mlp", original)
+    assert isinstance(build_model("mlp", (1, 8, 8), 4), nn.Sequential)
+
+
+def test_too_small_input_for_a_pooling_model_names_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"model='mcmahan-cnn' needs height and width >= 4.*mlp fits any shape"):
+        build_model("mcmahan-cnn", (1, 3, 3), 10)
+
+
+def test_check_model_fits_accepts_a_fitting_model_and_rejects_the_wrong_width() -> None:
+    check_model_fits("cnn", torch.rand(2, 1, 8, 8), 10)
+    with pytest.raises(ConfigError, match=r"expected \(2, 7\)"):
+        _fits_with_other_classes()
+
+
+def _fits_with_other_classes() -> None:
+    """A model built for 10 classes checked against 7: the shape check must see it."""
+    register_model("ten-classes", lambda shape, k: build_model("cnn", shape, 10))
+    check_model_fits("ten-classes", torch.rand(2, 1, 8, 8), 7)
+
+
+def test_default_model_for_a_plugin_dataset_is_the_cnn() -> None:
+    assert default_model_for("mylab.data:load") == "cnn"
