@@ -46,8 +46,8 @@ from fedunlearn.deletion import decode_ledger, kept_indices
 from fedunlearn.errors import ConfigError, MissingRepliesError
 
 from . import keys
-from .client_app import ClientRuntime, ClientSpec, build_client_app, train_seed, train_settings_from
 from .faults import FaultyClientApp
+from .runtime import ClientRuntime, ClientSpec, train_seed, train_settings_from
 
 if TYPE_CHECKING:
     from fedunlearn.config import ExperimentConfig
@@ -403,9 +403,9 @@ class CohortClientApp(ClientApp):
         return reply.error if reply.has_error() else reply.content
 
 
-def build_cohort_client_app(spec: ClientSpec, cohort_size: int, inner: ClientApp | None = None,
-                            chunk_size: int = DEFAULT_CHUNK_SIZE, vectorise: bool | None = None) -> ClientApp:
-    """The ClientApp of a node hosting `cohort_size` virtual clients; `inner` (default: the per-client app) serves all but vectorised training.
+def build_cohort_client_app(spec: ClientSpec, cohort_size: int, inner: ClientApp, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                            vectorise: bool | None = None) -> ClientApp:
+    """The ClientApp of a node hosting `cohort_size` virtual clients; `inner` (the per-client app) serves all but vectorised training.
 
     `vectorise`: train the selected clients as one vmap computation (True) or one after another
     through `inner` (False); None picks vmap on a CUDA device and the loop on a CPU, where vmap over
@@ -413,7 +413,7 @@ def build_cohort_client_app(spec: ClientSpec, cohort_size: int, inner: ClientApp
     FaultyClientApp), training always goes through it, once per virtual client, so faults stay per
     virtual client.
     """
-    app = inner if inner is not None else build_client_app(spec)
+    app = inner
     if vectorise is None:
         vectorise = spec.device.startswith("cuda")
     return CohortClientApp(spec, cohort_size, app, vectorise_train=vectorise and not isinstance(app, FaultyClientApp), chunk_size=chunk_size)

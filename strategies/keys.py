@@ -39,6 +39,7 @@ DIRECTION = "direction"           # query.calibrate: the IAU direction d by para
 RADIUS = "radius"                 # query.calibrate reply: the relative step length client u chose
 CALIBRATION_TRAIL = "calibration-trail"  # query.calibrate reply: JSON of the radii tried and the losses seen
 ALLOW_STALE = "allow-stale"
+GRADIENT_DTYPE = "gradient-dtype"  # query.gradient / caching evaluate: the dtype gradients travel in (float32 or float64)
 CLIP_GRAD = "clip-grad"          # query.pga: gradient-norm clip (0 = none)
 PGA_RADIUS = "pga-radius"        # query.pga: L2 radius of the ball around w_ref (<= 0: the authors' rule)
 PGA_RADIUS_FRACTION = "pga-radius-fraction"  # query.pga: the rule's share of the mean squared distance to random models
@@ -53,6 +54,7 @@ PARTITION_ID = "partition-id"
 NUM_TRAIN = "num-train"
 NUM_HELDOUT = "num-heldout"
 TRAIN_LOSS = "train-loss"
+TRAIN_ACC = "train-acc"        # caching evaluate: accuracy on the kept training examples (from the cache's forward pass)
 EVAL_LOSS = "eval-loss"
 EVAL_ACC = "eval-acc"
 COMPUTE_S = "compute-s"
