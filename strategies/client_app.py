@@ -3,8 +3,8 @@
 Handlers are thin: they read the message, call the math in `fedunlearn`, and write the reply. Everything heavy
 (data, model, cache store) is resident per worker process in `strategies.runtime.ClientRuntime`. The core handlers
 (info, train, evaluate) are here; each method's own handlers are in its file under `strategies/methods/` and are
-attached from the registry, so this module names no method. `add_unlearning` (strategies/library.py) attaches the
-same handlers to a user's own ClientApp.
+attached from the registry, so this module names no method. `strategies.library.add_unlearning` attaches the same
+handlers to a user's own ClientApp.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from . import keys
 from .methods import client_handlers
 from .runtime import ClientHandler, ClientRuntime, ClientSpec, partition_of, reply, train_seed, train_settings_from
 
-__all__ = ["ClientRuntime", "ClientSpec", "attach_handlers", "build_client_app", "evaluate", "info", "train", "train_seed",
+__all__ = ["Bound", "ClientRuntime", "ClientSpec", "attach_handlers", "build_client_app", "evaluate", "info", "train", "train_seed",
            "train_settings_from"]
 
 
@@ -99,7 +99,7 @@ def _spec_from_context(context: Context, overrides: Mapping[str, Any] | None = N
     return client_spec_for(build_config(file_settings=settings, overrides=dict(overrides or {})), default_cache_dir(context.run_id))
 
 
-class _Bound:
+class Bound:
     """A handler bound to how its node finds its runtime (a picklable callable: Flower pickles the app per message)."""
 
     def __init__(self, handler: ClientHandler, runtime_for: Any) -> None:
@@ -113,7 +113,7 @@ class _Bound:
 def attach_handlers(app: ClientApp, runtime_for: Any) -> ClientApp:
     """Register every registered method's client handlers on `app` (`query.<name>`), resolving the runtime per message."""
     for query, handler in client_handlers().items():
-        app.query(query)(_Bound(handler, runtime_for))
+        app.query(query)(Bound(handler, runtime_for))
     return app
 
 
@@ -134,7 +134,7 @@ def build_client_app(spec: ClientSpec | None = None, overrides: Mapping[str, Any
         raise ValueError("build_client_app: give either spec or overrides, not both (a spec already fixes every setting)")
     app = ClientApp()
     runtime_for = _SpecRuntime(spec, overrides or {})
-    app.query(keys.QUERY_INFO.removeprefix("query."))(_Bound(info, runtime_for))
-    app.train()(_Bound(train, runtime_for))
-    app.evaluate()(_Bound(evaluate, runtime_for))
+    app.query(keys.QUERY_INFO.removeprefix("query."))(Bound(info, runtime_for))
+    app.train()(Bound(train, runtime_for))
+    app.evaluate()(Bound(evaluate, runtime_for))
     return attach_handlers(app, runtime_for)
