@@ -85,6 +85,9 @@ def register(name: str, summary: str, continues: bool = True, uploads_caches: bo
         if name in REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
         for query, handler in handlers.items():
+            if not query.isidentifier():
+                raise ValueError(f"method {name!r}: client handler name {query!r} must be a Python identifier (Flower's rule for "
+                                 f"query.<name> handlers), e.g. {query.replace('-', '_')!r}")
             if _HANDLERS.get(query, handler) is not handler:
                 raise ValueError(f"method {name!r}: client handler 'query.{query}' is already registered by another method")
         _HANDLERS.update(handlers)
