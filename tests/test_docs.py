@@ -123,10 +123,11 @@ PAGES = sorted(p.name for p in DOCS.glob("*.md") if any(info == RUN for info, _,
 
 @pytest.mark.parametrize("page", PAGES)
 def test_python_snippets_run(page, tmp_path, monkeypatch):
-    import simulations.methods as methods
+    import strategies.methods.base as registry
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))  # a page may register a method
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))  # a page may register a method (and its handlers)
+    monkeypatch.setattr(registry, "_HANDLERS", dict(registry._HANDLERS))
     namespace: dict[str, object] = {"__name__": f"docs.{page}"}
     for info, code, line in python_blocks((DOCS / page).read_text()):
         if info == RUN:
