@@ -47,6 +47,7 @@ from fedunlearn.errors import ConfigError, MissingRepliesError
 
 from . import keys
 from .faults import FaultyClientApp
+from .grid_wrapper import GridWrapper
 from .runtime import ClientRuntime, ClientSpec, train_seed, train_settings_from
 
 if TYPE_CHECKING:
@@ -153,15 +154,17 @@ def _set_message_id(message: Message) -> str:
 
 
 # ----- server side ----------------------------------------------------------------------------------------
-class CohortGrid(Grid):
+class CohortGrid(GridWrapper):
     """Shows the strategies one virtual node per client; sends each physical node one packed message per message type.
 
     `num_clients` virtual clients in cohorts of `cohort_size`; the wrapped grid must have exactly
     num_cohorts(num_clients, cohort_size) nodes running the cohort ClientApp built with the same sizes.
     """
 
+    grid: Grid
+
     def __init__(self, grid: Grid, num_clients: int, cohort_size: int, timeout: float = 120.0) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.num_clients = num_clients
         self.cohort_size = cohort_size
         self.num_cohorts = num_cohorts(num_clients, cohort_size)
@@ -170,19 +173,6 @@ class CohortGrid(Grid):
         self._pending: dict[str, list[Message]] = {}    # packed message id -> its virtual messages (push/pull)
         self._packed_of: dict[str, str] = {}           # virtual message id -> packed message id
         self._replies: dict[str, Message] = {}          # virtual message id -> its reply, once pulled
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        """Pass through."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        """Pass through."""
-        return self.grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        """Build a Message (deprecated in Flower; kept for the interface)."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         """One virtual node id per client once every physical node has said which cohort it hosts (empty until then)."""
