@@ -7,18 +7,5 @@ keeps working.
 
 from __future__ import annotations
 
-from strategies.methods import (
-                                REGISTRY,
-                                Method,
-                                MethodContext,
-                                MethodOutcome,
-                                arrays_nbytes,
-                                check_methods,
-                                client_handlers,
-                                get_method,
-                                register,
-                                storage,
-)
-
-__all__ = ["REGISTRY", "Method", "MethodContext", "MethodOutcome", "arrays_nbytes", "check_methods", "client_handlers", "get_method",
-           "register", "storage"]
+from strategies.methods import *  # noqa: F403
+from strategies.methods import __all__  # noqa: F401

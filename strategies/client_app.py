@@ -9,7 +9,6 @@ handlers to a user's own ClientApp.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -19,13 +18,13 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedunlearn.cache import GradientCache, exclusion_digest
-from fedunlearn.deletion import decode_ledger, excluded_indices, kept_indices
+from fedunlearn.deletion import excluded_indices, kept_indices
 from fedunlearn.gradients import gradient_sum
 from fedunlearn.training import local_train
 
 from . import keys
 from .methods import client_handlers
-from .runtime import ClientHandler, ClientRuntime, ClientSpec, partition_of, reply, train_seed, train_settings_from
+from .runtime import ClientHandler, ClientRuntime, ClientSpec, incoming, partition_of, reply, train_seed, train_settings_from
 
 __all__ = ["Bound", "ClientRuntime", "ClientSpec", "attach_handlers", "build_client_app", "evaluate", "info", "train", "train_seed",
            "train_settings_from"]
@@ -43,26 +42,22 @@ def info(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
 
 def train(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     """train: local epochs on the examples the ledger leaves this client."""
-    start = time.perf_counter()
-    pid = partition_of(context)
-    config = msg.content.config_records[keys.CONFIG]
-    settings = train_settings_from(config)
-    ledger = decode_ledger(str(config.get(keys.LEDGER, "")))
-    indices = kept_indices(runtime.data, pid, ledger)
+    served = incoming(msg, context)
+    pid, config = served.partition, served.config
+    indices = kept_indices(runtime.data, pid, served.ledger)
     runtime.load(msg.content.array_records[keys.ARRAYS])
     generator = torch.Generator().manual_seed(train_seed(config, pid))
     x, y = runtime.arrays_xy(indices)
-    loss = local_train(runtime.model, x, y, settings, generator)
+    loss = local_train(runtime.model, x, y, train_settings_from(config), generator)
     state = OrderedDict((k, v.detach().cpu()) for k, v in runtime.model.state_dict().items())
-    return reply(msg, {keys.NUM_EXAMPLES: len(indices), keys.TRAIN_LOSS: loss, keys.COMPUTE_S: time.perf_counter() - start},
+    return reply(msg, {keys.NUM_EXAMPLES: len(indices), keys.TRAIN_LOSS: loss, keys.COMPUTE_S: served.elapsed()},
                  {keys.ARRAYS: ArrayRecord(state)})
 
 
 def evaluate(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     """evaluate: held-out loss and accuracy; with cache-fill also the gradient cache (uploaded with cache-upload)."""
-    start = time.perf_counter()
-    pid = partition_of(context)
-    config = msg.content.config_records[keys.CONFIG]
+    served = incoming(msg, context)
+    pid, config = served.partition, served.config
     runtime.load(msg.content.array_records[keys.ARRAYS])
     model = runtime.model
     model.eval()
@@ -74,7 +69,7 @@ def evaluate(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     metrics: dict[str, float | int] = {keys.NUM_EXAMPLES: len(hy), keys.EVAL_LOSS: eval_loss, keys.EVAL_ACC: eval_acc}
     arrays: dict[str, ArrayRecord] = {}
     if bool(config.get(keys.CACHE_FILL, False)):
-        ledger = decode_ledger(str(config.get(keys.LEDGER, "")))
+        ledger = served.ledger
         indices = kept_indices(runtime.data, pid, ledger)
         scope = exclusion_digest(excluded_indices(runtime.data, pid, ledger))
         x, y = runtime.arrays_xy(indices)
@@ -85,7 +80,7 @@ def evaluate(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
                         keys.GRADIENT_COUNT: len(indices), keys.CACHE_BYTES: runtime.store.client_bytes(pid)})
         if bool(config.get(keys.CACHE_UPLOAD, False)):
             arrays[keys.GRADIENT] = runtime.gradient_record(flat, str(config.get(keys.GRADIENT_DTYPE, "float32")))
-    metrics[keys.COMPUTE_S] = time.perf_counter() - start
+    metrics[keys.COMPUTE_S] = served.elapsed()
     return reply(msg, metrics, arrays, version=str(config[keys.MODEL_VERSION]) if keys.MODEL_VERSION in config else None)
 
 

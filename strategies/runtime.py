@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fedunlearn.cache import CacheStore, GradientCache
 from fedunlearn.data import DatasetStore, DataSpec, FederatedData
-from fedunlearn.deletion import DeletionRequest
+from fedunlearn.deletion import DeletionRequest, decode_ledger
 from fedunlearn.gradients import ParamLayout, gradient_sum
 from fedunlearn.models import build_model
 from fedunlearn.training import TrainSettings
@@ -108,6 +109,29 @@ class ClientRuntime:
 
 # A method's client step: (the worker's runtime, the message, the node's context) -> the reply.
 ClientHandler = Callable[[ClientRuntime, Message, Context], Message]
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """What every client handler reads first: the partition it serves, the message's config, when it started."""
+
+    partition: int
+    config: ConfigRecord
+    started: float
+
+    @property
+    def ledger(self) -> list[DeletionRequest]:
+        """The deletions in force the message carries."""
+        return decode_ledger(str(self.config.get(keys.LEDGER, "")))
+
+    def elapsed(self) -> float:
+        """Seconds since the handler started (the reply's compute-s)."""
+        return time.perf_counter() - self.started
+
+
+def incoming(msg: Message, context: Context) -> Incoming:
+    """Start serving `msg`: its partition, its config record and the clock."""
+    return Incoming(partition_of(context), msg.content.config_records[keys.CONFIG], time.perf_counter())
 
 
 def partition_of(context: Context) -> int:

@@ -8,7 +8,6 @@ alone) and `query.calibrate` (client u's own choice of the step length).
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +15,14 @@ from flwr.app import ArrayRecord, Context, Message
 
 from fedunlearn.cache import exclusion_digest
 from fedunlearn.data import DatasetStore
-from fedunlearn.deletion import decode_ledger, excluded_indices, forget_indices, kept_indices
+from fedunlearn.deletion import excluded_indices, forget_indices, kept_indices
 from fedunlearn.gradients import gradient_sum, load_model_vector, model_vector
 from fedunlearn.iau import choose_radius, remaining_contribution, withdrawing_contribution
 from fedunlearn.models import build_model
 
 from .. import app_config, keys
 from ..iau_fed import UnlearningReport
-from ..runtime import ClientRuntime, partition_of, real, reply, request_of, whole
+from ..runtime import ClientRuntime, incoming, real, reply, request_of, whole
 from .base import MethodContext, MethodOutcome, register, storage
 
 
@@ -52,17 +51,16 @@ def calibrate_radius(runtime: ClientRuntime, arrays: ArrayRecord, direction: Arr
 
 def calibrate(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     """query.calibrate: client u tries normalised steps along -d on ITS data only (S and its held-out examples)."""
-    start = time.perf_counter()
-    pid = partition_of(context)
-    config = msg.content.config_records[keys.CONFIG]
+    served = incoming(msg, context)
+    pid, config = served.partition, served.config
     request = request_of(config)
-    ledger = decode_ledger(str(config.get(keys.LEDGER, "")))
+    ledger = served.ledger
     before = excluded_indices(runtime.data, pid, ledger)
     forget = forget_indices(runtime.data, request)
     forget = forget[~torch.isin(forget, before)] if before.numel() else forget
     radius, trail = calibrate_radius(runtime, msg.content.array_records[keys.ARRAYS], msg.content.array_records[keys.DIRECTION], forget,
                                      runtime.data.client_heldout[pid])
-    metrics = {keys.RADIUS: radius, keys.FORGET_SIZE: len(forget), keys.COMPUTE_S: time.perf_counter() - start}
+    metrics = {keys.RADIUS: radius, keys.FORGET_SIZE: len(forget), keys.COMPUTE_S: served.elapsed()}
     answer = reply(msg, metrics, version=str(config[keys.MODEL_VERSION]))
     answer.content.config_records[keys.CONFIG][keys.CALIBRATION_TRAIL] = json.dumps(trail)
     return answer
@@ -70,15 +68,14 @@ def calibrate(runtime: ClientRuntime, msg: Message, context: Context) -> Message
 
 def gradient(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     """query.gradient: this client's share of the direction d, by the role the server gives it."""
-    start = time.perf_counter()
-    pid = partition_of(context)
-    config = msg.content.config_records[keys.CONFIG]
+    served = incoming(msg, context)
+    pid, config = served.partition, served.config
     runtime.load(msg.content.array_records[keys.ARRAYS])
     version = str(config[keys.MODEL_VERSION])
     role = str(config[keys.ROLE])
     wire = str(config.get(keys.GRADIENT_DTYPE, "float32"))
     allow_stale = bool(config.get(keys.ALLOW_STALE, False))
-    ledger = decode_ledger(str(config.get(keys.LEDGER, "")))
+    ledger = served.ledger
     request = request_of(config)
     remaining_count = whole(config[keys.REMAINING_COUNT])
     before = excluded_indices(runtime.data, pid, ledger)
@@ -122,7 +119,7 @@ def gradient(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
             vector = withdrawing_contribution(kept_sum, forget_sum, remaining_count, len(forget), bool(config.get(keys.CORRECTION, True)),
                                               real(config.get(keys.CORRECTION_WEIGHT, 1.0)))
             metrics[keys.NUM_EXAMPLES] = len(forget)
-    metrics[keys.COMPUTE_S] = time.perf_counter() - start
+    metrics[keys.COMPUTE_S] = served.elapsed()
     return reply(msg, metrics, {keys.GRADIENT: runtime.gradient_record(vector, wire)}, version=computed_at)
 
 

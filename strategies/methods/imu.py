@@ -9,7 +9,6 @@ goes down once; only the head comes back up.
 from __future__ import annotations
 
 import json
-import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from fedunlearn.errors import InvalidReplyError
 from .. import app_config, keys
 from ..directory import ClientDirectory
 from ..rounds import RoundPolicy, ask_clients, require_reply
-from ..runtime import ClientRuntime, own_request, partition_of, real, reply, whole
+from ..runtime import ClientRuntime, incoming, own_request, real, reply, whole
 from ..validation import metrics_of
 from .base import MethodContext, MethodOutcome, WireSettings, register, storage
 
@@ -48,9 +47,8 @@ class IMUWireSettings(IMUSettings, WireSettings):
 
 def imu_step(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     """query.imu: this client alone ascends its influence-weighted loss on the final layer; only the head goes back."""
-    start = time.perf_counter()
-    pid = partition_of(context)
-    config = msg.content.config_records[keys.CONFIG]
+    served = incoming(msg, context)
+    pid, config = served.partition, served.config
     request = own_request(config, pid)
     settings = IMUWireSettings.from_record(config)
     runtime.load(msg.content.array_records[keys.ARRAYS])
@@ -61,7 +59,7 @@ def imu_step(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     head = ArrayRecord(OrderedDict((name, state[name].detach().cpu()) for name in head_parameter_names(runtime.model)))
     return reply(msg, {
         keys.NUM_EXAMPLES: len(forget), keys.IMU_KEPT: stats.kept, keys.STEPS: stats.steps,
-        keys.LOSS_BEFORE: stats.loss_before, keys.LOSS_AFTER: stats.loss_after, keys.COMPUTE_S: time.perf_counter() - start,
+        keys.LOSS_BEFORE: stats.loss_before, keys.LOSS_AFTER: stats.loss_after, keys.COMPUTE_S: served.elapsed(),
     }, {keys.ARRAYS: head})
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import weakref
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -40,7 +39,7 @@ from ..directory import ClientDirectory
 from ..fedavg import model_version
 from ..iau_fed import IAUFed
 from ..rounds import RoundPolicy, ask_clients, require_reply
-from ..runtime import ClientRuntime, own_request, partition_of, real, reply, whole
+from ..runtime import ClientRuntime, incoming, own_request, real, reply, whole
 from ..update_recorder import TrainingRecorder
 from ..validation import metrics_of
 from .base import MethodContext, MethodOutcome, WireSettings, register, storage
@@ -67,9 +66,8 @@ class PGAWireSettings(PGASettings, WireSettings):
 # ----- client side ------------------------------------------------------------------------------------------------
 def pga_step(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     """query.pga: this client, the one withdrawing, ascends its loss on S inside a ball around w_ref (sent)."""
-    start = time.perf_counter()
-    pid = partition_of(context)
-    config = msg.content.config_records[keys.CONFIG]
+    served = incoming(msg, context)
+    pid, config = served.partition, served.config
     request = own_request(config, pid)
     settings = PGAWireSettings.from_record(config)
     local = None  # w_u, sent when the server holds it from the round that produced w: the early stop's anchor
@@ -92,7 +90,7 @@ def pga_step(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
         keys.NUM_EXAMPLES: len(forget), keys.PGA_RADIUS: radius, keys.PGA_DISTANCE: stats.final_distance,
         keys.PGA_MAX_DISTANCE: stats.max_distance, keys.PGA_PROJECTIONS: stats.projections, keys.STEPS: stats.steps,
         keys.PGA_STOPPED_EARLY: int(stats.stopped_early), keys.PGA_LOCAL_DISTANCE: stats.local_distance_sq,
-        keys.LOSS_AFTER: stats.final_loss, keys.COMPUTE_S: time.perf_counter() - start,
+        keys.LOSS_AFTER: stats.final_loss, keys.COMPUTE_S: served.elapsed(),
     }, {keys.ARRAYS: ArrayRecord(state)})
 
 
