@@ -27,15 +27,15 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedunlearn.band import band_stats, versus_band
 from fedunlearn.config import ExperimentConfig
 from fedunlearn.costs import CostMeter, PhaseCost, speedup
 from fedunlearn.data import DatasetStore, FederatedData
 from fedunlearn.deletion import DeletionRequest, forget_indices
+from fedunlearn.durability import relearn_steps
 from fedunlearn.errors import ConfigError, FedUnlearnError, UnlearningAbortedError
 from fedunlearn.gradients import ParamLayout
 from fedunlearn.iau import CorrectionStepper
-from fedunlearn.band import band_stats, versus_band
-from fedunlearn.durability import relearn_steps
 from fedunlearn.metrics import accuracy, attack_success_rate
 from fedunlearn.mia import MIN_SCORED, membership_sets
 from fedunlearn.models import build_model
@@ -46,16 +46,16 @@ from strategies.faults import FAULT_PREFIX, with_faults
 from strategies.fedavg import UnlearningFedAvg, discover_clients
 from strategies.iau_fed import IAUFed
 from strategies.metered_grid import MeteredGrid
+from strategies.methods.retrain import REFERENCE
 from strategies.update_recorder import fan_out
 
 from .checkpoint import Checkpoints, check_same_experiment
 from .evaluation import Evaluator, attacks_of
-from .shadows import ShadowBank, train_shadow_bank
 from .methods import MethodContext, MethodOutcome, check_methods, get_method
 from .progress import Progress
 from .results import write_results
+from .shadows import ShadowBank, train_shadow_bank
 
-REFERENCE = "retrain"
 # What the band of retrained models describes (distances only over the extra retrains: the reference is at 0 from itself).
 BAND_METRICS = ("acc_test", "acc_remained", "acc_deleted", "backdoor_asr", "mia_auc", "mia_shadow_auc", "mia_lira_auc")
 BAND_DISTANCES = ("dist_para", "dist_output", "dist_output_deleted", "dist_output_triggered")

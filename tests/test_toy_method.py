@@ -14,7 +14,7 @@ from simulations.runner import Experiment
 from strategies import app_config
 from strategies.client_app import build_client_app
 from strategies.local_grid import LocalGrid
-from strategies.methods import REGISTRY, base
+from strategies.methods import registry_scope
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy-method" / "local_ascent.py"
 
@@ -22,18 +22,14 @@ TOY = Path(__file__).resolve().parents[1] / "examples" / "toy-method" / "local_a
 @pytest.fixture
 def toy():
     """The toy method's module, registered for this test only (the registry is restored after it)."""
-    methods, handlers = dict(REGISTRY), dict(base._HANDLERS)
     spec = importlib.util.spec_from_file_location("local_ascent", TOY)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["local_ascent"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
+    with registry_scope():
+        spec.loader.exec_module(module)
+        yield module
     del sys.modules["local_ascent"]
-    REGISTRY.clear()
-    REGISTRY.update(methods)
-    base._HANDLERS.clear()
-    base._HANDLERS.update(handlers)
 
 
 def test_the_toy_method_runs_through_the_runner_from_its_one_file(toy, tmp_path):

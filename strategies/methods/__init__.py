@@ -20,6 +20,7 @@ from .base import (
     client_handlers,
     get_method,
     register,
+    registry_scope,
     storage,
 )
 
@@ -29,4 +30,4 @@ for _name in (*BUILT_IN, *sorted(m.name for m in pkgutil.iter_modules(__path__) 
     importlib.import_module(f"{__name__}.{_name}")
 
 __all__ = ["REGISTRY", "Method", "MethodContext", "MethodOutcome", "WireSettings", "arrays_nbytes", "check_methods", "client_handlers",
-           "get_method", "register", "storage"]
+           "get_method", "register", "registry_scope", "storage"]

@@ -8,8 +8,9 @@ the method's own file (modelled on Opacus's accountant registry; unknown names a
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -94,6 +95,19 @@ def register(name: str, summary: str, continues: bool = True, uploads_caches: bo
         REGISTRY[name] = Method(name, fn, summary, continues, uploads_caches, handlers, recorder)
         return fn
     return wrap
+
+
+@contextlib.contextmanager
+def registry_scope() -> Iterator[None]:
+    """Methods (and their handlers) registered inside are unregistered after it: for tests and docs pages."""
+    methods, handlers = dict(REGISTRY), dict(_HANDLERS)
+    try:
+        yield
+    finally:
+        REGISTRY.clear()
+        REGISTRY.update(methods)
+        _HANDLERS.clear()
+        _HANDLERS.update(handlers)
 
 
 def client_handlers() -> dict[str, ClientHandler]:

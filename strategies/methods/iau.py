@@ -123,6 +123,10 @@ def gradient(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     return reply(msg, metrics, {keys.GRADIENT: runtime.gradient_record(vector, wire)}, version=computed_at)
 
 
+# The two registered IAU-Fed methods by protocol (apps that run IAU-Fed without the runner look them up here).
+METHOD_OF = {"fresh": "iau", "cached": "iau-cached"}
+PROTOCOL_OF = {name: protocol for protocol, name in METHOD_OF.items()}
+
 # Every IAU-based method (gradient ascent too) answers through these two queries.
 HANDLERS = {keys.QUERY_GRADIENT.removeprefix("query."): gradient, keys.QUERY_CALIBRATE.removeprefix("query."): calibrate}
 
@@ -173,15 +177,15 @@ def run_iau(ctx: MethodContext, protocol: str, name: str, repair_rounds: int | N
                                           "storage": storage(server, sum(ctx.strategy.client_cache_bytes.values()))})
 
 
-@register("iau", "IAU-Fed, fresh protocol: a round per step, every remaining client sends its (cached) gradient, then --iau-repair-rounds FedAvg rounds",
+@register(METHOD_OF["fresh"], "IAU-Fed, fresh protocol: a round per step, every remaining client sends its (cached) gradient, then --iau-repair-rounds FedAvg rounds",
           handlers=HANDLERS)
 def iau_fresh(ctx: MethodContext) -> MethodOutcome:
     """IAU correction with the fresh protocol."""
-    return run_iau(ctx, "fresh", "iau")
+    return run_iau(ctx, "fresh", METHOD_OF["fresh"])
 
 
-@register("iau-cached", "IAU-Fed, cached protocol: only the withdrawing client sends G_S; the server holds G_tot", uploads_caches=True,
+@register(METHOD_OF["cached"], "IAU-Fed, cached protocol: only the withdrawing client sends G_S; the server holds G_tot", uploads_caches=True,
           handlers=HANDLERS)
 def iau_cached(ctx: MethodContext) -> MethodOutcome:
     """IAU correction with the cached protocol."""
-    return run_iau(ctx, "cached", "iau-cached", repair_rounds=0)  # the cached protocol contacts client u alone
+    return run_iau(ctx, "cached", METHOD_OF["cached"], repair_rounds=0)  # the cached protocol contacts client u alone
