@@ -56,12 +56,13 @@ if TYPE_CHECKING:
 __all__ = ["CohortClientApp", "CohortGrid", "QUERY_COHORT", "build_cohort_client_app", "cohort_partitions", "cohort_size_for", "cohort_size_of",
            "num_cohorts", "pack", "unpack", "virtual_node_id"]
 
-QUERY_COHORT = "query.cohort"      # server -> physical node: which cohort do you host?
-MANIFEST = "cohort-manifest"       # ConfigRecord of a packed message: which records belong to which virtual client
-MANIFEST_KEY = "manifest"
-COHORT_RECORD = "cohort"           # reply to query.cohort
-COHORT_INDEX = "cohort-index"
-COHORT_PARTITIONS = "partition-ids"
+# The wire keys of cohort mode (defined in keys.py with every other one).
+QUERY_COHORT = keys.QUERY_COHORT
+MANIFEST = keys.COHORT_MANIFEST
+MANIFEST_KEY = keys.COHORT_MANIFEST_KEY
+COHORT_RECORD = keys.COHORT_RECORD
+COHORT_INDEX = keys.COHORT_INDEX
+COHORT_PARTITIONS = keys.COHORT_PARTITIONS
 STATE_PREFIX = "cohort-client-"    # per-virtual-client records in the physical node's context.state
 # Virtual node ids: far above any partition id, nonzero, never the SuperLink's id (1).
 VIRTUAL_NODE_BASE = 1 << 40
