@@ -74,7 +74,7 @@ class FailingCalibration(ClientApp):
 
     def __call__(self, message: Message, context: Context) -> Message:
         if (message.metadata.message_type == keys.TRAIN and int(context.node_config["partition-id"]) == 2 and not self.failed
-                and int(message.content.config_records[keys.CONFIG][keys.EPOCHS]) == 1):
+                and message.content.config_records[keys.CONFIG][keys.EPOCHS] == 1):
             self.failed += 1
             raise RuntimeError("out of memory in calibration")
         return self.inner(message, context)
