@@ -23,11 +23,51 @@ from fedunlearn.iau import PROTOCOLS, CorrectionStepper, IAUSettings, direction_
 from . import keys
 from .fedavg import UnlearningFedAvg, model_version
 from .rounds import MISSING_POLICIES, RoundPolicy, ask_clients
-from .validation import bound_norm, check_gradient_reply, check_version, check_withdrawal, finite_metric, gradient_vector, metrics_of, positive_count
+from .validation import (
+    bound_norm,
+    check_gradient_reply,
+    check_version,
+    check_withdrawal,
+    finite_metric,
+    gradient_vector,
+    metrics_of,
+    positive_count,
+)
+from .wire import WireSettings
 
 logger = logging.getLogger("fedunlearn.iau_fed")
 
-__all__ = ["MISSING_POLICIES", "IAUFed", "RoundPolicy", "UnlearningReport", "arrays_to_vector", "vector_to_arrays"]
+__all__ = ["MISSING_POLICIES", "GradientQuery", "IAUFed", "RoundPolicy", "UnlearningReport", "arrays_to_vector", "vector_to_arrays"]
+
+@dataclass(frozen=True)
+class GradientQuery(WireSettings):
+    """What a `query.gradient` message asks of a client (besides the seed and the ledger every message carries).
+
+    `role`: remaining, withdrawing or forget-only; `request`: the DeletionRequest served, as JSON;
+    `remaining_count`: n - |S| (or n_A when renormalised); `correction`/`correction_weight`: whether and how much of
+    the remaining-data term goes into the withdrawing client's vector; `allow_stale`: a remaining client may answer
+    from a cache at another model version; `gradient_dtype`: the dtype the gradient travels in.
+    """
+
+    model_version: str
+    role: str
+    request: str
+    remaining_count: int
+    forget_count: int
+    correction: bool = True
+    correction_weight: float = 1.0
+    allow_stale: bool = False
+    gradient_dtype: str = "float32"
+
+    WIRE = {"model_version": keys.MODEL_VERSION, "role": keys.ROLE, "request": keys.REQUEST, "remaining_count": keys.REMAINING_COUNT,
+            "forget_count": keys.FORGET_COUNT, "correction": keys.CORRECTION, "correction_weight": keys.CORRECTION_WEIGHT,
+            "allow_stale": keys.ALLOW_STALE, "gradient_dtype": keys.GRADIENT_DTYPE}
+
+    @property
+    def deletion_request(self) -> DeletionRequest:
+        """The request being served."""
+        return DeletionRequest(**json.loads(self.request))
+
 
 class _Abort(Exception):
     """Internal: the round cannot produce a correct update; unlearn() turns it into UnlearningAbortedError."""
@@ -118,7 +158,7 @@ class IAUFed(UnlearningFedAvg):
         # Bytes each client reports its stored gradient cache occupies (filled by fill_caches).
         self.client_cache_bytes: dict[int, int] = {}
 
-    def branch(self) -> "IAUFed":
+    def branch(self) -> IAUFed:
         """An independent copy (ledger, counts, aggregate cache) so several methods can start from one state."""
         other = copy.copy(self)
         other._excluded_counts = dict(self._excluded_counts)
@@ -264,12 +304,10 @@ class IAUFed(UnlearningFedAvg):
 
     def _query(self, arrays: ArrayRecord, request: DeletionRequest, role: str, remaining_count: int, forget_count: int) -> RecordDict:
         record = self.base_config()
-        record.update({
-            keys.MODEL_VERSION: model_version(arrays), keys.ROLE: role, keys.REQUEST: json.dumps(asdict(request)),
-            keys.REMAINING_COUNT: remaining_count, keys.FORGET_COUNT: forget_count, keys.CORRECTION: self.iau.correction,
-            keys.CORRECTION_WEIGHT: float(self.iau.correction_weight),
-            keys.ALLOW_STALE: self.allow_stale, keys.GRADIENT_DTYPE: self.gradient_dtype,
-        })
+        record.update(GradientQuery(model_version=model_version(arrays), role=role, request=json.dumps(asdict(request)),
+                                    remaining_count=remaining_count, forget_count=forget_count, correction=self.iau.correction,
+                                    correction_weight=float(self.iau.correction_weight), allow_stale=self.allow_stale,
+                                    gradient_dtype=self.gradient_dtype).to_record())
         return RecordDict({keys.ARRAYS: arrays, keys.CONFIG: record})
 
     def _ask(self, grid: Grid, messages: list[Message], phase: str, parse: Callable[[int, Message], Any],

@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from fedunlearn.config import ExperimentConfig
@@ -24,6 +24,7 @@ from fedunlearn.errors import UnknownMethodError
 from ..fedavg import UnlearningFedAvg, UpdateRecorder
 from ..iau_fed import IAUFed
 from ..runtime import ClientHandler
+from ..wire import WireSettings
 
 
 @dataclass
@@ -139,30 +140,5 @@ def storage(server_bytes: int = 0, client_bytes: int = 0, **notes: Any) -> dict[
     return {"server_bytes": int(server_bytes), "client_bytes": int(client_bytes), **notes}
 
 
-_CASTS: dict[str, Callable[[Any], Any]] = {"float": float, "int": int, "bool": bool, "str": str}
-S = TypeVar("S", bound="WireSettings")
-
-
-class WireSettings:
-    """Mixin for a method's frozen settings dataclass: one `to_record` / `from_record` pair for both ends of the wire.
-
-    `WIRE` maps each field to its config key (`strategies.keys`); a key missing from a record leaves the field's
-    default, so a newer server can add a setting without breaking older clients.
-    """
-
-    WIRE: ClassVar[Mapping[str, str]] = {}
-
-    def to_record(self) -> ConfigRecord:
-        """The settings as config entries of a message."""
-        return ConfigRecord({key: getattr(self, name) for name, key in self.WIRE.items()})
-
-    @classmethod
-    def from_record(cls: type[S], record: ConfigRecord) -> S:
-        """The settings a message carries (cast to the fields' types)."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):  # type: ignore[arg-type]
-            key = cls.WIRE.get(f.name)
-            if key is not None and key in record:
-                type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-                values[f.name] = _CASTS[type_name](record[key])
-        return cls(**values)
+__all__ = ["REGISTRY", "Method", "MethodContext", "MethodOutcome", "WireSettings", "arrays_nbytes", "check_methods", "client_handlers",
+           "get_method", "register", "registry_scope", "storage"]

@@ -21,8 +21,8 @@ from fedunlearn.iau import choose_radius, remaining_contribution, withdrawing_co
 from fedunlearn.models import build_model
 
 from .. import app_config, keys
-from ..iau_fed import UnlearningReport
-from ..runtime import ClientRuntime, incoming, real, reply, request_of, whole
+from ..iau_fed import GradientQuery, UnlearningReport
+from ..runtime import ClientRuntime, incoming, reply, request_of
 from .base import MethodContext, MethodOutcome, register, storage
 
 
@@ -71,21 +71,19 @@ def gradient(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     served = incoming(msg, context)
     pid, config = served.partition, served.config
     runtime.load(msg.content.array_records[keys.ARRAYS])
-    version = str(config[keys.MODEL_VERSION])
-    role = str(config[keys.ROLE])
-    wire = str(config.get(keys.GRADIENT_DTYPE, "float32"))
-    allow_stale = bool(config.get(keys.ALLOW_STALE, False))
+    query = GradientQuery.from_record(config)
+    version, role, wire = query.model_version, query.role, query.gradient_dtype
     ledger = served.ledger
-    request = request_of(config)
-    remaining_count = whole(config[keys.REMAINING_COUNT])
+    request = query.deletion_request
+    remaining_count = query.remaining_count
     before = excluded_indices(runtime.data, pid, ledger)
     before_scope = exclusion_digest(before)
     metrics: dict[str, float | int]
     computed_at = version
     if role == keys.ROLE_REMAINING:
         kept = kept_indices(runtime.data, pid, ledger)
-        cache, fresh_hit, stale = runtime.cached_gradient(pid, kept, version, before_scope, allow_stale)
-        vector = remaining_contribution(cache.gradient_sum, remaining_count, real(config.get(keys.CORRECTION_WEIGHT, 1.0)))
+        cache, fresh_hit, stale = runtime.cached_gradient(pid, kept, version, before_scope, query.allow_stale)
+        vector = remaining_contribution(cache.gradient_sum, remaining_count, query.correction_weight)
         metrics = {keys.NUM_EXAMPLES: cache.num_examples, keys.CACHE_HIT: int(fresh_hit), keys.CACHE_STALE: int(stale)}
         computed_at = cache.version  # a remaining client may answer from a stale cache (when allowed): its version
     else:
@@ -116,8 +114,8 @@ def gradient(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
                 runtime.store.put(pid, kept_cache)  # the client keeps a cache consistent with what it still holds
                 kept_sum = kept_cache.gradient_sum
                 metrics[keys.CACHE_HIT] = int(hit)
-            vector = withdrawing_contribution(kept_sum, forget_sum, remaining_count, len(forget), bool(config.get(keys.CORRECTION, True)),
-                                              real(config.get(keys.CORRECTION_WEIGHT, 1.0)))
+            vector = withdrawing_contribution(kept_sum, forget_sum, remaining_count, len(forget), query.correction,
+                                              query.correction_weight)
             metrics[keys.NUM_EXAMPLES] = len(forget)
     metrics[keys.COMPUTE_S] = served.elapsed()
     return reply(msg, metrics, {keys.GRADIENT: runtime.gradient_record(vector, wire)}, version=computed_at)
