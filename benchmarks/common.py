@@ -32,10 +32,6 @@ QUIET_ENV = {
 }
 
 
-class BenchmarkError(RuntimeError):
-    """A benchmark could not produce its figures (the message says which run failed and why)."""
-
-
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
     try:

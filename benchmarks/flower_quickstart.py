@@ -112,11 +112,6 @@ def train_config(batch_size: int, epochs: int, lr: float, momentum: float, data_
     return ConfigRecord({"batch-size": batch_size, "local-epochs": epochs, "lr": lr, "momentum": momentum, "data-dir": data_dir})
 
 
-def strategy_for(num_clients: int) -> FedAvg:
-    """Flower's FedAvg training every client each round, no evaluation round."""
-    return FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_clients, min_available_nodes=num_clients)
-
-
 def run_rounds(strategy: FedAvg, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, num_rounds: int, timeout: float) -> ArrayRecord:
     """The quickstart ServerApp's body: `strategy.start(...)`."""
     return strategy.start(grid=grid, initial_arrays=arrays, train_config=config, num_rounds=num_rounds, timeout=timeout).arrays

@@ -93,7 +93,8 @@ VARIANTS = (
 
 def variant_method(variant: Variant) -> str:
     """Register `variant` as a method named iau:<name> (once) and return that name."""
-    from simulations.methods import REGISTRY, MethodContext, MethodOutcome, _iau, register
+    from simulations.methods import REGISTRY, MethodContext, MethodOutcome, register
+    from strategies.methods.iau import run_iau
     from strategies import app_config
 
     name = f"iau:{variant.name}"
@@ -101,7 +102,7 @@ def variant_method(variant: Variant) -> str:
         def run(ctx: MethodContext) -> MethodOutcome:
             base = app_config.iau_settings_for(ctx.cfg)
             ctx.strategy.iau = replace(base, **{**VARIANT_BASE, **variant.settings})
-            return _iau(ctx, variant.protocol, name, repair_rounds=variant.repair_rounds)
+            return run_iau(ctx, variant.protocol, name, repair_rounds=variant.repair_rounds)
         register(name, variant.summary, uploads_caches=variant.protocol == "cached")(run)
     return name
 

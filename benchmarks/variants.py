@@ -9,7 +9,6 @@
   and `iau` corrections, and the bytes the gradient caches occupy;
 - `fedunlearn-cohort` (d): the same with `execution = "cohort"` (each SuperNode hosts a cohort of virtual
   clients trained as one vectorised computation), assembled from the ExperimentConfig as the runner does;
-  where this checkout has no cohort mode it reports `{"ok": false, "available": false}` instead of failing;
 - `experiment`: one `simulations.runner.Experiment` (the unlearning benchmark reads its results.json).
 
 `engine = "local"` in the spec serves the ClientApps in-process through `strategies.local_grid.LocalGrid`
@@ -366,29 +365,6 @@ def run_single_process_loop(scale: Scale) -> dict[str, Any]:
 
 # ----- (c) fedunlearn's own path ------------------------------------------------------------------------
 
-def cohort_mode_missing() -> str | None:
-    """Why this checkout cannot run the cohort execution mode; None when it can."""
-    from dataclasses import fields
-
-    from fedunlearn.config import ExperimentConfig
-
-    names = {f.name for f in fields(ExperimentConfig)}
-    missing = [name for name in ("execution", "cohort_size") if name not in names]
-    if missing:
-        return (f"ExperimentConfig has no field {' or '.join(missing)}: this checkout has no cohort execution mode yet "
-                "(issue 6, item 1); the other paths are measured as usual")
-    import importlib
-
-    try:
-        module = importlib.import_module("strategies.cohort")
-    except ImportError as err:
-        return f"the cohort execution mode cannot be imported ({err}); the other paths are measured as usual"
-    absent = [name for name in ("CohortGrid", "build_cohort_client_app", "cohort_size_of", "num_cohorts") if not hasattr(module, name)]
-    if absent:
-        return f"strategies.cohort has no {', '.join(absent)} (the runner's cohort API changed?); the other paths are measured as usual"
-    return None
-
-
 def fedunlearn_config(scale: Scale, execution: str = "per-node") -> Any:
     """The ExperimentConfig fedunlearn's path is built from: MNIST-shaped data, the McMahan CNN, no backdoor."""
     from fedunlearn.config import ExperimentConfig
@@ -397,9 +373,9 @@ def fedunlearn_config(scale: Scale, execution: str = "per-node") -> Any:
         dataset="mnist", data_dir=scale.data_dir, num_clients=scale.clients, model="mcmahan-cnn", backdoor=False,
         rounds=scale.rounds, local_epochs=scale.epochs, batch_size=scale.batch_size, lr=scale.lr, momentum=scale.momentum,
         heldout_fraction=0.2, seed=scale.seed, cache_dtype=scale.cache_dtype, round_timeout=scale.timeout, shadow_mia=False,
-        device=resolve_device(scale.device))
-    if execution != "per-node":  # only named when asked, so the per-node path runs on checkouts without the field
-        settings.update(execution=execution, cohort_size=scale.cohort_size, cohort_train=scale.cohort_train)
+        device=resolve_device(scale.device), execution=execution)
+    if execution == "cohort":  # the cohort settings are refused with per-node execution (they would have no effect)
+        settings.update(cohort_size=scale.cohort_size, cohort_train=scale.cohort_train)
     return ExperimentConfig(**settings)
 
 
@@ -419,10 +395,7 @@ def execution_setup(cfg: Any, client_app: Any, spec: Any) -> tuple[Any, int, Cal
 
 
 def run_fedunlearn_cohort(scale: Scale) -> dict[str, Any]:
-    """Path (d): fedunlearn with execution = cohort; `available: false` where this checkout has no cohort mode."""
-    why = cohort_mode_missing()
-    if why is not None:
-        return {"ok": False, "available": False, "error": f"fedunlearn-cohort: not available: {why}"}
+    """Path (d): fedunlearn with execution = cohort."""
     return run_fedunlearn(scale, execution="cohort")
 
 
@@ -443,6 +416,7 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
     from strategies.fedavg import discover_clients
     from strategies.iau_fed import IAUFed
     from strategies.metered_grid import MeteredGrid
+    from strategies.methods.iau import METHOD_OF
 
     class ClockedIAUFed(ClockedStrategy, IAUFed):
         """fedunlearn's training strategy with round timestamps."""
@@ -499,7 +473,8 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
         extra["server_aggregate_cache_bytes"] = int(strategy.gradient_total.numel() * strategy.gradient_total.element_size())
         request = DeletionRequest(client=0)
         forget_count = directory.num_train[0]
-        for method, protocol in (("iau-cached", "cached"), ("iau", "fresh")):
+        for protocol in ("cached", "fresh"):
+            method = METHOD_OF[protocol]
             started = time.perf_counter()
             with meter.phase(method):
                 strategy.branch().unlearn(metered, trained, request, forget_count, protocol=protocol, method=method)

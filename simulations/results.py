@@ -76,7 +76,3 @@ def write_results(out_dir: str | Path, results: dict[str, Any]) -> None:
     if clean.get("stream"):
         _atomic_write(out / "stream.csv", _csv_text(stream_rows(clean)))
 
-
-def read_results(out_dir: str | Path) -> dict[str, Any]:
-    """Load DIR/results.json."""
-    return json.loads((Path(out_dir) / "results.json").read_text())

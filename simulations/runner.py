@@ -27,37 +27,36 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedunlearn.baselines import LastModelStore, UpdateHistory
+from fedunlearn.band import band_stats, versus_band
 from fedunlearn.config import ExperimentConfig
 from fedunlearn.costs import CostMeter, PhaseCost, speedup
 from fedunlearn.data import DatasetStore, FederatedData
 from fedunlearn.deletion import DeletionRequest, forget_indices
+from fedunlearn.durability import relearn_steps
 from fedunlearn.errors import ConfigError, FedUnlearnError, UnlearningAbortedError
 from fedunlearn.gradients import ParamLayout
 from fedunlearn.iau import CorrectionStepper
-from fedunlearn.band import band_stats, versus_band
-from fedunlearn.durability import relearn_steps
 from fedunlearn.metrics import accuracy, attack_success_rate
 from fedunlearn.mia import MIN_SCORED, membership_sets
 from fedunlearn.models import build_model, check_model_fits
-from strategies import app_config
+from strategies import app_config, keys
 from strategies.client_app import build_client_app
 from strategies.engine_tuning import faster_message_pickup
 from strategies.faults import FAULT_PREFIX, with_faults
 from strategies.fedavg import UnlearningFedAvg, discover_clients
 from strategies.iau_fed import IAUFed
 from strategies.metered_grid import MeteredGrid
-from strategies.update_recorder import TrainingRecorder
+from strategies.methods.retrain import REFERENCE
+from strategies.update_recorder import fan_out
 
 from .checkpoint import Checkpoints, check_same_experiment
 from .evaluation import Evaluator, attacks_of
-from .shadows import ShadowBank, train_shadow_bank
 from .methods import MethodContext, MethodOutcome, check_methods, get_method
 from .progress import Progress
 from .results import write_results
+from .shadows import ShadowBank, train_shadow_bank
 from .tracking import tracker_for
 
-REFERENCE = "retrain"
 # What the band of retrained models describes (distances only over the extra retrains: the reference is at 0 from itself).
 BAND_METRICS = ("acc_test", "acc_remained", "acc_deleted", "backdoor_asr", "mia_auc", "mia_shadow_auc", "mia_lira_auc")
 BAND_DISTANCES = ("dist_para", "dist_output", "dist_output_deleted", "dist_output_triggered")
@@ -145,8 +144,9 @@ class Experiment:
                 raise ConfigError(f"--resume: {self.out_dir} holds no checkpoint (DIR/checkpoint/state.json); "
                                   "run without --resume to start, or point --out at the interrupted run")
             check_same_experiment(state["config"], self.cfg.to_dict())
-            if state["round"] > 0 and {m.name for m in self.methods} & {"federaser", "pga"}:
-                raise ConfigError("--resume with federaser or pga: the client updates they record during training are "
+            recording = [m.name for m in self.methods if m.recorder is not None]
+            if state["round"] > 0 and recording:
+                raise ConfigError(f"--resume with {' or '.join(recording)}: the client updates they record during training are "
                                   "not checkpointed; rerun without --resume, or drop those methods")
             self.resume_state = state
             self.results["resumed_from_round"] = state["round"]
@@ -256,13 +256,11 @@ class Experiment:
                           on_round_end=self._round_hook("original"), policy=app_config.round_policy_for(cfg),
                           keep_client_uploads=cfg.withdrawing_offline)
         self._observed.append(("original", strategy))
-        # What some baselines need from training: FedEraser the client updates of every Delta_t-th round, PGA each
-        # client's last local model. Recorded only when they are selected (their storage is reported with them).
-        selected = {m.name for m in self.methods}
-        update_history = UpdateHistory(cfg.federaser_interval) if "federaser" in selected else None
-        last_models = LastModelStore() if "pga" in selected else None
-        if update_history is not None or last_models is not None:
-            strategy.update_recorder = TrainingRecorder(update_history, last_models)
+        # What some methods need from training (FedEraser the client updates of every Delta_t-th round, PGA each
+        # client's last local model): each selected method's own recorder (their storage is reported with them).
+        recorded = {m.name: m.recorder(cfg) for m in self.methods if m.recorder is not None}
+        if recorded:
+            strategy.update_recorder = fan_out(list(recorded.values()))
         request_round = cfg.withdraw_round or cfg.rounds
         start_round, start_arrays = 0, initial
         if self.resume_state is not None and self.checkpoints is not None:
@@ -307,7 +305,7 @@ class Experiment:
             evaluator = self.evaluator if index == 0 else Evaluator(cfg, data, self.requests[: index + 1], bank=self.evaluator.bank)
             count = forget_count if index == 0 else len(forget_indices(data, request))
             step = self._serve(index, request, count, evaluator, states, current, original, initial, metered, fedavg,
-                               request_round, update_history, last_models, totals)
+                               request_round, recorded, totals)
             self.results["models"] = step
             self._write()
             self.tracker.on_method("original", step["original"], step=index + 1)
@@ -326,8 +324,8 @@ class Experiment:
 
     def _serve(self, index: int, request: DeletionRequest, forget_count: int, evaluator: Evaluator, states: dict[str, IAUFed],
                current: dict[str, ArrayRecord], original: ArrayRecord, initial: ArrayRecord, metered: Grid,
-               fedavg: Callable[..., UnlearningFedAvg], request_round: int, update_history: UpdateHistory | None,
-               last_models: LastModelStore | None, totals: dict[str, PhaseCost]) -> dict[str, Any]:
+               fedavg: Callable[..., UnlearningFedAvg], request_round: int, recorded: dict[str, Any],
+               totals: dict[str, PhaseCost]) -> dict[str, Any]:
         """Every method serves one request; returns the models' entries (original, retrain, methods) after it."""
         cfg = self.cfg
         stream = len(self.requests) > 1
@@ -343,7 +341,7 @@ class Experiment:
             state = states[method.name]
             context = MethodContext(cfg=cfg, grid=metered, strategy=state, initial_arrays=initial, arrays=current[method.name],
                                     request=request, forget_count=forget_count, fedavg=fedavg, request_round=request_round,
-                                    update_history=update_history, last_models=last_models, round_hook=self._round_hook)
+                                    recorded=recorded.get(method.name), round_hook=self._round_hook)
             phase = f"unlearn:{method.name}{suffix}"
             with self.meter.phase(phase):
                 try:
@@ -494,8 +492,9 @@ class Experiment:
         """A method that ended without an unlearned model: the model it was given stays, and the results say why."""
         aborted = isinstance(err, UnlearningAbortedError)
         details: dict[str, Any] = {"status": "aborted" if aborted else "failed", "error": f"{type(err).__name__}: {err}"}
-        if aborted and err.report:
-            details["unlearning"] = err.report
+        report = getattr(err, "report", None)  # what the method's rounds recorded (retries, the clients' failures)
+        if report:
+            details["unlearning"] = report
         logger.warning("method %s %s: %s", name, details["status"], err)
         return MethodOutcome(context.arrays, details=details)
 
@@ -536,8 +535,8 @@ class Experiment:
         def hook(server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> None:
             start = time.perf_counter()
             point: dict[str, float] = {"round": server_round}
-            if metrics is not None and "train-loss" in metrics:
-                point["train_loss"] = float(metrics["train-loss"])
+            if metrics is not None and keys.TRAIN_LOSS in metrics:
+                point["train_loss"] = float(metrics[keys.TRAIN_LOSS])
             if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
                 point.update(self.evaluator.quick(arrays))
             self.results["history"].setdefault(label, []).append(point)

@@ -25,7 +25,6 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedunlearn.baselines import LastModelStore, UpdateHistory
 from fedunlearn.config import ExperimentConfig
 from fedunlearn.data import DatasetStore, FederatedData
 from fedunlearn.deletion import DeletionRequest, forget_indices
@@ -39,7 +38,7 @@ from strategies.client_app import ClientRuntime, ClientSpec, build_client_app
 from strategies.fedavg import UnlearningFedAvg, discover_clients
 from strategies.iau_fed import IAUFed
 from strategies.local_grid import LocalGrid
-from strategies.update_recorder import TrainingRecorder
+from strategies.update_recorder import fan_out
 
 from .methods import Method, MethodContext
 from .progress import Progress
@@ -133,7 +132,7 @@ def train_shadow_bank(cfg: ExperimentConfig, data: FederatedData, pool: torch.Te
         try:
             with _own_task_identity():
                 started = time.perf_counter()
-                run = _ShadowRun(cfg, client_spec, seed, needs_recorder={m.name for m in ulira_methods} & {"federaser", "pga"})
+                run = _ShadowRun(cfg, client_spec, seed, methods=ulira_methods)
                 trained = run.train()
                 train_seconds.append(time.perf_counter() - started)
                 shadow = run.model(trained)
@@ -187,7 +186,7 @@ def _attack_examples(shadow_data: FederatedData, pool: torch.Tensor, members: to
 class _ShadowRun:
     """One shadow experiment on a LocalGrid: training, cache filling and methods, through the project's strategies."""
 
-    def __init__(self, cfg: ExperimentConfig, spec: ClientSpec, seed: int, needs_recorder: set[str]) -> None:
+    def __init__(self, cfg: ExperimentConfig, spec: ClientSpec, seed: int, methods: list[Method]) -> None:
         self.cfg = cfg
         self.spec = spec
         self.seed = seed
@@ -201,10 +200,10 @@ class _ShadowRun:
         self.strategy = IAUFed(layout=ParamLayout.of(model), iau=app_config.iau_settings_for(cfg), allow_stale=cfg.allow_stale_cache,
                                round_timeout=cfg.round_timeout, directory=self.directory, train=app_config.train_settings_for(cfg),
                                seed=seed, fraction_train=cfg.fraction_fit, policy=app_config.round_policy_for(cfg))
-        self.update_history = UpdateHistory(cfg.federaser_interval) if "federaser" in needs_recorder else None
-        self.last_models = LastModelStore() if "pga" in needs_recorder else None
-        if self.update_history is not None or self.last_models is not None:
-            self.strategy.update_recorder = TrainingRecorder(self.update_history, self.last_models)
+        # Each method's own training recorder, as the runner installs them for the target.
+        self.recorded = {m.name: m.recorder(cfg) for m in methods if m.recorder is not None}
+        if self.recorded:
+            self.strategy.update_recorder = fan_out(list(self.recorded.values()))
 
     def train(self) -> ArrayRecord:
         """FedAvg for the configured rounds from this shadow's initial weights."""
@@ -233,7 +232,7 @@ class _ShadowRun:
         forget_count = len(forget_indices(DatasetStore.get(self.spec.data), request))
         context = MethodContext(cfg=cfg, grid=self.grid, strategy=self.strategy.branch(), initial_arrays=self.initial, arrays=arrays,
                                 request=request, forget_count=forget_count, fedavg=fedavg, request_round=cfg.rounds,
-                                update_history=self.update_history, last_models=self.last_models, round_hook=None)
+                                recorded=self.recorded.get(method.name), round_hook=None)
         try:
             outcome = method.run(context)
         except FedUnlearnError:

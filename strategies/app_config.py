@@ -11,7 +11,6 @@ import torch
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from fedunlearn.baselines import IMUSettings, PGASettings
 from fedunlearn.config import ExperimentConfig
 from fedunlearn.data import DataSpec
 from fedunlearn.deletion import DeletionRequest
@@ -19,10 +18,10 @@ from fedunlearn.iau import IAUSettings
 from fedunlearn.models import default_model_for
 from fedunlearn.training import TrainSettings
 
-from .client_app import ClientSpec
 from .cohort import CohortGrid, build_cohort_client_app, cohort_size_of, num_cohorts
 from .faults import FaultPlan
-from .iau_fed import RoundPolicy
+from .rounds import RoundPolicy
+from .runtime import ClientSpec
 
 
 def data_spec_for(cfg: ExperimentConfig) -> DataSpec:
@@ -72,17 +71,6 @@ def iau_settings_for(cfg: ExperimentConfig, correction: bool = True) -> IAUSetti
     return IAUSettings(eta=cfg.iau_eta, steps=cfg.iau_steps, step_rule=cfg.iau_step_rule, correction=correction, radius=cfg.iau_radius,
                        correction_weight=cfg.iau_correction_weight, per_layer=cfg.iau_per_layer, calibrate=cfg.iau_calibrate,
                        refresh_every=cfg.iau_refresh_every)
-
-
-def pga_settings_for(cfg: ExperimentConfig) -> PGASettings:
-    """PGA's ascent settings (momentum, clipping and the radius rule as in the authors' code)."""
-    return PGASettings(lr=cfg.pga_lr, epochs=cfg.pga_epochs, batch_size=cfg.batch_size, radius=cfg.pga_radius,
-                       stop_distance=cfg.pga_stop_distance)
-
-
-def imu_settings_for(cfg: ExperimentConfig) -> IMUSettings:
-    """IMU-head's ascent settings (Fisher damping 0.01 and weight quantile 0.93 as in the paper)."""
-    return IMUSettings(lr=cfg.imu_lr, epochs=cfg.imu_epochs, batch_size=cfg.batch_size)
 
 
 def deletion_request_for(cfg: ExperimentConfig) -> DeletionRequest:

@@ -46,8 +46,9 @@ from fedunlearn.deletion import decode_ledger, kept_indices
 from fedunlearn.errors import ConfigError, MissingRepliesError
 
 from . import keys
-from .client_app import ClientRuntime, ClientSpec, build_client_app, train_seed, train_settings_from
 from .faults import FaultyClientApp
+from .grid_wrapper import GridWrapper
+from .runtime import ClientRuntime, ClientSpec, train_seed, train_settings_from
 
 if TYPE_CHECKING:
     from fedunlearn.config import ExperimentConfig
@@ -55,12 +56,13 @@ if TYPE_CHECKING:
 __all__ = ["CohortClientApp", "CohortGrid", "QUERY_COHORT", "build_cohort_client_app", "cohort_partitions", "cohort_size_for", "cohort_size_of",
            "num_cohorts", "pack", "unpack", "virtual_node_id"]
 
-QUERY_COHORT = "query.cohort"      # server -> physical node: which cohort do you host?
-MANIFEST = "cohort-manifest"       # ConfigRecord of a packed message: which records belong to which virtual client
-MANIFEST_KEY = "manifest"
-COHORT_RECORD = "cohort"           # reply to query.cohort
-COHORT_INDEX = "cohort-index"
-COHORT_PARTITIONS = "partition-ids"
+# The wire keys of cohort mode (defined in keys.py with every other one).
+QUERY_COHORT = keys.QUERY_COHORT
+MANIFEST = keys.COHORT_MANIFEST
+MANIFEST_KEY = keys.COHORT_MANIFEST_KEY
+COHORT_RECORD = keys.COHORT_RECORD
+COHORT_INDEX = keys.COHORT_INDEX
+COHORT_PARTITIONS = keys.COHORT_PARTITIONS
 STATE_PREFIX = "cohort-client-"    # per-virtual-client records in the physical node's context.state
 # Virtual node ids: far above any partition id, nonzero, never the SuperLink's id (1).
 VIRTUAL_NODE_BASE = 1 << 40
@@ -153,15 +155,17 @@ def _set_message_id(message: Message) -> str:
 
 
 # ----- server side ----------------------------------------------------------------------------------------
-class CohortGrid(Grid):
+class CohortGrid(GridWrapper):
     """Shows the strategies one virtual node per client; sends each physical node one packed message per message type.
 
     `num_clients` virtual clients in cohorts of `cohort_size`; the wrapped grid must have exactly
     num_cohorts(num_clients, cohort_size) nodes running the cohort ClientApp built with the same sizes.
     """
 
+    grid: Grid
+
     def __init__(self, grid: Grid, num_clients: int, cohort_size: int, timeout: float = 120.0) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.num_clients = num_clients
         self.cohort_size = cohort_size
         self.num_cohorts = num_cohorts(num_clients, cohort_size)
@@ -170,19 +174,6 @@ class CohortGrid(Grid):
         self._pending: dict[str, list[Message]] = {}    # packed message id -> its virtual messages (push/pull)
         self._packed_of: dict[str, str] = {}           # virtual message id -> packed message id
         self._replies: dict[str, Message] = {}          # virtual message id -> its reply, once pulled
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        """Pass through."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        """Pass through."""
-        return self.grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        """Build a Message (deprecated in Flower; kept for the interface)."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         """One virtual node id per client once every physical node has said which cohort it hosts (empty until then)."""
@@ -403,9 +394,9 @@ class CohortClientApp(ClientApp):
         return reply.error if reply.has_error() else reply.content
 
 
-def build_cohort_client_app(spec: ClientSpec, cohort_size: int, inner: ClientApp | None = None,
-                            chunk_size: int = DEFAULT_CHUNK_SIZE, vectorise: bool | None = None) -> ClientApp:
-    """The ClientApp of a node hosting `cohort_size` virtual clients; `inner` (default: the per-client app) serves all but vectorised training.
+def build_cohort_client_app(spec: ClientSpec, cohort_size: int, inner: ClientApp, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                            vectorise: bool | None = None) -> ClientApp:
+    """The ClientApp of a node hosting `cohort_size` virtual clients; `inner` (the per-client app) serves all but vectorised training.
 
     `vectorise`: train the selected clients as one vmap computation (True) or one after another
     through `inner` (False); None picks vmap on a CUDA device and the loop on a CPU, where vmap over
@@ -413,7 +404,7 @@ def build_cohort_client_app(spec: ClientSpec, cohort_size: int, inner: ClientApp
     FaultyClientApp), training always goes through it, once per virtual client, so faults stay per
     virtual client.
     """
-    app = inner if inner is not None else build_client_app(spec)
+    app = inner
     if vectorise is None:
         vectorise = spec.device.startswith("cuda")
     return CohortClientApp(spec, cohort_size, app, vectorise_train=vectorise and not isinstance(app, FaultyClientApp), chunk_size=chunk_size)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -17,7 +16,10 @@ from fedunlearn.errors import InvalidReplyError, MissingRepliesError
 from fedunlearn.training import TrainSettings
 
 from . import keys
+from .directory import ClientDirectory
 from .validation import check_train_reply, record_failure, record_rejection
+
+__all__ = ["ClientDirectory", "UnlearningFedAvg", "UpdateRecorder", "discover_clients", "model_version", "sample_partitions"]
 
 # (absolute round, {partition: (client model, examples it trained on)}, global model the round started from)
 UpdateRecorder = Callable[[int, dict[int, tuple[ArrayRecord, int]], ArrayRecord], None]
@@ -30,20 +32,6 @@ def model_version(arrays: ArrayRecord) -> str:
         digest.update(name.encode())
         digest.update(array.data)
     return digest.hexdigest()[:16]
-
-
-@dataclass
-class ClientDirectory:
-    """Which Flower node serves which partition, and how many examples each holds."""
-
-    node_of: dict[int, int] = field(default_factory=dict)
-    num_train: dict[int, int] = field(default_factory=dict)
-    num_heldout: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def partitions(self) -> list[int]:
-        """Partition ids, sorted."""
-        return sorted(self.node_of)
 
 
 def discover_clients(grid: Grid, expected: int, timeout: float = 120.0) -> ClientDirectory:

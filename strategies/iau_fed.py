@@ -22,39 +22,51 @@ from fedunlearn.iau import PROTOCOLS, CorrectionStepper, IAUSettings, direction_
 
 from . import keys
 from .fedavg import UnlearningFedAvg, model_version
-from .validation import (NORM_ACTIONS, bound_norm, check_gradient_reply, check_version, check_withdrawal, finite_metric,
-                         gradient_vector, metrics_of, positive_count, record_failure, record_rejection)
+from .rounds import MISSING_POLICIES, RoundPolicy, ask_clients
+from .validation import (
+    bound_norm,
+    check_gradient_reply,
+    check_version,
+    check_withdrawal,
+    finite_metric,
+    gradient_vector,
+    metrics_of,
+    positive_count,
+)
+from .wire import WireSettings
 
 logger = logging.getLogger("fedunlearn.iau_fed")
 
-MISSING_POLICIES = ("renormalise", "abort")
-
+__all__ = ["MISSING_POLICIES", "GradientQuery", "IAUFed", "RoundPolicy", "UnlearningReport", "arrays_to_vector", "vector_to_arrays"]
 
 @dataclass(frozen=True)
-class RoundPolicy:
-    """What an unlearning round does about clients that do not answer and contributions that are too large.
+class GradientQuery(WireSettings):
+    """What a `query.gradient` message asks of a client (besides the seed and the ledger every message carries).
 
-    `retries`: extra attempts for the clients that did not answer or sent a rejected reply.
-    `on_missing`: after the retries, "renormalise" aggregates what arrived with g_r normalised
-    over the clients that answered (and lists the missing), "abort" leaves the model unchanged.
-    `norm_bound` (> 0): bound on the L2 norm of each client's contribution to d (fresh: the vector
-    it sends; cached: G_S/|S|); `norm_action` "clip" scales it down to the bound, "reject" refuses it.
+    `role`: remaining, withdrawing or forget-only; `request`: the DeletionRequest served, as JSON;
+    `remaining_count`: n - |S| (or n_A when renormalised); `correction`/`correction_weight`: whether and how much of
+    the remaining-data term goes into the withdrawing client's vector; `allow_stale`: a remaining client may answer
+    from a cache at another model version; `gradient_dtype`: the dtype the gradient travels in.
     """
 
-    retries: int = 0
-    on_missing: str = "abort"
-    norm_bound: float = 0.0
-    norm_action: str = "clip"
+    model_version: str
+    role: str
+    request: str
+    remaining_count: int
+    forget_count: int
+    correction: bool = True
+    correction_weight: float = 1.0
+    allow_stale: bool = False
+    gradient_dtype: str = "float32"
 
-    def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise ValueError(f"retries={self.retries}: must be >= 0")
-        if self.on_missing not in MISSING_POLICIES:
-            raise ValueError(f"on_missing={self.on_missing!r}: must be one of {', '.join(MISSING_POLICIES)}")
-        if self.norm_bound < 0:
-            raise ValueError(f"norm_bound={self.norm_bound}: must be >= 0 (0 = no bound)")
-        if self.norm_action not in NORM_ACTIONS:
-            raise ValueError(f"norm_action={self.norm_action!r}: must be one of {', '.join(NORM_ACTIONS)}")
+    WIRE = {"model_version": keys.MODEL_VERSION, "role": keys.ROLE, "request": keys.REQUEST, "remaining_count": keys.REMAINING_COUNT,
+            "forget_count": keys.FORGET_COUNT, "correction": keys.CORRECTION, "correction_weight": keys.CORRECTION_WEIGHT,
+            "allow_stale": keys.ALLOW_STALE, "gradient_dtype": keys.GRADIENT_DTYPE}
+
+    @property
+    def deletion_request(self) -> DeletionRequest:
+        """The request being served."""
+        return DeletionRequest(**json.loads(self.request))
 
 
 class _Abort(Exception):
@@ -115,11 +127,6 @@ def vector_to_arrays(vector: torch.Tensor, template: ArrayRecord, layout: ParamL
     return ArrayRecord(OrderedDict(state))
 
 
-def gradient_from_reply(reply: Message, layout: ParamLayout) -> torch.Tensor:
-    """The gradient vector a client sent, checked against the model's layout (names, shapes, finite values)."""
-    return gradient_vector(reply, layout)
-
-
 class IAUFed(UnlearningFedAvg):
     """UnlearningFedAvg plus `fill_caches` (the final evaluation) and `unlearn` (the IAU correction).
 
@@ -151,7 +158,7 @@ class IAUFed(UnlearningFedAvg):
         # Bytes each client reports its stored gradient cache occupies (filled by fill_caches).
         self.client_cache_bytes: dict[int, int] = {}
 
-    def branch(self) -> "IAUFed":
+    def branch(self) -> IAUFed:
         """An independent copy (ledger, counts, aggregate cache) so several methods can start from one state."""
         other = copy.copy(self)
         other._excluded_counts = dict(self._excluded_counts)
@@ -168,7 +175,7 @@ class IAUFed(UnlearningFedAvg):
         """
         version = model_version(arrays)
         record = self.base_config()
-        record.update({keys.CACHE_FILL: True, keys.CACHE_UPLOAD: upload, keys.MODEL_VERSION: version, "gradient-dtype": self.gradient_dtype})
+        record.update({keys.CACHE_FILL: True, keys.CACHE_UPLOAD: upload, keys.MODEL_VERSION: version, keys.GRADIENT_DTYPE: self.gradient_dtype})
         content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: record})
         partitions = self.active_partitions()
         messages = [Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.EVALUATE) for p in partitions]
@@ -297,12 +304,10 @@ class IAUFed(UnlearningFedAvg):
 
     def _query(self, arrays: ArrayRecord, request: DeletionRequest, role: str, remaining_count: int, forget_count: int) -> RecordDict:
         record = self.base_config()
-        record.update({
-            keys.MODEL_VERSION: model_version(arrays), keys.ROLE: role, keys.REQUEST: json.dumps(asdict(request)),
-            keys.REMAINING_COUNT: remaining_count, keys.FORGET_COUNT: forget_count, keys.CORRECTION: self.iau.correction,
-            keys.CORRECTION_WEIGHT: float(self.iau.correction_weight),
-            keys.ALLOW_STALE: self.allow_stale, "gradient-dtype": self.gradient_dtype,
-        })
+        record.update(GradientQuery(model_version=model_version(arrays), role=role, request=json.dumps(asdict(request)),
+                                    remaining_count=remaining_count, forget_count=forget_count, correction=self.iau.correction,
+                                    correction_weight=float(self.iau.correction_weight), allow_stale=self.allow_stale,
+                                    gradient_dtype=self.gradient_dtype).to_record())
         return RecordDict({keys.ARRAYS: arrays, keys.CONFIG: record})
 
     def _ask(self, grid: Grid, messages: list[Message], phase: str, parse: Callable[[int, Message], Any],
@@ -312,48 +317,16 @@ class IAUFed(UnlearningFedAvg):
         Returns ({partition: parse's result} for the accepted replies, the partitions still missing).
         A reply `parse` refuses (InvalidReplyError) is logged, recorded and never used.
         """
-        partition_of = {nid: p for p, nid in self.directory.node_of.items()}
-        pending = {partition_of[m.metadata.dst_node_id]: m for m in messages}
-        asked = sorted(pending)
-        accepted: dict[int, Any] = {}
-        for attempt in range(self.policy.retries + 1):
-            if attempt:
-                logger.info("%s round: asking clients %s again (retry %d of %d)", phase, sorted(pending), attempt, self.policy.retries)
-            if report is not None:
-                report.rounds += 1
-                report.retries += int(attempt > 0)
-            batch = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type) for m in pending.values()]
-            answered: set[int] = set()
-            for reply in self.in_partition_order(grid.send_and_receive(batch, timeout=self.round_timeout)):
-                partition = partition_of.get(reply.metadata.src_node_id)
-                if partition is None or partition not in pending or partition in answered:
-                    entry = record_rejection(self.rejected, phase, partition, reply, "a reply from a node not asked in this round, or a second one")
-                    if report is not None:
-                        report.rejected.append(entry)
-                    continue
-                answered.add(partition)
-                if reply.has_error():
-                    entry = record_failure(self.failures, phase, partition, reply.error.reason)
-                    if report is not None:
-                        report.failures.append(entry)
-                    continue
-                try:
-                    accepted[partition] = parse(partition, reply)
-                except InvalidReplyError as err:
-                    entry = record_rejection(self.rejected, phase, partition, reply, str(err))
-                    if report is not None:
-                        report.rejected.append(entry)
-            for partition in sorted(set(pending) - answered):
-                entry = record_failure(self.failures, phase, partition, f"no reply within the round timeout ({self.round_timeout:g} s)")
-                if report is not None:
-                    report.failures.append(entry)
-            pending = {p: m for p, m in pending.items() if p not in accepted}
-            if not pending:
-                break
+        outcome = ask_clients(grid, messages, directory=self.directory, phase=phase, parse=parse, retries=self.policy.retries,
+                              timeout=self.round_timeout, rejected_log=self.rejected, failures_log=self.failures)
         if report is not None:
-            report.clients_asked = sorted(set(report.clients_asked) | set(asked))
-            report.clients_answered = sorted(set(report.clients_answered) | set(accepted))
-        return accepted, sorted(pending)
+            report.rounds += outcome.attempts
+            report.retries += outcome.retries
+            report.rejected.extend(outcome.rejected)
+            report.failures.extend(outcome.failures)
+            report.clients_asked = sorted(set(report.clients_asked) | set(outcome.asked))
+            report.clients_answered = sorted(set(report.clients_answered) | set(outcome.accepted))
+        return outcome.accepted, outcome.missing
 
     def _contribution(self, partition: int, reply: Message, version: str, report: UnlearningReport,
                       count_key: str = keys.NUM_EXAMPLES, bound_scale: float = 1.0) -> tuple[Message, torch.Tensor]:

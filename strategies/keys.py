@@ -8,12 +8,15 @@ QUERY_GRADIENT = "query.gradient"
 QUERY_PGA = "query.pga"        # PGA: client u's projected gradient ascent around w_ref
 QUERY_IMU = "query.imu"        # IMU-head: client u's influence-weighted ascent on the final layer
 QUERY_CALIBRATE = "query.calibrate"  # IAU: client u chooses the step length along the direction it is sent
+QUERY_COHORT = "query.cohort"        # cohort mode, server -> physical node: which cohort do you host?
 
 # Record names inside a RecordDict
 ARRAYS = "arrays"          # model parameters (server -> client, client -> server in train)
 GRADIENT = "gradient"      # a gradient vector by parameter name (client -> server)
 CONFIG = "config"
 METRICS = "metrics"
+COHORT_MANIFEST = "cohort-manifest"  # cohort mode: ConfigRecord of a packed message (which records belong to which virtual client)
+COHORT_RECORD = "cohort"             # cohort mode: the ConfigRecord of the reply to query.cohort
 PGA_LOCAL_MODEL = "pga-local-model"  # query.pga: client u's last local model w_u (server -> client), for the early stop
 
 # Config keys (server -> client)
@@ -39,6 +42,7 @@ DIRECTION = "direction"           # query.calibrate: the IAU direction d by para
 RADIUS = "radius"                 # query.calibrate reply: the relative step length client u chose
 CALIBRATION_TRAIL = "calibration-trail"  # query.calibrate reply: JSON of the radii tried and the losses seen
 ALLOW_STALE = "allow-stale"
+GRADIENT_DTYPE = "gradient-dtype"  # query.gradient / caching evaluate: the dtype gradients travel in (float32 or float64)
 CLIP_GRAD = "clip-grad"          # query.pga: gradient-norm clip (0 = none)
 PGA_RADIUS = "pga-radius"        # query.pga: L2 radius of the ball around w_ref (<= 0: the authors' rule)
 PGA_RADIUS_FRACTION = "pga-radius-fraction"  # query.pga: the rule's share of the mean squared distance to random models
@@ -47,12 +51,17 @@ PGA_STOP_DISTANCE = "pga-stop-distance"      # query.pga: stop once ||w - w_u||^
 IMU_DAMPING = "imu-damping"      # query.imu: added to the diagonal Fisher
 IMU_QUANTILE = "imu-quantile"    # query.imu: weights are clipped at this quantile
 
+COHORT_MANIFEST_KEY = "manifest"     # cohort mode: the manifest's JSON inside COHORT_MANIFEST
+COHORT_INDEX = "cohort-index"        # cohort mode, query.cohort reply: the cohort this node hosts
+COHORT_PARTITIONS = "partition-ids"  # cohort mode, query.cohort reply: the partitions it hosts
+
 # Metric keys (client -> server)
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 NUM_TRAIN = "num-train"
 NUM_HELDOUT = "num-heldout"
 TRAIN_LOSS = "train-loss"
+TRAIN_ACC = "train-acc"        # caching evaluate: accuracy on the kept training examples (from the cache's forward pass)
 EVAL_LOSS = "eval-loss"
 EVAL_ACC = "eval-acc"
 COMPUTE_S = "compute-s"

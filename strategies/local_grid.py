@@ -12,13 +12,14 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from .grid_wrapper import GridWrapper
 
 SERVER_NODE_ID = 1
 
 
-class LocalGrid(Grid):
+class LocalGrid(GridWrapper):
     """Runs `client_app` for `num_nodes` nodes in this process; nodes in `offline` never answer.
 
     `capture_errors=True` turns an exception raised by the ClientApp into an error reply, as the
@@ -26,6 +27,7 @@ class LocalGrid(Grid):
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, seed: int = 0, capture_errors: bool = False) -> None:
+        super().__init__(None)  # answers itself: the wrapper's interface boilerplate, no grid to pass to
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SERVER_NODE_ID
         TaskIdentity.task_id = 1
@@ -38,18 +40,6 @@ class LocalGrid(Grid):
         self._replies: dict[str, Message] = {}
         self.offline: set[int] = set()
         self.capture_errors = capture_errors
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        """Not used in-process."""
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        """Not used in-process."""
-        raise NotImplementedError("LocalGrid has no Run object")
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        """Build a Message (deprecated in Flower; kept for the interface)."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         """All node ids, online or not (as the SuperLink lists registered nodes)."""

@@ -10,6 +10,7 @@ from flwr.serverapp import Grid
 from fedunlearn.costs import CostMeter
 
 from . import keys
+from .grid_wrapper import GridWrapper
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -27,43 +28,26 @@ def reply_compute_seconds(reply: Message) -> float:
     return 0.0
 
 
-class MeteredGrid(Grid):
+class MeteredGrid(GridWrapper):
     """Delegates to another Grid and records every round into a CostMeter.
 
-    One `send_and_receive` call with at least one message is one round.
+    One `send_and_receive` call with at least one message is one round. Everything else passes through.
     """
 
     def __init__(self, grid: Grid, meter: CostMeter) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.meter = meter
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        """Pass through."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        """Pass through."""
-        return self.grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        """Pass through."""
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Pass through."""
-        return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push and count the bytes sent down (a round if non-empty)."""
         messages = list(messages)
         if messages:
             self.meter.record_round(len(messages), sum(payload_bytes(m.content) for m in messages))
-        return self.grid.push_messages(messages)
+        return self._inner().push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Pull and count the bytes sent up."""
-        replies = list(self.grid.pull_messages(message_ids))
+        replies = list(self._inner().pull_messages(message_ids))
         for reply in replies:
             self._record(reply)
         return replies
@@ -74,7 +58,7 @@ class MeteredGrid(Grid):
         if not messages:
             return []
         self.meter.record_round(len(messages), sum(payload_bytes(m.content) for m in messages))
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = list(self._inner().send_and_receive(messages, timeout=timeout))
         for reply in replies:
             self._record(reply)
         return replies

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from flwr.app import ArrayRecord
 
 from fedunlearn.baselines import LastModelStore, UpdateHistory
+
+from .fedavg import UpdateRecorder
 
 
 class TrainingRecorder:
@@ -28,3 +32,11 @@ class TrainingRecorder:
                 self.history.record(server_round, partition, state, before, num_examples)
             if self.last_models is not None:
                 self.last_models.record(server_round, partition, state, num_examples / total if total else 0.0)
+
+
+def fan_out(recorders: Sequence[UpdateRecorder]) -> UpdateRecorder:
+    """One `update_recorder` feeding every given recorder (each selected method's own), in order."""
+    def record(server_round: int, clients: dict[int, tuple[ArrayRecord, int]], global_before: ArrayRecord) -> None:
+        for recorder in recorders:
+            recorder(server_round, clients, global_before)
+    return record

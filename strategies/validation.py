@@ -13,24 +13,23 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import astuple
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedunlearn.config import NORM_ACTIONS
 from fedunlearn.deletion import DeletionRequest
 from fedunlearn.errors import InvalidReplyError, WithdrawalRequestError
 from fedunlearn.gradients import ParamLayout
 
 from . import keys
-
-if TYPE_CHECKING:
-    from .fedavg import ClientDirectory
+from .directory import ClientDirectory
 
 logger = logging.getLogger("fedunlearn.validation")
 
-NORM_ACTIONS = ("clip", "reject")
+__all__ = ["NORM_ACTIONS"]  # the choice list is defined once, in fedunlearn.config; the checks below are public too
 
 
 def _who(reply: Message) -> str:
@@ -192,7 +191,7 @@ def same_request(a: DeletionRequest, b: DeletionRequest) -> bool:
     return astuple(a)[:3] == astuple(b)[:3]
 
 
-def check_withdrawal(directory: "ClientDirectory", ledger: Iterable[DeletionRequest], request: DeletionRequest,
+def check_withdrawal(directory: ClientDirectory, ledger: Iterable[DeletionRequest], request: DeletionRequest,
                      requester: int | None = None) -> bool:
     """True when `request` repeats one already served; raises WithdrawalRequestError when it may not be served.
 

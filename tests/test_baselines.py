@@ -308,12 +308,13 @@ def test_gradient_ascent_equals_iau_without_correction_and_the_pooled_reference(
 def test_federaser_replay_matches_a_single_process_reference(small_cfg, tmp_path):
     """Round 1 is replayed from the stored updates; round 3 is calibrated by local training we redo in this process."""
     history = UpdateHistory(interval=2)
-    fed = Federation(small_cfg, tmp_path, rounds=3, recorder=TrainingRecorder(history=history))
+    recorder = TrainingRecorder(history=history)
+    fed = Federation(small_cfg, tmp_path, rounds=3, recorder=recorder)
     assert history.rounds == [1, 3] and history.partitions(1) == list(range(small_cfg.num_clients))
     request = DeletionRequest(client=small_cfg.forget_client)
     remaining = [p for p in range(small_cfg.num_clients) if p != request.client]
     with fed.meter.phase("federaser"):
-        outcome = get_method("federaser").run(fed.context(small_cfg, request, update_history=history))
+        outcome = get_method("federaser").run(fed.context(small_cfg, request, recorded=recorder))
     cost = fed.meter.get("federaser")
     assert cost.rounds == 1 and cost.participations == len(remaining)  # round 1 needs no calibration
     assert outcome.details["unlearning"]["calibration_rounds"] == 1
@@ -353,15 +354,16 @@ def test_federaser_replay_matches_a_single_process_reference(small_cfg, tmp_path
 
 def test_federaser_goes_on_without_an_offline_client_and_says_so(small_cfg, tmp_path):
     history = UpdateHistory(interval=2)
-    fed = Federation(small_cfg, tmp_path, rounds=3, recorder=TrainingRecorder(history=history))
+    recorder = TrainingRecorder(history=history)
+    fed = Federation(small_cfg, tmp_path, rounds=3, recorder=recorder)
     request = DeletionRequest(client=small_cfg.forget_client)
     offline = next(p for p in range(small_cfg.num_clients) if p != request.client)
     fed.grid.grid.offline = {fed.directory.node_of[offline]}
-    outcome = get_method("federaser").run(fed.context(small_cfg, request, update_history=history))
+    outcome = get_method("federaser").run(fed.context(small_cfg, request, recorded=recorder))
     assert outcome.details["unlearning"]["missing"] == {3: [offline]}
     fed.grid.grid.offline = {fed.directory.node_of[p] for p in range(small_cfg.num_clients)}
     with pytest.raises(MissingRepliesError, match="no client answered FedEraser's calibration of round 3"):
-        get_method("federaser").run(fed.context(small_cfg, request, update_history=history))
+        get_method("federaser").run(fed.context(small_cfg, request, recorded=recorder))
 
 
 # ----- whole experiments through Experiment.drive --------------------------------------------------

@@ -162,22 +162,6 @@ def test_training_benchmark_miniature_runs_every_path_side_by_side(tmp_path):
     assert "not a benchmark figure" in text and text.count("| not measured |") == 4
 
 
-def test_training_benchmark_reports_a_missing_cohort_mode_as_not_available(tmp_path, monkeypatch):
-    monkeypatch.setattr(variants, "cohort_mode_missing", lambda: "ExperimentConfig has no field execution (test)")
-    out = tmp_path / "training.json"
-    code = training.main([*miniature(tmp_path), "--variants", "single-process-loop,fedunlearn-cohort", "--repeats", "2",
-                          "--out", str(out)])
-    result = json.loads(out.read_text())
-    assert code == 0  # a path this checkout cannot run is no failure of the benchmark
-    cohort = result["variants"]["fedunlearn-cohort"]["summary"]
-    assert cohort == {"ok": False, "available": False, "errors": [],
-                      "reason": "fedunlearn-cohort: not available: ExperimentConfig has no field execution (test)"}
-    assert result["variants"]["single-process-loop"]["summary"]["runs_ok"] == 2
-    assert all(t["met"] is None and t["note"].startswith("not") for t in result["targets"])
-    assert "not available" in markdown.training(result)
-    assert training.exit_code({"x": {"summary": {"ok": False, "errors": ["boom"]}}}) == 1  # a real failure still fails
-
-
 def test_unlearning_benchmark_miniature_reports_every_registered_method(tmp_path):
     out = tmp_path / "unlearning.json"
     code = unlearning.main(["--preset", "smoke", "--clients", "3", "--rounds", "1", "--set", "model=mlp", "--set", "train-limit=300",
@@ -305,12 +289,12 @@ def test_report_renders_every_saved_result_as_markdown(tmp_path):
 def test_iau_ablation_miniature_writes_its_report(tmp_path, monkeypatch):
     """The ablation's grid in miniature: one preset, one seed, two variants, quick settings; the report has their rows."""
     from benchmarks import iau_ablation
-    from simulations import methods
+    from strategies.methods import registry_scope
 
-    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))  # the variants register as methods: keep them in this test
     report = tmp_path / "ablation.md"
-    code = iau_ablation.main(["--presets", "smoke", "--seeds", "0", "--variants", "sgd-0.045,calibrated", "--quick",
-                              "--out", str(tmp_path / "runs"), "--report", str(report)])
+    with registry_scope():  # the variants register as methods: keep them in this test
+        code = iau_ablation.main(["--presets", "smoke", "--seeds", "0", "--variants", "sgd-0.045,calibrated", "--quick",
+                                  "--out", str(tmp_path / "runs"), "--report", str(report)])
     assert code == 0
     text = report.read_text()
     assert "| iau:sgd-0.045 |" in text and "| iau:calibrated |" in text and "| pga |" in text

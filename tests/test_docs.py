@@ -124,15 +124,15 @@ PAGES = sorted(p.name for p in DOCS.glob("*.md") if any(info == RUN for info, _,
 
 @pytest.mark.parametrize("page", PAGES)
 def test_python_snippets_run(page, tmp_path, monkeypatch):
-    import simulations.methods as methods
+    from strategies.methods import registry_scope
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))  # a page may register a method
     namespace: dict[str, object] = {"__name__": f"docs.{page}"}
-    for info, code, line in python_blocks((DOCS / page).read_text()):
-        if info == RUN:
-            # Padding keeps tracebacks pointing at the line of the page.
-            exec(compile("\n" * (line - 1) + code, str(DOCS / page), "exec"), namespace)
+    with registry_scope():  # a page may register a method
+        for info, code, line in python_blocks((DOCS / page).read_text()):
+            if info == RUN:
+                # Padding keeps tracebacks pointing at the line of the page.
+                exec(compile("\n" * (line - 1) + code, str(DOCS / page), "exec"), namespace)
 
 
 if __name__ == "__main__":

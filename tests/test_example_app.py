@@ -145,3 +145,35 @@ def test_example_app_removes_the_withdrawn_client_in_a_plain_flower_simulation(t
         assert unlearned["mia_auc"] < original["mia_auc"]
     assert results["unlearning"]["iau"]["clients_asked"] == list(range(num_clients))
     assert results["unlearning"]["iau-cached"]["clients_asked"] == [APP_CONFIG["forget-client"]]
+
+
+def test_the_example_app_honours_the_retry_policy_of_its_run_config(tmp_path):
+    """unlearn-retries from the run config: a remaining client whose first gradient reply fails is asked again."""
+    from flwr.app import Message
+
+    inner = example_client.make_client_app()
+    failed: list[int] = []
+
+    class FirstGradientFails(ClientApp):
+        def __call__(self, message: Message, context: Context) -> Message:
+            if message.metadata.message_type == "query.gradient" and int(context.node_config["partition-id"]) == 2 and not failed:
+                failed.append(2)
+                raise RuntimeError("transient failure")
+            return inner(message, context)
+
+    def run(retries: int) -> dict:
+        run_config = {**APP_CONFIG, "rounds": 2, "methods": "iau", "unlearn-retries": retries}
+        grid = LocalGrid(FirstGradientFails(), int(APP_CONFIG["num-clients"]), run_id=4343 + retries, capture_errors=True)
+        for context in grid.contexts.values():
+            context.run_config = dict(run_config)
+        failed.clear()
+        path = tmp_path / f"checks-{retries}.json"
+        example_server.make_server_app(results_path=path)(
+            grid, Context(run_id=4343 + retries, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
+        return load_checks(path)
+
+    report = run(1)["unlearning"]["iau"]
+    assert failed == [2] and report["status"] == "complete" and report["retries"] == 1
+    assert [f["partition"] for f in report["failures"]] == [2]
+    with pytest.raises(Exception, match="aborted"):  # no retry: unlearn-policy=abort (the default) leaves the model unchanged
+        run(0)

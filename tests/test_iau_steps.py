@@ -143,7 +143,7 @@ def test_the_stale_cached_remaining_term_differs_from_the_fresh_one(small_cfg, t
 
 def test_calibration_reads_only_the_withdrawing_clients_own_data(small_cfg, tmp_path, monkeypatch):
     """By construction the client's rule sees its forget set and its held-out examples: never the test split."""
-    import strategies.client_app as client_app
+    import strategies.methods.iau as client_app  # the calibrate handler (and the ClientRuntime it reads) live there
 
     seen: list[torch.Tensor] = []
     original = client_app.ClientRuntime.arrays_xy

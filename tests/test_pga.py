@@ -215,7 +215,7 @@ def test_own_store_applies_only_to_the_model_its_round_produced():
     from flwr.app import ArrayRecord
 
     from fedunlearn.baselines import LastModelStore
-    from strategies.pga import PGAMemory, reference_source, reference_state
+    from strategies.methods.pga import PGAMemory, reference_source, reference_state
 
     def arrays(value: float) -> ArrayRecord:
         return ArrayRecord(OrderedDict(w=torch.full((3,), value)))

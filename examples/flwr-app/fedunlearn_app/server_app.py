@@ -34,10 +34,13 @@ from simulations.results import finite_or_none
 from strategies import app_config
 from strategies.fedavg import UnlearningFedAvg, discover_clients
 from strategies.iau_fed import IAUFed
+from strategies.methods import get_method
+from strategies.methods.iau import PROTOCOL_OF
+from strategies.methods.retrain import REFERENCE
 
-# The IAU methods this app runs and their protocols; "retrain" (the gold standard) is optional.
-PROTOCOLS = {"iau": "fresh", "iau-cached": "cached"}
-SUPPORTED_METHODS = ("retrain", *PROTOCOLS)
+# The IAU methods this app runs and their protocols (from the methods' own file); the reference (retraining) is optional.
+PROTOCOLS = PROTOCOL_OF
+SUPPORTED_METHODS = (REFERENCE, *PROTOCOLS)
 
 
 def example_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
@@ -120,23 +123,24 @@ def train_and_unlearn(grid: Grid, cfg: ExperimentConfig, say: Callable[[str], No
     initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()))
     strategy = IAUFed(layout=ParamLayout.of(model), iau=app_config.iau_settings_for(cfg), directory=directory,
                       train=app_config.train_settings_for(cfg), seed=cfg.seed, fraction_train=cfg.fraction_fit,
-                      allow_stale=cfg.allow_stale_cache, round_timeout=cfg.round_timeout)
+                      allow_stale=cfg.allow_stale_cache, round_timeout=cfg.round_timeout,
+                      policy=app_config.round_policy_for(cfg))  # unlearn-retries, unlearn-policy, gradient-norm-*
     started = time.perf_counter()
     trained = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout).arrays
     say(f"trained {cfg.rounds} rounds on {cfg.num_clients} clients in {time.perf_counter() - started:.1f} s")
-    upload = "iau-cached" in cfg.methods
+    upload = any(get_method(m).uploads_caches for m in cfg.methods)
     final_evaluation = strategy.fill_caches(grid, trained, upload=upload)
 
     reference = None
     results: dict[str, Any] = {"config": cfg.to_dict(), "request": asdict(request), "forget_count": forget_count,
                                "final_evaluation": final_evaluation, "models": {}, "unlearning": {}}
-    if "retrain" in cfg.methods:
+    if REFERENCE in cfg.methods:
         started = time.perf_counter()
         retrainer = UnlearningFedAvg(directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
                                      fraction_train=cfg.fraction_fit, ledger=(request,))
         reference = retrainer.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout).arrays
         say(f"retrained without client {request.client} in {time.perf_counter() - started:.1f} s")
-        results["models"]["retrain"] = checks(reference, reference)
+        results["models"][REFERENCE] = checks(reference, reference)
     results["models"]["original"] = checks(trained, reference)
     for method, protocol in PROTOCOLS.items():
         if method not in cfg.methods:
