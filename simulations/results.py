@@ -7,8 +7,11 @@ import io
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from fedunlearn.errors import ConfigError
 
 METRIC_KEYS = ("acc_test", "acc_remained", "acc_deleted", "backdoor_asr", "dist_para", "dist_output", "mia_auc")
 MODEL_ORDER = ("original", "retrain")
@@ -78,5 +81,42 @@ def write_results(out_dir: str | Path, results: dict[str, Any]) -> None:
 
 
 def read_results(out_dir: str | Path) -> dict[str, Any]:
-    """Load DIR/results.json."""
-    return json.loads((Path(out_dir) / "results.json").read_text())
+    """Load DIR/results.json; a damaged one raises ConfigError naming the file."""
+    path = Path(out_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}; truncated?): move it away, or use --overwrite to replace "
+                          "it, or another --out DIR") from None
+    if not isinstance(results, dict):
+        raise ConfigError(f"{path} holds a {type(results).__name__}, not fedunlearn results: move it away, or use "
+                          "--overwrite to replace it, or another --out DIR")
+    return results
+
+
+def existing_status(out_dir: str | Path) -> str | None:
+    """The status of the run whose results.json is in DIR, in one short line (None: no results there).
+
+    A failed run's status embeds its error, which can be a long multi-line traceback from Ray: only
+    its first line, cut short, is shown.
+    """
+    if not (Path(out_dir) / "results.json").exists():
+        return None
+    status = str(read_results(out_dir).get("status", "unknown")).strip()
+    first = status.splitlines()[0] if status else "unknown"
+    if first.startswith("failed"):
+        reason = first.removeprefix("failed").lstrip(": ")
+        return f"failed: {reason[:160]}{'...' if len(reason) > 160 else ''}" if reason else "failed"
+    return first.split(" ", 1)[0]  # running, complete, interrupted
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """Make DIR (and its parents) and write a file there, or raise ConfigError saying why not: before any training."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"out={str(out)!r}: cannot be used as the results folder ({err.strerror or err}): give a "
+                          "writable folder (created if missing)") from None
