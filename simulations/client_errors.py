@@ -12,12 +12,14 @@ line and keeps the first traceback in results.json (`client_errors`).
 from __future__ import annotations
 
 import logging
+import re
 from types import TracebackType
 from typing import Any
 
 from fedunlearn.errors import FedUnlearnError
 
 _CAUSE_MARK = "The above exception was the direct cause of the following exception:"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ENGINE_NOTICES = ("An exception was raised when processing a message by", "An exception occured!!", "An exception occurred !!")
 
 
@@ -25,20 +27,24 @@ class ClientFailure(FedUnlearnError):
     """The run ended because clients failed; the message leads with the first client's own error."""
 
     def __init__(self, summary: str, error: BaseException | None) -> None:
-        super().__init__(summary if error is None else f"{summary}; the run then stopped: {type(error).__name__}: {_first_line(error)}")
+        super().__init__(summary if error is None else f"{summary}; the run then stopped: {type(error).__name__}: {_short(error)}")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else ""
+def _short(error: BaseException) -> str:
+    """The start of an error's message: the ones that quote a client's reply repeat the client's traceback."""
+    text = " ".join(_ANSI.sub("", str(error)).split())
+    return text if len(text) <= 160 else text[:160] + "..."
 
 
 def client_message(error: BaseException) -> str:
     """'Type: message' of the exception a ClientApp raised, from the error the engine got back (one line)."""
     traceback_str = getattr(error, "traceback_str", None)  # ray.exceptions.RayTaskError: the worker's formatted traceback
-    if isinstance(traceback_str, str) and _CAUSE_MARK in traceback_str:
+    if not (isinstance(traceback_str, str) and _CAUSE_MARK in traceback_str):
+        traceback_str = str(error)  # RayTaskError's text holds the whole chain of causes
+    if _CAUSE_MARK in traceback_str:
         # Flower's actor re-raises the client's exception as ClientAppException(str(ex)) "from ex": the original is above.
-        before = traceback_str.split(_CAUSE_MARK, 1)[0].rstrip().splitlines()
+        # The last cause before that is the client's own exception (earlier ones are what it wrapped).
+        before = _ANSI.sub("", traceback_str.rsplit(_CAUSE_MARK, 1)[0]).rstrip().splitlines()
         tail: list[str] = []
         for line in reversed(before):  # the exception line(s) follow the last indented frame line
             if line.startswith(" ") or line.startswith("Traceback"):

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -235,11 +236,14 @@ class Experiment:
             self._record_client_errors(client_errors)
             self._write()
             raise
+        except Exception as err:  # run_simulation re-raises the ServerApp's error (kept in self._error) or its own
+            if self._error is None:
+                self._error = err
         finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
         self._record_client_errors(client_errors)
         if self._error is not None:
-            if client_errors.count and not isinstance(self._error, FedUnlearnError):
+            if client_errors.count:
                 # What failed first is a client: its own message leads, once, instead of the engine's retries of it.
                 raise ClientFailure(client_errors.summary(), self._error) from self._error
             raise self._error
@@ -249,6 +253,9 @@ class Experiment:
             if client_errors.count:
                 raise ClientFailure(client_errors.summary(), None)
             raise RuntimeError(self.results["status"])
+        if client_errors.count:  # the run coped (retries, dropouts, injected faults): said once, not per message
+            print(f"[fedunlearn] {client_errors.count} client message{'s' if client_errors.count != 1 else ''} failed during the run "
+                  f"(first: {client_errors.first}); see results.json: client_errors and reliability", file=sys.stderr)
         self.results["total_wall_s"] = time.perf_counter() - started
         self._write()
         return self.results
