@@ -294,7 +294,7 @@ class ExperimentConfig:
             out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
         return out
 
-    def replace(self, **changes: Any) -> "ExperimentConfig":
+    def replace(self, **changes: Any) -> ExperimentConfig:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -70,7 +70,7 @@ class ClientErrors(logging.Filter):
         self.first_traceback: str | None = None
         self._logger = logging.getLogger("flwr")
 
-    def __enter__(self) -> "ClientErrors":
+    def __enter__(self) -> ClientErrors:
         if self.enabled:
             self._logger.addFilter(self)
         return self

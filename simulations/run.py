@@ -11,15 +11,14 @@ import difflib
 import json
 import os
 import sys
-from pathlib import Path
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from fedunlearn.config import PRESETS, ExperimentConfig, build_config, coerce, load_config_file
 from fedunlearn.errors import ConfigError, FedUnlearnError
 
 from .lifecycle import Interrupted, handle_signals
-
 from .methods import REGISTRY
 
 
@@ -146,7 +145,7 @@ def _exit_interrupted(signum: int, experiments: list[Any]) -> None:
         if experiment.results.get("status", "").startswith("interrupted") and experiment.checkpoints is not None:
             state = experiment.checkpoints.root / "state.json"
             where = (f"; the checkpoint in {experiment.checkpoints.root} continues it: the same command with --resume"
-                     if state.exists() else f"; no checkpoint was written yet (every --checkpoint-every rounds): rerun with --overwrite")
+                     if state.exists() else "; no checkpoint was written yet (every --checkpoint-every rounds): rerun with --overwrite")
     print(f"interrupted by {name}: Ray was shut down{where}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

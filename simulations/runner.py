@@ -8,7 +8,6 @@ every model on the same data the clients hold and writes results as they are pro
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import platform

@@ -85,5 +85,5 @@ def test_a_crashing_client_the_run_survives_is_one_line(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     # One crash per training run that reaches round 2 (the original and retrain), each recorded as a failed reply.
     assert results["client_errors"]["count"] == results["reliability"]["failed_by_cause"]["crash"] == 2
-    assert notes == [f"[fedunlearn] 2 client messages failed during the run (first: strategies.faults.InjectedCrash: "
-                     f"fault-injection: crash of client 1, round 2); see results.json: client_errors and reliability"]
+    assert notes == ["[fedunlearn] 2 client messages failed during the run (first: strategies.faults.InjectedCrash: "
+                     "fault-injection: crash of client 1, round 2); see results.json: client_errors and reliability"]
