@@ -313,3 +313,24 @@ def test_print_config_is_strict_json(capsys):
 
     printed = json.loads(text, parse_constant=refuse)
     assert printed["lr"] == 0.05 and printed["mia-attacks"] == ["loss", "shadow", "lira"]
+
+
+@pytest.mark.parametrize("field,value,names", [
+    ("num_clients", True, ("num-clients=True",)),
+    ("lr", float("nan"), ("lr=nan", "finite")),
+    ("momentum", float("inf"), ("momentum=inf", "finite")),
+    ("methods", ("iau", 3), ("methods=('iau', 3)",)),
+    ("methods", "retrain,iau", ("methods='retrain,iau'", "tuple")),
+    ("dataset", 3, ("dataset=3", "string")),
+    ("backdoor", 1, ("backdoor=1", "true or false")),
+    ("train_limit", 2.5, ("train-limit=2.5", "integer")),
+])
+def test_the_dataclass_built_in_python_checks_types_too(field, value, names):
+    """The library path (ExperimentConfig(...), cfg.replace(...)) gets the same type checks as the command line."""
+    from fedunlearn.config import ExperimentConfig
+    from fedunlearn.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig(**{field: value})
+    for name in names:
+        assert name in str(err.value), str(err.value)
