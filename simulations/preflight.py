@@ -48,6 +48,29 @@ def missing_dataset_files(spec: DataSpec) -> tuple[Path, list[str]]:
     return folder, [name for name in names if not (folder / name).is_file()]
 
 
+def idx_file_problem(path: Path) -> str | None:
+    """What is wrong with an MNIST-style IDX file, from its 16-byte header and its size (None: it looks right).
+
+    The header says the element type, the dimensions and their sizes; the size on disk must match. Reading
+    it costs a few bytes, so garbage is named before torchvision (and the whole file) is ever loaded.
+    """
+    images = "images" in path.name
+    with open(path, "rb") as handle:
+        header = handle.read(16 if images else 8)
+    expected_magic = 0x00000803 if images else 0x00000801  # unsigned bytes, 3 or 1 dimensions
+    if len(header) < (16 if images else 8):
+        return f"is {len(header)} bytes long, shorter than an IDX header"
+    magic = int.from_bytes(header[:4], "big")
+    if magic != expected_magic:
+        return f"starts with 0x{magic:08x}, not the IDX {'image' if images else 'label'} magic number 0x{expected_magic:08x}"
+    dims = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(3 if images else 1)]
+    size = len(header) + (dims[0] * dims[1] * dims[2] if images else dims[0])
+    actual = path.stat().st_size
+    if actual != size:
+        return f"holds {actual} bytes where its header ({' x '.join(map(str, dims))}) needs {size}"
+    return None
+
+
 def check_data(spec: DataSpec) -> FederatedData:
     """Load the federated data once, here in the driver (the run reuses it), or raise ConfigError saying what is missing.
 
@@ -63,6 +86,12 @@ def check_data(spec: DataSpec) -> FederatedData:
     if missing and not spec.download:
         raise ConfigError(f"{key}: {folder} lacks {', '.join(missing)}; add --download to fetch the dataset there "
                           f"(torchvision, needs the internet once), or copy torchvision's files into {folder}")
+    if not missing and spec.dataset in ("mnist", "fashion-mnist"):
+        for name in TORCHVISION_FILES[spec.dataset][1]:
+            problem = idx_file_problem(folder / name)
+            if problem:
+                raise ConfigError(f"{key}: {folder / name} {problem}: it is not {spec.dataset}'s file (truncated or another "
+                                  f"format); delete {folder} and fetch it again with --download")
     try:
         return DatasetStore.get(spec)
     except ConfigError:

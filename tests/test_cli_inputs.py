@@ -49,6 +49,17 @@ def garbage_mnist(tmp: Path) -> list[str]:
     return ["--dataset", "mnist", "--data-dir", str(tmp / "data")]
 
 
+def truncated_mnist(tmp: Path) -> list[str]:
+    """MNIST files with the right headers but cut short, as an interrupted copy leaves them."""
+    raw = tmp / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, count in (("train-images-idx3-ubyte", 60000), ("t10k-images-idx3-ubyte", 10000)):
+        (raw / name).write_bytes((0x803).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (count, 28, 28)) + bytes(100))
+    for name, count in (("train-labels-idx1-ubyte", 60000), ("t10k-labels-idx1-ubyte", 10000)):
+        (raw / name).write_bytes((0x801).to_bytes(4, "big") + count.to_bytes(4, "big") + bytes(count))
+    return ["--dataset", "mnist", "--data-dir", str(tmp / "data")]
+
+
 def half_mnist(tmp: Path) -> list[str]:
     """The training files only: the message must name the test files that are missing."""
     raw = tmp / "data" / "MNIST" / "raw"
@@ -147,7 +158,8 @@ TABLE: list[tuple[str, Setup, tuple[str, ...], tuple[str, ...]]] = [
     ("json-bool-for-int", config_file('{"num-clients": true}'), ("num-clients=True", "not a boolean"), ()),
     ("mnist-missing-folder", args("--dataset", "mnist", "--data-dir", "{tmp}/nonexistent"),
      ("--dataset mnist", "train-images-idx3-ubyte", "--download"), ()),
-    ("mnist-garbage-files", garbage_mnist, ("--dataset mnist", "could not be read", "--download"), ()),
+    ("mnist-garbage-files", garbage_mnist, ("--dataset mnist", "train-images-idx3-ubyte", "not mnist's file", "--download"), ()),
+    ("mnist-truncated-files", truncated_mnist, ("--dataset mnist", "header", "--download"), ()),
     ("mnist-half-the-files", half_mnist, ("t10k-images-idx3-ubyte", "--download"), ("train-images-idx3-ubyte,",)),
     ("digits-2000-clients", args("--num-clients", "2000"), ("num-clients=2000", "fewer clients"), ()),
     ("out-is-a-file", out_is_file, ("out=", "is a file"), ()),
@@ -334,3 +346,27 @@ def test_the_dataclass_built_in_python_checks_types_too(field, value, names):
         ExperimentConfig(**{field: value})
     for name in names:
         assert name in str(err.value), str(err.value)
+
+
+def test_well_formed_mnist_files_pass_the_header_check_and_load(tmp_path):
+    """The header check agrees with torchvision's reader: small but well-formed IDX files load (a wrong check refuses them)."""
+    import numpy as np
+
+    from fedunlearn.data import DataSpec, DatasetStore
+    from simulations.preflight import check_data
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 60), ("t10k", 20)):
+        images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=count, dtype=np.uint8)
+        header = (0x803).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (count, 28, 28))
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes((0x801).to_bytes(4, "big") + count.to_bytes(4, "big") + labels.tobytes())
+    spec = DataSpec(dataset="mnist", data_dir=str(tmp_path), num_clients=3)
+    try:
+        data = check_data(spec)
+        assert tuple(data.x_train.shape[1:]) == (1, 28, 28) and data.x_train.shape[0] + data.x_test.shape[0] == 80
+    finally:
+        DatasetStore.drop(spec)
