@@ -352,7 +352,7 @@ def test_well_formed_mnist_files_pass_the_header_check_and_load(tmp_path):
     """The header check agrees with torchvision's reader: small but well-formed IDX files load (a wrong check refuses them)."""
     import numpy as np
 
-    from fedunlearn.data import DataSpec, DatasetStore
+    from fedunlearn.data import DatasetStore, DataSpec
     from simulations.preflight import check_data
 
     raw = tmp_path / "MNIST" / "raw"
