@@ -111,12 +111,21 @@ def existing_status(out_dir: str | Path) -> str | None:
 
 
 def check_writable(out_dir: str | Path) -> None:
-    """Make DIR (and its parents) and write a file there, or raise ConfigError saying why not: before any training."""
+    """DIR is a folder that can be written, or can be made one; raises ConfigError saying why not. Creates nothing.
+
+    A test file is written (and removed) in DIR, or in its nearest existing parent if DIR does not exist yet:
+    a check that leaves no folder behind when a later check refuses the run.
+    """
     out = Path(out_dir)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"out={str(out)!r}: cannot be used as the results folder ({existing} is a file): give a folder "
+                          "(created if missing)")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".fedunlearn-write-test-"):
             pass
     except OSError as err:
-        raise ConfigError(f"out={str(out)!r}: cannot be used as the results folder ({err.strerror or err}): give a "
+        raise ConfigError(f"out={str(out)!r}: cannot be used as the results folder ({existing}: {err.strerror or err}): give a "
                           "writable folder (created if missing)") from None

@@ -112,6 +112,9 @@ class Experiment:
         check_devices(cfg)
         self._prepare_out_dir(resume, overwrite)
         self._check_membership(check_data(self.data_spec))
+        if overwrite and not resume and self.checkpoints is not None and self.checkpoints.root.exists():
+            # Every check passed: a new run must not leave the old run's checkpoint behind for a later --resume.
+            shutil.rmtree(self.checkpoints.root)
 
     def _check_membership(self, data: FederatedData) -> None:
         """Costly attacks on sets too small to score are refused before anything starts."""
@@ -160,9 +163,6 @@ class Experiment:
             advice = "use --resume to continue it, " if blocker is None else ""
             why = f" (--resume cannot: {blocker})" if blocker is not None and state is not None and status != "complete" else ""
             raise ConfigError(f"{held}; {advice}--overwrite to replace it, or another --out DIR{why}")
-        elif overwrite and self.checkpoints.root.exists():
-            # A new run must not leave the old run's checkpoint behind for a later --resume to pick up.
-            shutil.rmtree(self.checkpoints.root)
         check_writable(out)
 
     def _resume_blocker(self, state: dict[str, Any] | None, status: str | None) -> str | None:

@@ -282,7 +282,7 @@ def test_bad_input_is_refused_in_one_line_before_ray(setup, names, never, tmp_pa
         rc = int(stop.code or 0)
     captured = capsys.readouterr()
     check_one_line(rc, captured.out, captured.err, names, never)
-    assert not (tmp_path / "never-written" / "results.json").exists()
+    assert not (tmp_path / "never-written").exists()  # a refused run creates nothing
 
 
 def test_the_table_covers_issue_14(tmp_path):
