@@ -19,6 +19,7 @@ from pathlib import Path
 
 RUN_TOKEN = "FEDUNLEARN_RUN_TOKEN"  # in the environment of every process Ray starts for a run (simulations.lifecycle sets it)
 GRACE_S = 5.0
+SWEEP_S = 30.0
 
 
 def run_processes(token: str, exclude: set[int]) -> list[int]:
@@ -42,6 +43,7 @@ def run_processes(token: str, exclude: set[int]) -> list[int]:
 def sweep(token: str, exclude: set[int]) -> int:
     """SIGTERM every process of the run, SIGKILL what is left after the grace period; returns how many were found."""
     pids = run_processes(token, exclude)
+    found = len(pids)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -56,7 +58,7 @@ def sweep(token: str, exclude: set[int]) -> int:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    return len(pids)
+    return found
 
 
 def main(argv: list[str]) -> int:
@@ -68,7 +70,10 @@ def main(argv: list[str]) -> int:
             pass
     except OSError:
         pass
-    sweep(token, exclude={os.getpid(), driver})
+    # Again until a scan finds nothing: a raylet killed mid-start may have forked a worker after the first scan.
+    deadline = time.monotonic() + SWEEP_S
+    while sweep(token, exclude={os.getpid(), driver}) and time.monotonic() < deadline:
+        time.sleep(0.5)
     shutil.rmtree(ray_dir, ignore_errors=True)
     return 0
 

@@ -86,7 +86,7 @@ def test_killed_driver_leaves_no_process_of_its_run(tmp_path, sig):
         proc.wait(timeout=120)
         wait_until(lambda: not processes_with(MARKER, value), 60)
         left = processes_with(MARKER, value)
-        assert left == [], f"{len(left)} processes of the killed run still alive after {sig.name}: {left}"
+        assert left == [], f"{len(left)} processes of the killed run still alive after {sig.name}: {left}; output: {lines[-20:]}"
         if sig != signal.SIGKILL:  # the driver itself had the chance to say what happened, without a traceback
             output = "".join(lines)
             assert "Traceback" not in output, output[-3000:]
