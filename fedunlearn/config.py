@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import tomllib
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .data import CLASS_ASSIGNMENTS, DATASET_NAMES, LOADER_CONTRACT, MIN_CLIENT_EXAMPLES, PARTITIONS
 from .errors import ConfigError
@@ -139,6 +142,7 @@ class ExperimentConfig:
     tracking_experiment: str = field(default="fedunlearn", metadata={"help": "with --tracking mlflow: the MLflow experiment the run is logged under"})
 
     def __post_init__(self) -> None:
+        _check_types(self)  # first: every range check below may then compare numbers with numbers
         self._check_data_and_model()
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("forget-samples", self.forget_samples, FORGET_SAMPLES)
@@ -180,7 +184,7 @@ class ExperimentConfig:
         _check_range("grid-poll-interval", self.grid_poll_interval, 0.0005, 1.0, "0.005 keeps short rounds short; 0.1 is Flower's default")
         _check_range("momentum", self.momentum, 0.0, 1.0)
         _check_range("gr-alpha", self.gr_alpha, 0.0, None)
-        _check_range("num-cpus-per-client", self.num_cpus_per_client, 0.0, None)
+        _check_open("num-cpus-per-client", self.num_cpus_per_client, 0.0, None)  # Flower divides the CPUs by it
         _check_range("num-gpus-per-client", self.num_gpus_per_client, 0.0, None)
         _check_open("fraction-fit", self.fraction_fit, 0.0, 1.0, upper_inclusive=True)
         _check_open("heldout-fraction", self.heldout_fraction, 0.0, 1.0)
@@ -199,8 +203,11 @@ class ExperimentConfig:
             raise ConfigError("methods is empty: name at least one, e.g. --methods retrain,iau")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods={','.join(self.methods)}: a method is listed twice")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r}: must be auto, cpu, cuda or cuda:N")
+        _check_range("seed", self.seed, 0, 2**32 - 1, "numpy's and scikit-learn's seeds are unsigned 32-bit integers")
+        if not self.ray_address.strip():
+            raise ConfigError("ray-address='': use 'local' for a private Ray instance, 'auto' or host:port for a cluster")
         self._check_faults()
         self._check_execution()
         self._check_tracking()
@@ -330,7 +337,7 @@ class ExperimentConfig:
             out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
         return out
 
-    def replace(self, **changes: Any) -> "ExperimentConfig":
+    def replace(self, **changes: Any) -> ExperimentConfig:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -398,54 +405,174 @@ def normalise_key(key: str) -> str:
     return name
 
 
+def _describe(kind: type) -> str:
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
+
+
+def _plural(kind: type) -> str:
+    return {bool: "booleans", int: "integers", float: "finite numbers", str: "strings"}[kind]
+
+
+def _kind_error(name: str, value: Any, expected: str) -> ConfigError:
+    key = name.replace("_", "-")
+    return ConfigError(f"{key}={value!r}: expected {expected} (default: {_flag_text(ExperimentConfig.__dataclass_fields__[name].default)})")
+
+
+def _flag_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "empty"
+    return "none" if value is None else str(value)
+
+
+def _parse_scalar(name: str, kind: type, value: Any) -> Any:
+    """One value of type `kind` from a command-line string or a parsed file value; anything else raises ConfigError."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        raise _kind_error(name, value, "true or false")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise _kind_error(name, value, "a string")
+    if isinstance(value, bool):  # bool is an int subclass in Python: {"num-clients": true} must not read as 1
+        raise _kind_error(name, value, f"{_describe(kind)}, not a boolean")
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)  # JSON writes 3.0 for 3
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise _kind_error(name, value, "an integer")
+    number: float
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _kind_error(name, value, "a number") from None
+    else:
+        raise _kind_error(name, value, "a number")
+    if not math.isfinite(number):
+        raise _kind_error(name, value, "a finite number (NaN and infinity are refused)")
+    return number
+
+
 def coerce(name: str, value: Any) -> Any:
-    """Cast a raw value (from a file or a command line) to the type of field `name`."""
-    kind = {f.name: f.type for f in fields(ExperimentConfig)}[name]
-    default = ExperimentConfig.__dataclass_fields__[name].default
-    if value is None:
-        return None
-    try:
-        if name in ("methods", "mia_attacks", "ulira_methods"):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(m.strip() for m in items if str(m).strip())
-        if str(kind).startswith("tuple[int"):
-            items = value.split(",") if isinstance(value, str) else ([value] if isinstance(value, int) else list(value))
-            return tuple(int(str(v).strip()) for v in items if str(v).strip())
-        if isinstance(default, bool) or kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if "int" in str(kind) and "float" not in str(kind):
-            if isinstance(value, str) and value.lower() in ("none", ""):
-                return None
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if "float" in str(kind):
-            return float(value)
-        return str(value) if not (isinstance(value, str) and value.lower() == "none" and default is None) else None
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name.replace('_', '-')}={value!r}: expected a value of type {kind}") from None
+    """Cast a raw value (a command-line string or a value parsed from a file) to the type of field `name`.
+
+    Strict on purpose: a boolean is not an integer, a list item must be of the element type, a float is finite;
+    what cannot be cast raises ConfigError naming the key, the value and what is expected.
+    """
+    kind, optional, many = FIELD_KINDS[name]
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "")):
+        if optional:
+            return None
+        raise _kind_error(name, value, _describe(kind) if not many else f"a list of {_plural(kind)}")
+    if many:
+        if isinstance(value, str):
+            items: list[Any] = [item.strip() for item in value.split(",") if item.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+            items = [value]
+        else:
+            raise _kind_error(name, value, f"a comma-separated list or an array of {_plural(kind)}")
+        parsed = []
+        for item in items:
+            try:
+                parsed.append(_parse_scalar(name, kind, item))
+            except ConfigError:
+                raise _kind_error(name, value, f"a list of {_plural(kind)}; {item!r} is not one") from None
+        return tuple(p.strip() for p in parsed) if kind is str else tuple(parsed)
+    return _parse_scalar(name, kind, value)
+
+
+def _check_types(cfg: ExperimentConfig) -> None:
+    """Every field holds a value of its declared type (finite for floats): the dataclass may be built from Python too."""
+    for name, (kind, optional, many) in FIELD_KINDS.items():
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        values = value if many and isinstance(value, tuple) else (value,)
+        if many and not isinstance(value, tuple):
+            raise _kind_error(name, value, f"a tuple of {_plural(kind)}")
+        for item in values:
+            ok = (isinstance(item, bool) if kind is bool else
+                  isinstance(item, str) if kind is str else
+                  isinstance(item, int) and not isinstance(item, bool) if kind is int else
+                  isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item))
+            if not ok:
+                raise _kind_error(name, value, _describe(kind) if not many else f"a tuple of {_plural(kind)}")
+
+
+def _field_kinds() -> dict[str, tuple[type, bool, bool]]:
+    """Per field: (element type, whether None is allowed, whether it is a tuple), read from the type hints."""
+    kinds: dict[str, tuple[type, bool, bool]] = {}
+    for name, hint in get_type_hints(ExperimentConfig).items():
+        optional, many = False, False
+        if get_origin(hint) in (Union, types.UnionType):
+            args = [a for a in get_args(hint) if a is not type(None)]
+            optional, hint = len(args) < len(get_args(hint)), args[0]
+        if get_origin(hint) is tuple:
+            many, hint = True, get_args(hint)[0]
+        if hint not in (bool, int, float, str):
+            raise TypeError(f"ExperimentConfig.{name}: type {hint!r} has no parser")  # a new field type needs one
+        kinds[name] = (hint, optional, many)
+    return kinds
+
+
+FIELD_KINDS = _field_kinds()
+FLOAT_FIELDS = tuple(name for name, (kind, _, _) in FIELD_KINDS.items() if kind is float)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Settings from a TOML or JSON file whose keys are the CLI flags (without '--')."""
+    """Settings from a TOML or JSON file whose keys are the CLI flags (without '--'); any other content raises ConfigError."""
     path = Path(path)
+    where = f"config file {str(path)!r}"
     if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+        raise ConfigError(f"{where} does not exist: check --config")
+    if not path.is_file():
+        raise ConfigError(f"{where} is not a file (a folder?): --config takes a TOML or JSON file")
+    fmt = "JSON" if path.suffix == ".json" else "TOML"
     try:
-        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where} is not a text file (byte {err.start} is not UTF-8): --config takes a TOML or JSON file") from None
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be read: {err.strerror}") from None
+    try:
+        raw = json.loads(text, parse_constant=_refuse_constant) if fmt == "JSON" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, ValueError) as err:
+        raise ConfigError(f"{where} is not valid {fmt}: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} holds a {type(raw).__name__}, not a table of settings: write "
+                          + ('{"num-clients": 10, ...}' if fmt == "JSON" else "num-clients = 10 lines"))
     if "tool" in raw:  # a pyproject-style file: [tool.flwr.app.config]
-        raw = raw.get("tool", {}).get("flwr", {}).get("app", {}).get("config", raw)
-    return {normalise_key(k): coerce(normalise_key(k), v) for k, v in raw.items()}
+        section = raw.get("tool", {}).get("flwr", {}).get("app", {}).get("config") if isinstance(raw.get("tool"), dict) else None
+        if section is None:
+            raise ConfigError(f"{where} has a [tool] table but no [tool.flwr.app.config]: put the settings there or at the top level")
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: [tool.flwr.app.config] is a {type(section).__name__}, not a table of settings")
+        raw = section
+    settings = {}
+    for key, value in raw.items():
+        try:
+            name = normalise_key(key)
+            settings[name] = coerce(name, value)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    return settings
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows (NaN and infinity are refused)")
 
 
 def build_config(preset: str = "default", file_settings: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -44,11 +44,15 @@ class Checkpoints:
         os.replace(tmp, path)
 
     def load_arrays(self, name: str) -> ArrayRecord | None:
-        """The model stored under `name`, or None."""
+        """The model stored under `name`, or None; a damaged file raises ConfigError naming it."""
         path = self.root / f"{name}.safetensors"
         if not path.exists():
             return None
-        return ArrayRecord(OrderedDict(load_file(str(path))))
+        try:
+            return ArrayRecord(OrderedDict(load_file(str(path))))
+        except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
+            raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); start again with --overwrite "
+                              "or another --out") from None
 
     def save_state(self, state: dict[str, Any]) -> None:
         """Store the JSON state."""
@@ -59,15 +63,22 @@ class Checkpoints:
         os.replace(tmp, path)
 
     def load_state(self) -> dict[str, Any] | None:
-        """The JSON state, or None when there is no checkpoint."""
+        """The JSON state, or None when there is no checkpoint; a damaged one raises ConfigError naming the file."""
         path = self.root / "state.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); start again with --overwrite "
+                              "or another --out") from None
+        if not isinstance(state, dict) or not isinstance(state.get("round"), int) or not isinstance(state.get("config"), dict):
+            raise ConfigError(f"checkpoint {path} is not a fedunlearn checkpoint (no 'round' and 'config'); start again with "
+                              "--overwrite or another --out")
+        return state
 
 
-def check_same_experiment(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume with settings that change what is computed (names every differing key)."""
-    differing = sorted(k for k in set(saved) | set(current) if k not in RUNTIME_KEYS and saved.get(k) != current.get(k))
-    if differing:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
-        raise ConfigError(f"cannot resume: the checkpoint was made with other settings ({detail}); "
-                          "resume with the same settings (the saved ones are in DIR/results.json) or start a new --out")
+def differing_settings(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The settings that change what is computed and differ between a checkpoint and now: key -> (saved, now)."""
+    keys = sorted(k for k in set(saved) | set(current) if k not in RUNTIME_KEYS and saved.get(k) != current.get(k))
+    return {k: (saved.get(k), current.get(k)) for k in keys}

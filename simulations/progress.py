@@ -23,7 +23,7 @@ class Progress:
         self._total = 0
         self._done = 0
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.live:
             self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=self.console)
@@ -43,7 +43,7 @@ class Progress:
         if self._bar is not None:
             self._task = self._bar.add_task(name, total=self._total, status="")
         else:
-            self.console.print(f"[fedunlearn] {name} ({total} step{'s' if total != 1 else ''})", highlight=False)
+            self.console.print(f"[fedunlearn] {name} ({total} step{'s' if total != 1 else ''})", highlight=False, markup=False)
 
     def advance(self, point: dict[str, float] | None = None) -> None:
         """One step done; `point` holds the latest curve values to show."""
@@ -56,7 +56,7 @@ class Progress:
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, advance=1, status=status)
         elif point and (self._done == self._total or self._done % max(1, self._total // 5) == 0):
-            self.console.print(f"[fedunlearn]   {self._name} {self._done}/{self._total}: {status}", highlight=False)
+            self.console.print(f"[fedunlearn]   {self._name} {self._done}/{self._total}: {status}", highlight=False, markup=False)
 
     def note(self, name: str, entry: dict[str, Any]) -> None:
         """A method finished: one summary line."""
@@ -66,6 +66,6 @@ class Progress:
         text = "  ".join(f"{k} {entry[k]:.3f}" for k in keys if isinstance(entry.get(k), float))
         line = f"[fedunlearn] {name} done: {text}  ({entry['cost']['wall_s']:.2f} s, {entry['cost']['rounds']} rounds)"
         if self._bar is not None:
-            self._bar.console.print(line, highlight=False)
+            self._bar.console.print(line, highlight=False, markup=False)
         else:
-            self.console.print(line, highlight=False)
+            self.console.print(line, highlight=False, markup=False)

@@ -7,8 +7,11 @@ import io
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from fedunlearn.errors import ConfigError
 
 METRIC_KEYS = ("acc_test", "acc_remained", "acc_deleted", "backdoor_asr", "dist_para", "dist_output", "mia_auc")
 MODEL_ORDER = ("original", "retrain")
@@ -76,3 +79,53 @@ def write_results(out_dir: str | Path, results: dict[str, Any]) -> None:
     if clean.get("stream"):
         _atomic_write(out / "stream.csv", _csv_text(stream_rows(clean)))
 
+
+def read_results(out_dir: str | Path) -> dict[str, Any]:
+    """Load DIR/results.json; a damaged one raises ConfigError naming the file."""
+    path = Path(out_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}; truncated?): move it away, or use --overwrite to replace "
+                          "it, or another --out DIR") from None
+    if not isinstance(results, dict):
+        raise ConfigError(f"{path} holds a {type(results).__name__}, not fedunlearn results: move it away, or use "
+                          "--overwrite to replace it, or another --out DIR")
+    return results
+
+
+def existing_status(out_dir: str | Path) -> str | None:
+    """The status of the run whose results.json is in DIR, in one short line (None: no results there).
+
+    A failed run's status embeds its error, which can be a long multi-line traceback from Ray: only
+    its first line, cut short, is shown.
+    """
+    if not (Path(out_dir) / "results.json").exists():
+        return None
+    status = str(read_results(out_dir).get("status", "unknown")).strip()
+    first = status.splitlines()[0] if status else "unknown"
+    if first.startswith("failed"):
+        reason = first.removeprefix("failed").lstrip(": ")
+        return f"failed: {reason[:160]}{'...' if len(reason) > 160 else ''}" if reason else "failed"
+    return first.split(" ", 1)[0]  # running, complete, interrupted
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """DIR is a folder that can be written, or can be made one; raises ConfigError saying why not. Creates nothing.
+
+    A test file is written (and removed) in DIR, or in its nearest existing parent if DIR does not exist yet:
+    a check that leaves no folder behind when a later check refuses the run.
+    """
+    out = Path(out_dir)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"out={str(out)!r}: cannot be used as the results folder ({existing} is a file): give a folder "
+                          "(created if missing)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".fedunlearn-write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"out={str(out)!r}: cannot be used as the results folder ({existing}: {err.strerror or err}): give a "
+                          "writable folder (created if missing)") from None

@@ -8,11 +8,11 @@ every model on the same data the clients hold and writes results as they are pro
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -49,11 +49,14 @@ from strategies.metered_grid import MeteredGrid
 from strategies.methods.retrain import REFERENCE
 from strategies.update_recorder import fan_out
 
-from .checkpoint import Checkpoints, check_same_experiment
+from .checkpoint import Checkpoints, differing_settings
+from .client_errors import ClientErrors, ClientFailure
 from .evaluation import Evaluator, attacks_of
+from .lifecycle import private_ray, ray_init_args
 from .methods import MethodContext, MethodOutcome, check_methods, get_method
+from .preflight import check_data, check_devices, kebab_keys
 from .progress import Progress
-from .results import write_results
+from .results import check_writable, existing_status, write_results
 from .shadows import ShadowBank, train_shadow_bank
 from .tracking import tracker_for
 
@@ -83,9 +86,12 @@ class Experiment:
         self.cfg = cfg
         self.methods = check_methods(self._method_names(cfg))
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.request = app_config.deletion_request_for(cfg)
-        self.requests = app_config.deletion_requests_for(cfg)  # more than one: a stream of withdrawals
-        self.data_spec = app_config.data_spec_for(cfg)
+        try:
+            self.request = app_config.deletion_request_for(cfg)
+            self.requests = app_config.deletion_requests_for(cfg)  # more than one: a stream of withdrawals
+            self.data_spec = app_config.data_spec_for(cfg)
+        except ValueError as err:  # the data and deletion layers check their own settings too
+            raise ConfigError(kebab_keys(str(err))) from None
         self.progress = Progress(enabled=show_progress)
         self.meter = CostMeter()
         self.results: dict[str, Any] = {
@@ -102,27 +108,24 @@ class Experiment:
         self._checkpoint_until = 0
         self.checkpoints = Checkpoints(self.out_dir) if self.out_dir is not None else None
         self.resume_state: dict[str, Any] | None = None
-        self._check_data_and_model()
-        self._check_membership()
+        # The pre-flight: everything that can be found wrong before Ray or any training starts (exit 2 on the CLI).
+        check_devices(cfg)
         self._prepare_out_dir(resume, overwrite)
-        self.tracker = tracker_for(cfg, self.out_dir)  # --tracking: checked here, before Ray; opened at its first event
-
-    def _check_data_and_model(self) -> None:
-        """The dataset loads and the model maps a batch of it to class logits, here, before Ray starts: a plug-in
-        `PKG.MODULE:NAME` that does not import or fit fails with one line (the driver keeps the data for the run)."""
-        try:
-            data = DatasetStore.get(self.data_spec)
-        except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError: its message stays as it is
-            raise err if isinstance(err, ConfigError) else ConfigError(f"data: {err}") from None
+        data = check_data(self.data_spec)  # loaded once here (the driver keeps it for the run)
+        # A plug-in PKG.MODULE:FACTORY that does not fit the data fails with one line, before Ray starts.
         check_model_fits(app_config.model_name_for(self.cfg), data.x_train[:2], data.num_classes)
+        self._check_membership(data)
+        self.tracker = tracker_for(cfg, self.out_dir)  # --tracking: checked here, before Ray; opened at its first event
+        if overwrite and not resume and self.checkpoints is not None and self.checkpoints.root.exists():
+            # Every check passed: a new run must not leave the old run's checkpoint behind for a later --resume.
+            shutil.rmtree(self.checkpoints.root)
 
-    def _check_membership(self) -> None:
-        """Costly attacks on sets too small to score are refused before anything starts (the data is loaded once here)."""
+    def _check_membership(self, data: FederatedData) -> None:
+        """Costly attacks on sets too small to score are refused before anything starts."""
         costly = [a for a in attacks_of(self.cfg) if a in ("lira", "ulira")]
         if not costly:
             return
         try:
-            data = DatasetStore.get(self.data_spec)
             sets = membership_sets(data, self.requests)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"data: {err}") from None
@@ -132,28 +135,58 @@ class Experiment:
                               "or the memorization preset) or drop these attacks")
 
     def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
-        """Never let a new (possibly partial) run overwrite finished results; load the checkpoint on resume."""
+        """--out is a writable folder; finished, failed or interrupted runs there are not overwritten by accident.
+
+        On --resume the checkpoint is loaded and checked (same settings, a method that can resume); without it,
+        a folder holding anything of another run is refused unless --overwrite, and the message offers --resume
+        only where resuming would work.
+        """
         if self.out_dir is None:
             if resume:
                 raise ConfigError("--resume needs --out DIR: the directory of the interrupted run")
             return
-        existing = self.out_dir / "results.json"
+        out = self.out_dir
+        if str(out).strip() == "":
+            raise ConfigError("out='': give the folder results go to, e.g. --out results")
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out={str(out)!r}: is a file, not a folder; give a folder (created if missing), e.g. --out results")
+        assert self.checkpoints is not None
+        status = existing_status(out)
+        state = self.checkpoints.load_state()  # a damaged state.json raises ConfigError naming it
+        blocker = self._resume_blocker(state, status)
         if resume:
-            state = self.checkpoints.load_state() if self.checkpoints else None
-            if state is None:
-                raise ConfigError(f"--resume: {self.out_dir} holds no checkpoint (DIR/checkpoint/state.json); "
-                                  "run without --resume to start, or point --out at the interrupted run")
-            check_same_experiment(state["config"], self.cfg.to_dict())
-            recording = [m.name for m in self.methods if m.recorder is not None]
-            if state["round"] > 0 and recording:
-                raise ConfigError(f"--resume with {' or '.join(recording)}: the client updates they record during training are "
-                                  "not checkpointed; rerun without --resume, or drop those methods")
+            if blocker is not None:
+                raise ConfigError(f"--resume: {blocker}")
+            assert state is not None
+            self.checkpoints.load_arrays("training")  # a damaged model file is found now, not after Ray started
             self.resume_state = state
             self.results["resumed_from_round"] = state["round"]
-        elif existing.exists() and not overwrite:
-            status = json.loads(existing.read_text()).get("status", "?")
-            raise ConfigError(f"{existing} already holds results (status: {status}); use --resume to continue an "
-                              "interrupted run, --overwrite to replace them, or another --out DIR")
+        elif (status is not None or state is not None) and not overwrite:
+            held = (f"{out / 'results.json'} already holds results (status: {status})" if status is not None
+                    else f"{self.checkpoints.root} holds the checkpoint of an interrupted run (round {state['round'] if state else '?'})")
+            advice = "use --resume to continue it, " if blocker is None else ""
+            why = f" (--resume cannot: {blocker})" if blocker is not None and state is not None and status != "complete" else ""
+            raise ConfigError(f"{held}; {advice}--overwrite to replace it, or another --out DIR{why}")
+        check_writable(out)
+
+    def _resume_blocker(self, state: dict[str, Any] | None, status: str | None) -> str | None:
+        """Why --resume cannot continue what DIR holds, or None when it can."""
+        assert self.checkpoints is not None
+        if status == "complete":
+            return f"{self.out_dir / 'results.json'} holds a complete run: nothing to resume"
+        if state is None:
+            return (f"{self.out_dir} holds no checkpoint ({self.checkpoints.root / 'state.json'}; checkpoints are written every "
+                    "--checkpoint-every rounds of training): start it again with --overwrite or another --out")
+        differing = differing_settings(state.get("config", {}), self.cfg.to_dict())
+        if differing:
+            detail = ", ".join(f"{k}: checkpoint {v[0]!r} vs now {v[1]!r}" for k, v in differing.items())
+            return (f"the checkpoint was made with other settings ({detail}); resume with the settings saved under 'config' "
+                    f"in {self.checkpoints.root / 'state.json'}, or start a new run with --overwrite or another --out")
+        recording = [m.name for m in self.methods if m.recorder is not None]  # the method says so, not its name
+        if state.get("round", 0) > 0 and recording:
+            return (f"{' and '.join(recording)} record client updates during training that are not checkpointed; "
+                    "start again with --overwrite, or drop those methods")
+        return None
 
     @staticmethod
     def _method_names(cfg: ExperimentConfig) -> list[str]:
@@ -192,27 +225,51 @@ class Experiment:
 
         backend_config: dict[str, Any] = {
             "client_resources": {"num_cpus": self.cfg.num_cpus_per_client, "num_gpus": self.cfg.num_gpus_per_client},
-            "init_args": {"address": self.cfg.ray_address, "include_dashboard": False,
-                          "logging_level": logging.INFO if self.cfg.verbose else logging.ERROR, "log_to_driver": self.cfg.verbose},
+            "init_args": ray_init_args(self.cfg.ray_address, self.cfg.verbose, None),  # used only if Ray is not up yet
         }
         started = time.perf_counter()
+        client_errors = ClientErrors(enabled=not self.cfg.verbose)
         try:
-            with self.progress, faster_message_pickup(self.cfg.grid_poll_interval) as tuned:
+            with self.progress, client_errors, private_ray(self.cfg.ray_address, self.cfg.verbose), \
+                    faster_message_pickup(self.cfg.grid_poll_interval) as tuned:
                 self.results.setdefault("execution", {})["engine_pickup_interval_s"] = self.cfg.grid_poll_interval if tuned else 0.1
                 run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                                backend_config=backend_config, verbose_logging=self.cfg.verbose)
+        except KeyboardInterrupt as err:  # SIGINT or SIGTERM (lifecycle.Interrupted): Ray is down by now; say so on disk
+            self.results["status"] = f"interrupted: {err or 'SIGINT'}"
+            self._record_client_errors(client_errors)
+            self._write()
+            raise
+        except Exception as err:  # run_simulation re-raises the ServerApp's error (kept in self._error) or its own
+            if self._error is None:
+                self._error = err
         finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
             self.tracker.finish(self.results)  # a failed run's tracking ends too (a finished one's already did)
+        self._record_client_errors(client_errors)
         if self._error is not None:
+            if client_errors.count:
+                # What failed first is a client: its own message leads, once, instead of the engine's retries of it.
+                raise ClientFailure(client_errors.summary(), self._error) from self._error
             raise self._error
         if self.results["status"] != "complete":
             self.results["status"] = "failed: the simulation ended before the experiment finished (see the Flower/Ray log above)"
             self._write()
+            if client_errors.count:
+                raise ClientFailure(client_errors.summary(), None)
             raise RuntimeError(self.results["status"])
+        if client_errors.count:  # the run coped (retries, dropouts, injected faults): said once, not per message
+            print(f"[fedunlearn] {client_errors.count} client message{'s' if client_errors.count != 1 else ''} failed during the run "
+                  f"(first: {client_errors.first}); see results.json: client_errors and reliability", file=sys.stderr)
         self.results["total_wall_s"] = time.perf_counter() - started
         self._write()
         return self.results
+
+    def _record_client_errors(self, errors: ClientErrors) -> None:
+        if errors.count:
+            self.results["client_errors"] = errors.to_dict()
+            if self.results["status"] != "complete":
+                self._write()
 
     def _write(self) -> None:
         if self._observed:
