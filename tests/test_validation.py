@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -36,7 +37,9 @@ CORRUPTIONS = ("shape", "nan", "inf", "version", "zero-count", "negative-count",
 # (vectors, counts, which entry is corrupted), from a fixed seed so that a failure is found again on every run.
 settings.register_profile("fedunlearn", max_examples=10, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.load_profile("fedunlearn")
+# Mutation runs (python -m benchmarks.mutation) take 3 examples per kind: every kind still runs for every mutant.
+settings.register_profile("mutation", parent=settings.get_profile("fedunlearn"), max_examples=3)
+settings.load_profile(os.environ.get("FEDUNLEARN_HYPOTHESIS_PROFILE", "fedunlearn"))
 
 
 @pytest.fixture(autouse=True, scope="module")
