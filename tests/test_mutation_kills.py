@@ -209,6 +209,66 @@ def test_choose_radius_takes_the_first_radius_where_forget_loss_reaches_heldout_
     assert radius == 0.08 and len(trail) == 7
 
 
+def test_float32_inputs_are_computed_in_float64():
+    """A float32 sum divided by a count in float32 loses digits: every division here must happen in float64."""
+    one, zero = torch.tensor([1.0]), torch.tensor([0.0])  # float32
+    assert direction_from_parts(zero, 1, one, 3).item() == -1 / 3
+    assert direction_from_parts(one, 3, zero, 1).item() == 1 / 3
+    assert direction_from_parts(one, 3, zero, 1, weight=0.1).item() == 0.1 / 3
+    assert withdrawing_contribution(None, one, 1, 3).item() == -1 / 3
+    assert withdrawing_contribution(one, zero, 3, 1).item() == 1 / 3
+    assert remaining_contribution(one, 3).item() == 1 / 3
+    stepper = CorrectionStepper(torch.tensor([1.0, 1.0]), IAUSettings(step_rule="sgd", eta=0.1))
+    assert stepper.theta.dtype == torch.float64  # a float64 copy from the start
+    assert stepper.step(torch.tensor([1.0, 3.0])).tolist() == [1.0 - 0.1, 1.0 - 0.1 * 3.0]  # eta * d in float64
+
+
+def test_step_rules_used_directly_take_float32_and_answer_float64():
+    from fedunlearn.iau import AdamFirstStep, NormalisedStep
+
+    theta = torch.tensor([1.0, 1.0])  # float32; sqrt(2) differs between float32 and float64
+    normalised = NormalisedStep(theta, IAUSettings(step_rule="normalised", radius=0.5)).step(theta, torch.tensor([1.0, 0.0]))
+    assert normalised.dtype == torch.float64 and normalised.tolist() == [1.0 - 0.5 * math.sqrt(2.0), 1.0]
+    settings = IAUSettings(step_rule="normalised", radius=0.5, per_layer=True)
+    per_layer = NormalisedStep(theta, settings, (1, 1)).step(theta, torch.tensor([1.0, 0.0]))
+    assert per_layer.dtype == torch.float64 and per_layer.tolist() == [1.0 - 0.5 * math.sqrt(2.0) * math.sqrt(0.5), 1.0]
+    adam = AdamFirstStep(theta, IAUSettings(step_rule="adam-first-step", eta=0.1))
+    moved = adam.step(theta, torch.tensor([1.0, -1.0]))
+    assert moved.dtype == torch.float64 and moved.tolist() == pytest.approx([0.9, 1.1], abs=1e-8)
+    assert abs(moved[0].item() - 0.9) < 1e-8  # float64 arithmetic: within Adam's eps, not float32's 1e-7
+
+
+def test_a_rule_knows_its_settings_and_segments():
+    settings = IAUSettings(step_rule="adam-first-step", eta=0.1)
+    stepper = CorrectionStepper(torch.zeros(4), settings, segments=(3, 1))
+    assert stepper.settings is settings and stepper.rule.settings is settings and stepper.rule.segments == (3, 1)
+    for rule in ("sgd", "normalised"):
+        s = IAUSettings(step_rule=rule)
+        assert CorrectionStepper(torch.zeros(2), s, segments=(1, 1)).rule.settings is s
+
+
+def test_a_new_step_rule_is_registered_under_its_name():
+    try:
+        @register_step_rule("test-only-rule")
+        class Halve(StepRule):
+            def step(self, theta, direction, length=None):
+                return theta / 2
+        assert STEP_RULES["test-only-rule"] is Halve
+    finally:
+        STEP_RULES.pop("test-only-rule", None)
+
+
+def test_normalised_step_divides_by_a_norm_below_one_and_walks_three_layers():
+    theta = torch.tensor([3.0, 4.0], dtype=torch.float64)  # ||theta|| = 5
+    got = CorrectionStepper(theta, IAUSettings(step_rule="normalised", radius=0.1)).step(torch.tensor([0.0, 0.5]))
+    assert got.tolist() == pytest.approx([3.0, 3.5])  # d / ||d|| is a unit vector even when ||d|| < 1
+    theta3 = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)  # ||theta|| = sqrt(3)
+    settings = IAUSettings(step_rule="normalised", radius=0.1, per_layer=True)
+    got3 = CorrectionStepper(theta3, settings, segments=(1, 1, 1)).step(torch.tensor([1.0, 2.0, -3.0]))
+    share = 0.1 * math.sqrt(3.0) * math.sqrt(1 / 3)  # each layer of one entry moves by its share, along its own sign
+    assert got3.tolist() == pytest.approx([1.0 - share, 1.0 - share, 1.0 + share])
+
+
 # =========================================================================== fedunlearn/cache.py
 
 
@@ -323,6 +383,88 @@ def test_one_example_and_uneven_batches():
     empty = predict_proba(model, torch.zeros(0, 4))
     assert empty.shape == (0, 3)
     assert math.isnan(attack_success_rate(model, torch.zeros(0, 4), target=1))
+
+
+class BatchSpy(nn.Module):
+    """A linear model that records the size of every batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return self.linear(x)
+
+
+def test_every_metric_passes_its_batch_size_on():
+    from fedunlearn.metrics import evaluate_model, loss_threshold_mia_auc, output_distance
+
+    torch.manual_seed(0)
+    model, reference = BatchSpy(), BatchSpy()
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    evaluate_model(model, test=(x, y), remained=(x, y), deleted=(x, y), triggered=x, target=1, heldout=(x, y), reference=reference,
+                   batch_size=2)
+    assert model.batches and max(model.batches) == 2 and max(reference.batches) == 2
+    for name, call in {"output_distance": lambda m: output_distance(m, reference, x, batch_size=2),
+                       "loss_threshold_mia_auc": lambda m: loss_threshold_mia_auc(m, x, y, x, y, batch_size=2)}.items():
+        spy = BatchSpy()
+        call(spy)
+        assert max(spy.batches) == 2, name
+
+
+def test_the_loss_attack_scores_the_members_given_not_the_deleted_set():
+    from fedunlearn.metrics import evaluate_model, loss_threshold_mia_auc
+
+    model = Constant([0.0, 3.0, 0.0])  # loss is low on label 1, high on label 0
+    x = torch.zeros(4, 2)
+    ones, zeros = torch.ones(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+    got = evaluate_model(model, test=(x, ones), remained=(x, ones), deleted=(x, zeros), triggered=None, target=1,
+                         heldout=(x, zeros), members=(x, ones))
+    assert got["mia_auc"] == 1.0 == loss_threshold_mia_auc(model, x, ones, x, zeros)  # members (low loss) beat held-out
+    assert evaluate_model(model, test=(x, ones), remained=(x, ones), deleted=(x, zeros), triggered=None, target=1,
+                          heldout=(x, ones))["mia_auc"] == 0.0  # default members = deleted (high loss)
+
+
+def test_js_divergence_stays_in_zero_to_ln2_despite_round_off():
+    """Nearly equal rows round to tiny negatives, disjoint rows to just above ln 2: the clamp keeps [0, ln 2] exact."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(2000, 10, dtype=torch.float64, generator=generator), 1)
+    q = (p + 1e-12 * torch.randn(p.shape, dtype=torch.float64, generator=generator)).clamp_min(0)
+    near = js_divergence(p, q / q.sum(1, keepdim=True))
+    assert float(near.min()) >= 0.0
+    weights = torch.rand(2000, 10, dtype=torch.float64, generator=generator) + 0.01
+    mask = torch.rand(2000, 10, generator=generator) < 0.5
+    mask[:, 0], mask[:, 1] = True, False  # every row has mass on both sides
+    a, b = torch.where(mask, weights, 0.0), torch.where(~mask, weights, 0.0)
+    disjoint = js_divergence(a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True))
+    assert float(disjoint.max()) <= math.log(2.0) and float(disjoint.min()) == pytest.approx(math.log(2.0), abs=1e-12)
+
+
+def test_membership_auc_of_one_empty_side_is_nan_without_asking_sklearn():
+    import warnings
+
+    from fedunlearn.metrics import membership_auc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn warns (and answers nan) when only one class is present
+        assert math.isnan(membership_auc(torch.tensor([1.0, 2.0]), torch.empty(0)))
+        assert math.isnan(membership_auc(torch.empty(0), torch.tensor([1.0, 2.0])))
+
+
+def test_single_examples_are_scored_and_an_empty_side_is_nan():
+    from fedunlearn.metrics import membership_auc, output_distance
+
+    assert membership_auc(torch.tensor([2.0]), torch.tensor([1.0])) == 1.0
+    assert membership_auc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
+    assert math.isnan(membership_auc(torch.tensor([1.0, 2.0]), torch.empty(0)))
+    assert math.isnan(membership_auc(torch.empty(0), torch.tensor([1.0, 2.0])))
+    one = output_distance(Constant([1.0, 0.0]), Constant([0.0, 1.0]), torch.zeros(1, 2))
+    p, q = torch.softmax(torch.tensor([1.0, 0.0]), 0), torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    m = (p + q) / 2
+    assert one == pytest.approx(float(0.5 * ((p * (p / m).log()).sum() + (q * (q / m).log()).sum())), rel=1e-5)
+    assert math.isnan(output_distance(Constant([1.0, 0.0]), Constant([0.0, 1.0]), torch.zeros(0, 2)))
 
 
 def test_parameter_distance_refusals_name_both_sides():
