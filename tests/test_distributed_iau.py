@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import pooled
 import pytest
 import torch
 from flwr.app import ArrayRecord
-
 from one_step import one_step
+
 from fedunlearn.costs import CostMeter
 from fedunlearn.data import DatasetStore
 from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
-from fedunlearn.gradients import ParamLayout, gradient_sum, load_model_vector, model_vector
-from fedunlearn.iau import CorrectionStepper, IAUSettings, direction_from_parts
+from fedunlearn.gradients import ParamLayout, load_model_vector, model_vector
+from fedunlearn.iau import IAUSettings
 from fedunlearn.models import build_model
 from strategies import app_config
 from strategies.client_app import build_client_app
@@ -33,6 +34,7 @@ class Setup:
     """LocalGrid federation + a model at a non-trivial point (one FedAvg round)."""
 
     def __init__(self, cfg, tmp_path, iau: IAUSettings, train_rounds: int = 1) -> None:
+        # The wire precision follows the cache precision: float64 both, or the default float32 both.
         self.cfg = cfg
         self.data = DatasetStore.get(app_config.data_spec_for(cfg))
         self.app = build_client_app(app_config.client_spec_for(cfg, str(tmp_path / "caches")))
@@ -42,42 +44,44 @@ class Setup:
         torch.manual_seed(0)
         self.model = build_model("mlp", self.data.input_shape, self.data.num_classes)
         self.layout = ParamLayout.of(self.model)
-        self.strategy = IAUFed(layout=self.layout, iau=iau, gradient_dtype="float64", directory=self.directory,
+        self.strategy = IAUFed(layout=self.layout, iau=iau, gradient_dtype=cfg.cache_dtype, directory=self.directory,
                                train=app_config.train_settings_for(cfg), seed=cfg.seed)
         initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items()))
         self.arrays = self.strategy.start(grid=self.grid, initial_arrays=initial, num_rounds=train_rounds).arrays
 
-    def reference_direction(self, theta: torch.Tensor, request: DeletionRequest, ledger=()) -> tuple[torch.Tensor, int, int]:
-        """d on pooled data, one process: g_r over everything kept, g_f over S."""
-        load_model_vector(self.model, theta.to(torch.float32))
+    def reference_direction(self, theta: torch.Tensor, request: DeletionRequest, ledger=(), weight: float = 1.0) -> pooled.Direction:
+        """d on pooled data, one process, independently of the code under test: g_r over everything kept, g_f over S."""
         forget = forget_indices(self.data, request)
         withdrawn = {r.client for r in [*ledger, request] if r.client_level}
         remaining = torch.cat([kept_indices(self.data, p, [*ledger, request]) for p in range(self.cfg.num_clients) if p not in withdrawn])
-        g_r, _, _ = gradient_sum(self.model, self.data.x_train[remaining], self.data.y_train[remaining], batch_size=1000)
-        g_f, _, _ = gradient_sum(self.model, self.data.x_train[forget], self.data.y_train[forget], batch_size=1000)
-        return direction_from_parts(g_r, len(remaining), g_f, len(forget)), len(remaining), len(forget)
+        x, y = self.data.x_train, self.data.y_train
+        return pooled.direction(pooled.pooled_sums(self.model, theta, x[remaining], y[remaining]),
+                                pooled.pooled_sums(self.model, theta, x[forget], y[forget]), weight)
 
 
+CACHE_DTYPES = ["float64", "float32"]  # float32 = the default cache and wire precision
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
 @pytest.mark.parametrize("step_rule,eta", [("sgd", 0.5), ("adam-first-step", 1e-3)])
 @pytest.mark.parametrize("protocol", ["fresh", "cached"])
 @pytest.mark.parametrize("kind", list(REQUESTS))
-def test_distributed_update_equals_pooled_reference(small_cfg, tmp_path, kind, protocol, step_rule, eta):
-    cfg = small_cfg.replace(forget_client=REQUESTS[kind].client)
+def test_distributed_update_equals_pooled_reference(small_cfg, tmp_path, kind, protocol, step_rule, eta, cache_dtype):
+    cfg = small_cfg.replace(forget_client=REQUESTS[kind].client, cache_dtype=cache_dtype)
     setup = Setup(cfg, tmp_path, one_step(eta=eta, step_rule=step_rule))
     request = REQUESTS[kind]
     theta = arrays_to_vector(setup.arrays, setup.layout)
-    direction, remaining_count, forget_count = setup.reference_direction(theta, request)
-    expected = CorrectionStepper(theta, one_step(eta=eta, step_rule=step_rule)).step(direction)
+    reference = setup.reference_direction(theta, request)
+    expected = pooled.step(theta, reference.d, step_rule, eta=eta)
 
     setup.strategy.fill_caches(setup.grid, setup.arrays, upload=(protocol == "cached"))
-    assert setup.strategy.current_examples() - forget_count == remaining_count
-    new_arrays, report = setup.strategy.unlearn(setup.grid, setup.arrays, request, forget_count, protocol=protocol)
+    assert setup.strategy.current_examples() - reference.forget_count == reference.remaining_count
+    new_arrays, report = setup.strategy.unlearn(setup.grid, setup.arrays, request, reference.forget_count, protocol=protocol)
     got = arrays_to_vector(new_arrays, setup.layout)
 
-    assert report.direction_norm == pytest.approx(float(direction.norm()), rel=1e-6)
+    assert report.direction_norm == pytest.approx(float(reference.d.norm()), rel=1e-4)
     assert not torch.equal(got, theta)
-    # Parameters travel as float32 ArrayRecords: compare at float32 resolution.
-    torch.testing.assert_close(got, expected.to(torch.float32).to(torch.float64), rtol=1e-5, atol=1e-6)
+    pooled.assert_within(got, expected, pooled.step_error(theta, reference, step_rule, eta=eta))
     assert report.rounds == 1
     if protocol == "cached":
         assert report.clients_asked == [request.client]
@@ -85,45 +89,52 @@ def test_distributed_update_equals_pooled_reference(small_cfg, tmp_path, kind, p
         assert report.clients_asked == list(range(cfg.num_clients))
 
 
-def test_direction_matches_reference_closely(small_cfg, tmp_path):
-    """The summed client vectors reproduce d itself to float64 precision (not only the stepped parameters)."""
-    setup = Setup(small_cfg, tmp_path, one_step(eta=0.1, step_rule="sgd"))
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+def test_direction_matches_reference_closely(small_cfg, tmp_path, cache_dtype):
+    """The summed client vectors reproduce d itself (not only the stepped parameters), entry by entry."""
+    setup = Setup(small_cfg.replace(cache_dtype=cache_dtype), tmp_path, one_step(eta=0.1, step_rule="sgd"))
     request = REQUESTS["sample-poisoned"]
     theta = arrays_to_vector(setup.arrays, setup.layout)
-    direction, _, forget_count = setup.reference_direction(theta, request)
+    reference = setup.reference_direction(theta, request)
     setup.strategy.fill_caches(setup.grid, setup.arrays)
-    new_arrays, _ = setup.strategy.unlearn(setup.grid, setup.arrays, request, forget_count)
+    new_arrays, _ = setup.strategy.unlearn(setup.grid, setup.arrays, request, reference.forget_count)
     step = (theta - arrays_to_vector(new_arrays, setup.layout)) / 0.1
-    torch.testing.assert_close(step, direction, rtol=2e-4, atol=1e-5)
+    # The stepped parameters are float32: dividing by eta turns their half-ulp into an error on d of ulp / eta.
+    pooled.assert_within(step, reference.d, reference.error + pooled.EPS32 * theta.abs() / 0.1, "direction")
 
 
-def test_fresh_protocol_with_k_steps_recomputes_direction(small_cfg, tmp_path):
-    setup = Setup(small_cfg, tmp_path, one_step(eta=0.3, steps=2, step_rule="sgd"))
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+def test_fresh_protocol_with_k_steps_recomputes_direction(small_cfg, tmp_path, cache_dtype):
+    setup = Setup(small_cfg.replace(cache_dtype=cache_dtype), tmp_path, one_step(eta=0.3, steps=2, step_rule="sgd"))
     request = REQUESTS["client-level"]
     theta = arrays_to_vector(setup.arrays, setup.layout)
-    d1, _, forget_count = setup.reference_direction(theta, request)
-    theta1 = (theta - 0.3 * d1).to(torch.float32).to(torch.float64)
-    d2, _, _ = setup.reference_direction(theta1, request)
-    expected = theta1 - 0.3 * d2
+    first = setup.reference_direction(theta, request)
+    theta1 = pooled.step(theta, first.d, "sgd", eta=0.3).to(torch.float32).to(torch.float64)
+    second = setup.reference_direction(theta1, request)
+    expected = pooled.step(theta1, second.d, "sgd", eta=0.3)
     setup.strategy.fill_caches(setup.grid, setup.arrays)
-    new_arrays, report = setup.strategy.unlearn(setup.grid, setup.arrays, request, forget_count)
+    new_arrays, report = setup.strategy.unlearn(setup.grid, setup.arrays, request, first.forget_count)
     assert report.rounds == 2
-    torch.testing.assert_close(arrays_to_vector(new_arrays, setup.layout), expected, rtol=1e-5, atol=1e-6)
+    # The second direction is taken at a theta1 that is itself off by the first step's error: both bounds add.
+    bound = pooled.step_error(theta, first, "sgd", eta=0.3) * 2 + pooled.step_error(theta1, second, "sgd", eta=0.3)
+    pooled.assert_within(arrays_to_vector(new_arrays, setup.layout), expected, bound)
 
 
-def test_cached_protocol_stays_consistent_over_a_stream_of_requests(small_cfg, tmp_path):
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+def test_cached_protocol_stays_consistent_over_a_stream_of_requests(small_cfg, tmp_path, cache_dtype):
     """After a first request G_tot is reduced by G_S, so a second request matches a fresh pooled reference."""
-    setup = Setup(small_cfg, tmp_path, one_step(eta=0.2, step_rule="sgd"))
+    setup = Setup(small_cfg.replace(cache_dtype=cache_dtype), tmp_path, one_step(eta=0.2, step_rule="sgd"))
     first, second = DeletionRequest(client=2, samples="random", fraction=0.3), DeletionRequest(client=1, samples="poisoned")
     theta = arrays_to_vector(setup.arrays, setup.layout)
     setup.strategy.fill_caches(setup.grid, setup.arrays, upload=True)
-    _, _, count1 = setup.reference_direction(theta, first)
+    count1 = len(forget_indices(setup.data, first))
     setup.strategy.unlearn(setup.grid, setup.arrays, first, count1, protocol="cached")
     # Second request, evaluated at the same cached version (the aggregate is at theta).
-    direction, _, count2 = setup.reference_direction(theta, second, ledger=(first,))
-    new_arrays, _ = setup.strategy.unlearn(setup.grid, setup.arrays, second, count2, protocol="cached")
-    expected = theta - 0.2 * direction
-    torch.testing.assert_close(arrays_to_vector(new_arrays, setup.layout), expected.to(torch.float32).to(torch.float64), rtol=1e-5, atol=1e-6)
+    reference = setup.reference_direction(theta, second, ledger=(first,))
+    new_arrays, _ = setup.strategy.unlearn(setup.grid, setup.arrays, second, reference.forget_count, protocol="cached")
+    expected = pooled.step(theta, reference.d, "sgd", eta=0.2)
+    # G_tot - G_S1 - G_S2: the first request's subtraction adds its own rounding, bounded by the same scale.
+    pooled.assert_within(arrays_to_vector(new_arrays, setup.layout), expected, 2 * pooled.step_error(theta, reference, "sgd", eta=0.2))
 
 
 def test_fresh_round_answers_from_caches_without_recomputing(small_cfg, tmp_path):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
 from queue import Queue
 
+import pytest
 from flwr.server.superlink.fleet.vce import vce_api
 
 from strategies.engine_tuning import faster_message_pickup, pickup_loop
@@ -38,20 +38,53 @@ def test_the_loop_delivers_every_message_one_per_node_per_scan_and_stops():
     assert state.scans >= 4
 
 
-def test_a_message_is_picked_up_in_milliseconds_not_a_tenth_of_a_second():
-    state = FakeState({7: []})
-    queue: Queue = Queue()
-    stop = threading.Event()
-    thread = threading.Thread(target=pickup_loop(0.002), args=(state, queue, {7: 0}, stop))
-    thread.start()
-    time.sleep(0.05)  # the loop is idle, waiting
-    posted = time.perf_counter()
-    state.pending[7].append("late")
-    assert queue.get(timeout=2) == "late"
-    waited = time.perf_counter() - posted
-    stop.set()
-    thread.join(timeout=2)
-    assert waited < 0.05, waited  # Flower's own loop waits up to 0.1 s
+class FakeClock:
+    """time.perf_counter for the loop: advanced by the fake state's scans, never by real time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingStop:
+    """A stop event that records each wait the loop asks for and ends the loop after `waits` of them."""
+
+    def __init__(self, waits: int) -> None:
+        self.limit = waits
+        self.waits: list[float] = []
+
+    def is_set(self) -> bool:
+        return len(self.waits) >= self.limit
+
+    def wait(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        return self.is_set()
+
+
+def test_the_loop_waits_the_interval_asked_for_or_four_scans_when_scanning_takes_longer(monkeypatch):
+    """What the tuning configures: each wait is max(interval, 4 x the scan's duration), never Flower's 0.1 s."""
+    import strategies.engine_tuning as engine_tuning
+
+    clock = FakeClock()
+    monkeypatch.setattr(engine_tuning.time, "perf_counter", clock)
+
+    class ScanCost(FakeState):
+        def __init__(self, pending: dict[int, list[str]], cost: float) -> None:
+            super().__init__(pending)
+            self.cost = cost
+
+        def get_message_ins(self, node_id: int, limit: int) -> list[str]:
+            clock.now += self.cost  # each node's query takes `cost` seconds of the fake clock
+            return super().get_message_ins(node_id, limit)
+
+    cheap, stop = ScanCost({1: ["a"], 2: []}, cost=0.0001), RecordingStop(3)
+    pickup_loop(0.002)(cheap, Queue(), {1: 0, 2: 1}, stop)
+    assert stop.waits == [0.002] * 3  # a scan of 0.2 ms: the interval asked for
+    slow, stop = ScanCost({n: [] for n in range(10)}, cost=0.001), RecordingStop(2)
+    pickup_loop(0.002)(slow, Queue(), {n: n for n in range(10)}, stop)
+    assert stop.waits == [pytest.approx(4 * 10 * 0.001)] * 2  # a scan of 10 ms: four times the scan
 
 
 def test_the_patch_is_applied_inside_the_block_only():

@@ -5,18 +5,20 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 
+import numpy as np
+import pooled
 import pytest
 import torch
 from flwr.app import ArrayRecord
-
 from one_step import one_step
+from snapshots import strategy_state
+
 from fedunlearn.cache import CacheStore
 from fedunlearn.costs import CostMeter
 from fedunlearn.data import DatasetStore
 from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
 from fedunlearn.errors import UnlearningAbortedError
-from fedunlearn.gradients import ParamLayout, gradient_sum, load_model_vector
-from fedunlearn.iau import IAUSettings, direction_from_parts
+from fedunlearn.gradients import ParamLayout
 from fedunlearn.models import build_model
 from simulations.runner import Experiment
 from strategies import app_config, keys
@@ -65,15 +67,19 @@ class Federation:
         """These clients stop answering (as nodes that left)."""
         self.local.offline = {self.directory.node_of[p] for p in partitions}
 
-    def expected(self, theta: torch.Tensor, request: DeletionRequest, answering: list[int], ledger=()) -> torch.Tensor:
-        """theta - eta * d with d on pooled data, one process: g_r over what `answering` clients keep, g_f over S."""
-        load_model_vector(self.model, theta.to(torch.float32))
+    def reference(self, theta: torch.Tensor, request: DeletionRequest, answering: list[int], ledger=()) -> tuple[torch.Tensor, torch.Tensor]:
+        """theta - eta * d with d on pooled data, one process, independently of the code under test (tests/pooled.py):
+        g_r over what `answering` clients keep, g_f over S. Returns the parameters and their float32 error bound."""
         forget = forget_indices(self.data, request)
         remaining = torch.cat([kept_indices(self.data, p, [*ledger, request]) for p in answering])
-        g_r, _, _ = gradient_sum(self.model, self.data.x_train[remaining], self.data.y_train[remaining], batch_size=1000)
-        g_f, _, _ = gradient_sum(self.model, self.data.x_train[forget], self.data.y_train[forget], batch_size=1000)
-        direction = direction_from_parts(g_r, len(remaining), g_f, len(forget))
-        return (theta - ETA * direction).to(torch.float32).to(torch.float64)
+        x, y = self.data.x_train, self.data.y_train
+        direction = pooled.direction(pooled.pooled_sums(self.model, theta, x[remaining], y[remaining]),
+                                     pooled.pooled_sums(self.model, theta, x[forget], y[forget]))
+        return pooled.step(theta, direction.d, "sgd", eta=ETA), pooled.step_error(theta, direction, "sgd", eta=ETA)
+
+    def expected(self, theta: torch.Tensor, request: DeletionRequest, answering: list[int], ledger=()) -> torch.Tensor:
+        """The reference parameters alone."""
+        return self.reference(theta, request, answering, ledger)[0]
 
     def answering(self, request: DeletionRequest, missing: list[int]) -> list[int]:
         """Partitions whose kept data forms g_r: everyone not missing, the withdrawing client only if it keeps data."""
@@ -84,10 +90,10 @@ def forget_count(fed: Federation, request: DeletionRequest) -> int:
     return len(forget_indices(fed.data, request))
 
 
-def assert_params(got: ArrayRecord, expected: torch.Tensor, fed: Federation) -> None:
+def assert_params(got: ArrayRecord, reference: tuple[torch.Tensor, torch.Tensor], fed: Federation) -> None:
     vector = arrays_to_vector(got, fed.layout)
     assert torch.isfinite(vector).all()
-    torch.testing.assert_close(vector, expected, rtol=1e-5, atol=1e-6)
+    pooled.assert_within(vector, *reference)
 
 
 @pytest.mark.parametrize("request_", [DeletionRequest(client=1), DeletionRequest(client=1, samples="poisoned")], ids=["client-level", "sample-level"])
@@ -96,7 +102,7 @@ def test_thirty_percent_dropped_renormalised_update_equals_reference_over_answer
     fed.strategy.fill_caches(fed.grid, fed.arrays)
     fed.set_offline(MISSING)
     new, report = fed.strategy.unlearn(fed.grid, fed.arrays, request_, forget_count(fed, request_))
-    assert_params(new, fed.expected(fed.theta, request_, fed.answering(request_, MISSING)), fed)
+    assert_params(new, fed.reference(fed.theta, request_, fed.answering(request_, MISSING)), fed)
     # Not what full participation would give: the missing clients' share really was left out and renormalised.
     assert not torch.allclose(arrays_to_vector(new, fed.layout), fed.expected(fed.theta, request_, fed.answering(request_, [])), rtol=1e-4, atol=1e-5)
     assert report.status == "renormalised" and report.missing_clients == MISSING and report.retries == 2
@@ -107,21 +113,24 @@ def test_thirty_percent_dropped_renormalised_update_equals_reference_over_answer
 
 
 def test_abort_policy_leaves_model_bit_identical_and_a_later_request_succeeds(cfg, tmp_path):
-    fed = Federation(cfg, tmp_path, RoundPolicy(retries=1, on_missing="abort"))
-    fed.strategy.fill_caches(fed.grid, fed.arrays)
+    fed = Federation(cfg, tmp_path, RoundPolicy(retries=1, on_missing="abort"), keep_uploads=True)
+    fed.strategy.fill_caches(fed.grid, fed.arrays, upload=True)  # the aggregate cache and the uploads are state too
     request = DeletionRequest(client=1)
     before = {name: array.numpy().tobytes() for name, array in fed.arrays.items()}
+    state = strategy_state(fed.strategy)
+    assert state["total"] is not None and state["uploads"]
     version = model_version(fed.arrays)
     fed.set_offline(MISSING)
     with pytest.raises(UnlearningAbortedError, match=r"client\(s\) \[3, 6, 8\] did not answer the correction round after 1 retries") as err:
         fed.strategy.unlearn(fed.grid, fed.arrays, request, forget_count(fed, request))
     assert err.value.report["status"] == "aborted" and err.value.report["missing_clients"] == MISSING
     assert {name: array.numpy().tobytes() for name, array in fed.arrays.items()} == before and model_version(fed.arrays) == version
+    assert strategy_state(fed.strategy) == state  # the strategy's own ledger, counts and caches, not only the caller's record
     assert fed.strategy.ledger == () and 1 in fed.strategy.active_partitions()
     fed.set_offline([])  # they come back: the same request now goes through over everyone
     new, report = fed.strategy.unlearn(fed.grid, fed.arrays, request, forget_count(fed, request))
     assert report.status == "complete"
-    assert_params(new, fed.expected(fed.theta, request, fed.answering(request, [])), fed)
+    assert_params(new, fed.reference(fed.theta, request, fed.answering(request, [])), fed)
 
 
 def test_client_missing_from_the_correction_comes_back_and_refreshes_its_cache(cfg, tmp_path):
@@ -139,7 +148,7 @@ def test_client_missing_from_the_correction_comes_back_and_refreshes_its_cache(c
     assert store.get(3).version == model_version(new)  # it got the new model and recomputed its cache there
     assert report2.cache_hits == 0 and report2.stale_caches == []  # no cache at the old version was used
     theta_new = arrays_to_vector(new, fed.layout)
-    assert_params(newer, fed.expected(theta_new, second, [p for p in range(cfg.num_clients) if p != 1], ledger=(first,)), fed)
+    assert_params(newer, fed.reference(theta_new, second, [p for p in range(cfg.num_clients) if p != 1], ledger=(first,)), fed)
 
 
 def test_offline_withdrawing_client_uses_its_uploaded_cache_or_fails_clearly(cfg, tmp_path):
@@ -147,7 +156,7 @@ def test_offline_withdrawing_client_uses_its_uploaded_cache_or_fails_clearly(cfg
     fed = Federation(cfg, tmp_path, RoundPolicy(retries=1), plan=plan, keep_uploads=True)
     fed.strategy.fill_caches(fed.grid, fed.arrays, upload=True)
     request = DeletionRequest(client=1)
-    expected = fed.expected(fed.theta, request, fed.answering(request, []))
+    expected = fed.reference(fed.theta, request, fed.answering(request, []))
     for protocol in ("fresh", "cached"):
         new, report = fed.strategy.branch().unlearn(fed.grid, fed.arrays, request, forget_count(fed, request), protocol=protocol)
         assert report.status == "fallback" and report.fallback == "uploaded-cache", protocol
@@ -183,18 +192,41 @@ def test_gradient_of_norm_1e6_is_clipped_or_rejected(cfg, tmp_path):
     assert clip_report.clipped_clients == [3] and clipped <= honest_change + ETA * bound + 1e-6
     assert [r["partition"] for r in reject_report.rejected] == [3, 3] and reject_report.missing_clients == [3]
     assert "exceeds the bound 5" in reject_report.rejected[0]["reason"]
-    assert_params(new, fed.expected(fed.theta, request, fed.answering(request, [3])), fed)
+    assert_params(new, fed.reference(fed.theta, request, fed.answering(request, [3])), fed)
     assert rejected == pytest.approx(float((fed.expected(fed.theta, request, fed.answering(request, [3])) - fed.theta).norm()), rel=1e-4)
 
 
 def test_dropout_draws_are_seeded_and_retries_draw_again():
-    plan = FaultPlan(seed=7, dropout_prob=0.3)
     from strategies.faults import dropout_draw
 
-    draws = [dropout_draw(plan.seed, 2, k) for k in range(200)]
-    assert draws == [dropout_draw(7, 2, k) for k in range(200)]
-    assert 0.2 < sum(d < 0.3 for d in draws) / 200 < 0.4
+    # The documented contract: the first uniform of PCG64 seeded by SeedSequence([seed, partition, counter]).
+    expected = [np.random.Generator(np.random.PCG64(np.random.SeedSequence([7, 2, k]))).random() for k in range(200)]
+    draws = [dropout_draw(7, 2, k) for k in range(200)]
+    assert draws == expected
+    # Each of seed, partition and counter changes the draw (a retry is a new counter, so a new draw).
+    assert draws != [dropout_draw(8, 2, k) for k in range(200)] and draws != [dropout_draw(7, 3, k) for k in range(200)]
     assert len(set(draws)) == 200
+    assert 0.2 < sum(d < 0.3 for d in draws) / 200 < 0.4
+
+
+def test_the_faulty_app_drops_exactly_the_messages_whose_draw_is_below_the_probability(cfg, tmp_path):
+    """Message k of a client is dropped iff dropout_draw(seed, partition, k) < p; the retry of a dropped one is k + 1."""
+    from strategies.faults import dropout_draw
+
+    plan = FaultPlan(seed=5, dropout_prob=0.4, dropout_types=(keys.QUERY_GRADIENT,))
+    fed = Federation(cfg, tmp_path, RoundPolicy(retries=2, on_missing="renormalise"), plan=plan)
+    fed.strategy.fill_caches(fed.grid, fed.arrays)
+    request = DeletionRequest(client=1)
+    fed.strategy.unlearn(fed.grid, fed.arrays, request, forget_count(fed, request))
+    dropped = sorted((e["partition"], e["counter"]) for e in fed.app.log if e["fault"] == "dropout")
+    asked: dict[int, int] = {}
+    for p in range(cfg.num_clients):  # first attempt is counter 0; a dropped client is asked again (up to 2 retries)
+        k = 0
+        while dropout_draw(5, p, k) < 0.4 and k < 2:
+            k += 1
+        asked[p] = k + 1
+    expected = sorted((p, k) for p, n in asked.items() for k in range(n) if dropout_draw(5, p, k) < 0.4)
+    assert dropped == expected and dropped  # this seed drops some
 
 
 def run_in_process(cfg, tmp_path, plan: FaultPlan):
@@ -233,8 +265,10 @@ def test_whole_run_survives_crash_dropouts_and_offline_withdrawing_client(tmp_pa
     assert reliability["failed_by_phase"]["unlearn"] == unlearn_faults
     causes = reliability["failed_by_cause"]  # the server-side count, which Ray runs also have
     assert causes["crash"] == 2 and causes.get("dropout", 0) + causes["offline"] == unlearn_faults
+    n_test = len(DatasetStore.get(app_config.data_spec_for(cfg)).y_test)
     for name, model in results["models"].items():
-        assert model["acc_test"] is not None and 0.0 <= model["acc_test"] <= 1.0, name
+        hits = model["acc_test"] * n_test  # a fraction of the test split: k / n for a whole k
+        assert 0 <= model["acc_test"] <= 1 and abs(hits - round(hits)) < 1e-6, (name, model["acc_test"])
 
 
 def test_whole_run_records_an_aborted_method_with_the_model_unchanged(tmp_path):

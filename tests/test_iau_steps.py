@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pooled
 import pytest
 import torch
-import torch.nn.functional as F
+from test_distributed_iau import Setup
 
 from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
 from fedunlearn.iau import STEP_RULES, CorrectionStepper, IAUSettings, choose_radius, direction_from_parts
 from strategies.iau_fed import arrays_to_vector
-
-from test_distributed_iau import Setup
-
 
 # --------------------------------------------------------------------------- the rules, by hand
 
@@ -74,36 +72,26 @@ def test_the_client_rule_takes_the_first_radius_where_the_forget_set_looks_unsee
 # --------------------------------------------------------------------------- distributed == pooled, written independently
 
 
-def pooled_mean_gradient(model, theta, x, y):
-    """Mean gradient of the cross-entropy over (x, y) at theta: own autograd, one batch, eval mode."""
-    params = [p for p in model.parameters()]
-    with torch.no_grad():
-        offset = 0
-        for p in params:
-            p.copy_(theta[offset:offset + p.numel()].reshape(p.shape).to(p.dtype))
-            offset += p.numel()
-    model.eval()
-    loss = F.cross_entropy(model(x), y, reduction="sum")
-    grads = torch.autograd.grad(loss, params)
-    return torch.cat([g.reshape(-1) for g in grads]).to(torch.float64) / len(x)
-
-
 def reference_steps(setup, request, theta, *, steps, radius, weight, stale_remaining):
-    """K normalised steps theta <- theta - radius ||theta|| d / ||d||, d = weight g_r - g_f, by hand.
+    """K normalised steps theta <- theta - radius ||theta|| d / ||d||, d = weight g_r - g_f, by hand (tests/pooled.py).
 
     stale_remaining: g_r stays the one at the first theta (the cached protocol); else it is taken anew at each step.
+    Returns the parameters, |S| and the bound on their float32 rounding error (each step's bound, added up).
     """
     data, cfg = setup.data, setup.cfg
     forget = forget_indices(data, request)
     withdrawn = {request.client} if request.client_level else set()
     remaining = torch.cat([kept_indices(data, p, [request]) for p in range(cfg.num_clients) if p not in withdrawn])
-    g_r0 = pooled_mean_gradient(setup.model, theta, data.x_train[remaining], data.y_train[remaining])
+    x, y = data.x_train, data.y_train
+    g_r0 = pooled.pooled_sums(setup.model, theta, x[remaining], y[remaining])
+    bound = torch.zeros_like(theta)
     for _ in range(steps):
-        g_r = g_r0 if stale_remaining else pooled_mean_gradient(setup.model, theta, data.x_train[remaining], data.y_train[remaining])
-        g_f = pooled_mean_gradient(setup.model, theta, data.x_train[forget], data.y_train[forget])
-        d = weight * g_r - g_f
-        theta = theta - radius * theta.norm() * d / d.norm()
-    return theta, len(forget)
+        g_r = g_r0 if stale_remaining else pooled.pooled_sums(setup.model, theta, x[remaining], y[remaining])
+        direction = pooled.direction(g_r, pooled.pooled_sums(setup.model, theta, x[forget], y[forget]), weight)
+        # An error carried in from the previous step moves this step's start: it is carried on, plus this step's own.
+        bound = 2 * bound + pooled.step_error(theta, direction, "normalised", radius=radius)
+        theta = pooled.step(theta, direction.d, "normalised", radius=radius)
+    return theta, len(forget), bound
 
 
 @pytest.mark.parametrize("cache_dtype", ["float64", "float32"])
@@ -114,16 +102,13 @@ def test_multi_step_update_equals_an_independent_pooled_reference(small_cfg, tmp
     cfg = small_cfg.replace(forget_client=request.client, cache_dtype=cache_dtype)
     settings = IAUSettings(step_rule="normalised", radius=0.05, steps=3, correction_weight=2.0)
     setup = Setup(cfg, tmp_path, settings)
-    if cache_dtype == "float32":
-        setup.strategy.gradient_dtype = "float32"  # the default wire and cache precision
     theta = arrays_to_vector(setup.arrays, setup.layout)
-    expected, forget_count = reference_steps(setup, request, theta, steps=3, radius=0.05, weight=2.0, stale_remaining=protocol == "cached")
+    expected, forget_count, bound = reference_steps(setup, request, theta, steps=3, radius=0.05, weight=2.0, stale_remaining=protocol == "cached")
 
     setup.strategy.fill_caches(setup.grid, setup.arrays, upload=protocol == "cached")
     new_arrays, report = setup.strategy.unlearn(setup.grid, setup.arrays, request, forget_count, protocol=protocol)
     got = arrays_to_vector(new_arrays, setup.layout)
-    tolerance = {"float64": (1e-5, 1e-6), "float32": (2e-4, 2e-5)}[cache_dtype]
-    torch.testing.assert_close(got, expected.to(torch.float32).to(torch.float64), rtol=tolerance[0], atol=tolerance[1])
+    pooled.assert_within(got, expected, bound)
     assert report.steps == 3 and len(report.step_norms) == 3
     assert report.step_norms[0] == pytest.approx(0.05 * float(theta.norm()), rel=1e-5)
     if protocol == "fresh":
@@ -136,9 +121,9 @@ def test_the_stale_cached_remaining_term_differs_from_the_fresh_one(small_cfg, t
     """The two references disagree on a multi-step update: the equality test above can tell the protocols apart."""
     setup = Setup(small_cfg.replace(forget_client=1), tmp_path, IAUSettings(step_rule="normalised", radius=0.05, steps=3, correction_weight=1.0))
     theta = arrays_to_vector(setup.arrays, setup.layout)
-    fresh, _ = reference_steps(setup, DeletionRequest(client=1), theta, steps=3, radius=0.05, weight=1.0, stale_remaining=False)
-    stale, _ = reference_steps(setup, DeletionRequest(client=1), theta, steps=3, radius=0.05, weight=1.0, stale_remaining=True)
-    assert float((fresh - stale).norm()) > 1e-4
+    fresh, _, bound = reference_steps(setup, DeletionRequest(client=1), theta, steps=3, radius=0.05, weight=1.0, stale_remaining=False)
+    stale, _, _ = reference_steps(setup, DeletionRequest(client=1), theta, steps=3, radius=0.05, weight=1.0, stale_remaining=True)
+    assert float((fresh - stale).norm()) > 1e-4 and bool(((fresh - stale).abs() > bound).any())
 
 
 def test_calibration_reads_only_the_withdrawing_clients_own_data(small_cfg, tmp_path, monkeypatch):

@@ -6,11 +6,15 @@ import csv
 import json
 
 import pytest
+import torch
 
 from fedunlearn.config import build_config
+from fedunlearn.data import DatasetStore
+from fedunlearn.deletion import forget_indices, kept_indices
+from fedunlearn.models import build_model
 from simulations.results import METRIC_KEYS
 from simulations.runner import Experiment
-from strategies import app_config
+from strategies import app_config, keys
 from strategies.client_app import build_client_app
 from strategies.local_grid import LocalGrid
 
@@ -24,13 +28,27 @@ def drive(cfg, tmp_path):
     return experiment.results
 
 
-def check_contract(results, names):
+def split_sizes(cfg) -> dict[str, int]:
+    """How many examples each fraction of the results counts over (test split, kept data, forget set, triggered inputs)."""
+    data = DatasetStore.get(app_config.data_spec_for(cfg))
+    request = app_config.deletion_request_for(cfg)
+    withdrawn = {request.client} if request.client_level else set()
+    remained = sum(len(kept_indices(data, p, [request])) for p in range(cfg.num_clients) if p not in withdrawn)
+    return {"acc_test": len(data.y_test), "acc_remained": remained, "acc_deleted": len(forget_indices(data, request)),
+            "backdoor_asr": len(data.triggered_test()[0])}
+
+
+def check_contract(results, names, cfg=None):
     assert set(results["models"]) == set(names)
+    sizes = split_sizes(cfg) if cfg is not None else None
     for name, model in results["models"].items():
         for key in METRIC_KEYS:
             assert key in model, (name, key)
         for key in ("acc_test", "acc_remained", "acc_deleted", "backdoor_asr"):
             assert 0.0 <= model[key] <= 1.0, (name, key, model[key])
+            if sizes is not None:  # a fraction of a known number of examples: k / n for a whole k
+                hits = model[key] * sizes[key]
+                assert abs(hits - round(hits)) < 1e-6 * sizes[key], (name, key, model[key], sizes[key])
         loss = model["mia"]["loss"]
         if loss["scored"]["members"] >= 10:
             assert 0.0 <= model["mia_auc"] == loss["auc"] <= 1.0, name
@@ -48,7 +66,7 @@ def check_contract(results, names):
 def test_smoke_experiment_in_process_meets_the_contract(tmp_path):
     cfg = build_config("smoke", overrides={"model": "mlp", "rounds": 3})
     results = drive(cfg, tmp_path)
-    check_contract(results, ["original", "retrain", "iau", "iau-cached"])
+    check_contract(results, ["original", "retrain", "iau", "iau-cached"], cfg)
     assert results["status"] == "complete"
     models = results["models"]
     assert models["retrain"]["cost"]["rounds"] == 3
@@ -80,7 +98,7 @@ def test_retrain_reproduces_training_when_nothing_is_forgotten_elsewhere(tmp_pat
 def test_mid_training_withdrawal_continues_without_the_client(tmp_path):
     cfg = build_config("smoke", overrides={"model": "mlp", "rounds": 4, "withdraw_round": 2, "methods": "retrain,iau"})
     results = drive(cfg, tmp_path)
-    check_contract(results, ["original", "retrain", "iau"])
+    check_contract(results, ["original", "retrain", "iau"], cfg)
     iau = results["models"]["iau"]
     k = cfg.iau_steps  # no repair rounds mid-training: training without the client continues right after
     assert iau["unlearning_cost"]["rounds"] == k and iau["unlearning"]["repair_rounds"] == 0
@@ -93,12 +111,29 @@ def test_mid_training_withdrawal_continues_without_the_client(tmp_path):
 def test_sample_level_deletion(tmp_path):
     cfg = build_config("smoke", overrides={"model": "mlp", "rounds": 2, "forget_samples": "poisoned"})
     results = drive(cfg, tmp_path)
-    check_contract(results, ["original", "retrain", "iau", "iau-cached"])
+    check_contract(results, ["original", "retrain", "iau", "iau-cached"], cfg)
     assert 0 < results["forget_count"] < 300
 
 
 class Interrupted(Exception):
     """Stands in for a crash of the driver."""
+
+
+class RecordingGrid(LocalGrid):
+    """LocalGrid that keeps, per batch of training messages, the server round it says and the model it carries."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_rounds: list[tuple[int, dict[str, bytes]]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type == keys.TRAIN]
+        if train:
+            content = train[0].content
+            model = {name: array.numpy().tobytes() for name, array in content.array_records[keys.ARRAYS].items()}
+            self.train_rounds.append((int(content.config_records[keys.CONFIG][keys.SERVER_ROUND]), model))
+        return super().send_and_receive(messages, timeout=timeout)
 
 
 def test_run_killed_after_round_k_and_resumed_ends_with_the_same_model(tmp_path, monkeypatch):
@@ -136,11 +171,31 @@ def test_run_killed_after_round_k_and_resumed_ends_with_the_same_model(tmp_path,
         Experiment(cfg, out_dir=tmp_path / "cut" / "out", show_progress=False)
     with pytest.raises(ConfigError, match="other settings.*rounds"):
         Experiment(cfg.replace(rounds=7), out_dir=tmp_path / "cut" / "out", show_progress=False, resume=True)
+    checkpointed = Checkpoints(tmp_path / "cut" / "out").load_arrays("training")
+    checkpointed_bytes = {name: array.numpy().tobytes() for name, array in checkpointed.items()}
     resumed = Experiment(cfg, out_dir=tmp_path / "cut" / "out", show_progress=False, resume=True)
+    trained_rounds: list[int] = []
+    resumed_hook = resumed._round_hook
+
+    def counting_hook(label):
+        inner = resumed_hook(label)
+
+        def hook(server_round, arrays, metrics):
+            if label == "original":
+                trained_rounds.append(server_round)
+            inner(server_round, arrays, metrics)
+        return hook
+
+    monkeypatch.setattr(resumed, "_round_hook", counting_hook)
     app = build_client_app(app_config.client_spec_for(cfg, str(tmp_path / "cut" / "caches2")))
-    resumed.drive(LocalGrid(app, cfg.num_clients, seed=3))  # other node ids: nothing may depend on them
+    grid = RecordingGrid(app, cfg.num_clients, seed=3)  # other node ids: nothing may depend on them
+    resumed.drive(grid)
     results = resumed.results
     assert results["resumed_from_round"] == 4
+    # It resumed: only rounds 5 and 6 were trained (total - checkpointed round), starting from the checkpoint's model.
+    assert trained_rounds == [5, 6]
+    first_round, first_model = grid.train_rounds[0]
+    assert first_round == 5 and first_model == checkpointed_bytes
     assert [p["round"] for p in results["history"]["original"]] == [1, 2, 3, 4, 5, 6]
     resumed_model = Checkpoints(tmp_path / "cut" / "out").load_arrays("training")
     for name in whole_model:
@@ -149,3 +204,13 @@ def test_run_killed_after_round_k_and_resumed_ends_with_the_same_model(tmp_path,
         assert results["models"]["iau"][key] == whole["models"]["iau"][key]
         assert results["models"]["original"][key] == whole["models"]["original"][key]
     assert results["phases"]["training"]["rounds"] == 6
+    # The original model's test accuracy and ASR are what plain torch gives on the trained (checkpointed) model.
+    data = DatasetStore.get(app_config.data_spec_for(cfg))
+    model = build_model(app_config.model_name_for(cfg), data.input_shape, data.num_classes)
+    model.load_state_dict(resumed_model.to_torch_state_dict())
+    model.eval()
+    with torch.no_grad():
+        acc = (model(data.x_test).argmax(1) == data.y_test).double().mean().item()
+        asr = (model(data.triggered_test()[0]).argmax(1) == cfg.backdoor_target).double().mean().item()
+    assert results["models"]["original"]["acc_test"] == pytest.approx(acc, abs=1e-12)
+    assert results["models"]["original"]["backdoor_asr"] == pytest.approx(asr, abs=1e-12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -13,12 +14,12 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from one_step import one_step
+from snapshots import strategy_state
+
 from fedunlearn.deletion import DeletionRequest
 from fedunlearn.errors import InvalidReplyError, UnlearningAbortedError, WithdrawalRequestError
 from fedunlearn.gradients import ParamLayout
-from fedunlearn.iau import IAUSettings
 from fedunlearn.training import TrainSettings
 from strategies import keys
 from strategies.fedavg import ClientDirectory, UnlearningFedAvg, model_version
@@ -32,8 +33,13 @@ NODE_OF = {p: 101 + p for p in NUM_TRAIN}
 CORRUPTIONS = ("shape", "nan", "inf", "version", "zero-count", "negative-count", "fractional-count", "nan-count",
                "missing-tensor", "extra-tensor", "dtype", "no-metrics", "no-version", "no-gradient", "undecodable")
 
-settings.register_profile("fedunlearn", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("fedunlearn")
+# Every corruption kind is a pytest parameter, so each runs every time; hypothesis varies the values inside a kind
+# (vectors, counts, which entry is corrupted), from a fixed seed so that a failure is found again on every run.
+settings.register_profile("fedunlearn", max_examples=10, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+# Mutation runs (python -m benchmarks.mutation) take 3 examples per kind: every kind still runs for every mutant.
+settings.register_profile("mutation", parent=settings.get_profile("fedunlearn"), max_examples=3)
+settings.load_profile(os.environ.get("FEDUNLEARN_HYPOTHESIS_PROFILE", "fedunlearn"))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,10 +64,10 @@ def gradient_record(vector: np.ndarray, dtype: str = "float32") -> ArrayRecord:
 
 
 def gradient_reply(to: Message, vector: np.ndarray, count: float = 5, version: str = "v1", corruption: str | None = None,
-                   where: int = 0) -> Message:
-    """A client's gradient reply to `to`, optionally with one corruption applied."""
+                   where: int = 0, count_key: str = keys.NUM_EXAMPLES) -> Message:
+    """A client's gradient reply to `to`, optionally with one corruption applied (to the count under `count_key`)."""
     record = gradient_record(vector)
-    metrics: dict[str, float | int] = {keys.NUM_EXAMPLES: count}
+    metrics: dict[str, float | int] = {count_key: count}
     echoed = version
     if corruption == "shape":
         record = record_of({"w": vector[:6].reshape(2, 3).astype("float32"), "b": vector[6:].astype("float32")})
@@ -72,13 +78,13 @@ def gradient_reply(to: Message, vector: np.ndarray, count: float = 5, version: s
     elif corruption == "version":
         echoed = version + "-old"
     elif corruption == "zero-count":
-        metrics[keys.NUM_EXAMPLES] = 0
+        metrics[count_key] = 0
     elif corruption == "negative-count":
-        metrics[keys.NUM_EXAMPLES] = -abs(int(count)) - 1
+        metrics[count_key] = -abs(int(count)) - 1
     elif corruption == "fractional-count":
-        metrics[keys.NUM_EXAMPLES] = count + 0.5
+        metrics[count_key] = count + 0.5
     elif corruption == "nan-count":
-        metrics[keys.NUM_EXAMPLES] = float("nan")
+        metrics[count_key] = float("nan")
     elif corruption == "missing-tensor":
         record = record_of({"w": vector[:6].reshape(3, 2).astype("float32")})
     elif corruption == "extra-tensor":
@@ -102,8 +108,9 @@ def gradient_reply(to: Message, vector: np.ndarray, count: float = 5, version: s
 vectors = st.lists(st.floats(-10, 10, allow_nan=False), min_size=8, max_size=8).map(lambda v: np.array(v, dtype=np.float64))
 
 
-@given(vector=vectors, count=st.integers(1, 1000), corruption=st.sampled_from(CORRUPTIONS), where=st.integers(0, 7))
-def test_every_malformed_gradient_reply_is_rejected(vector, count, corruption, where):
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@given(vector=vectors, count=st.integers(1, 1000), where=st.integers(0, 7))
+def test_every_malformed_gradient_reply_is_rejected(corruption, vector, count, where):
     to = request_message(NODE_OF[1])
     good = check_gradient_reply(gradient_reply(to, vector, count), LAYOUT, "v1", dtype="float32")
     torch.testing.assert_close(good, torch.from_numpy(vector.astype(np.float32).astype(np.float64)))
@@ -165,9 +172,9 @@ def model_arrays() -> ArrayRecord:
     return gradient_record(np.linspace(-1, 1, 8))
 
 
-@given(contributions=st.lists(vectors, min_size=4, max_size=4), bad=st.sampled_from([2, 3]),
-       corruption=st.sampled_from(CORRUPTIONS), where=st.integers(0, 7))
-def test_malformed_correction_replies_are_never_aggregated(contributions, bad, corruption, where):
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@given(contributions=st.lists(vectors, min_size=4, max_size=4), bad=st.sampled_from([2, 3]), where=st.integers(0, 7))
+def test_malformed_correction_replies_are_never_aggregated(corruption, contributions, bad, where):
     """One client always answers malformed: with renormalisation the update is what the valid ones give, never NaN."""
     arrays = model_arrays()
     version = model_version(arrays)
@@ -195,10 +202,19 @@ def test_malformed_correction_replies_are_never_aggregated(contributions, bad, c
     assert report.rounds == 2 and report.retries == 1
 
 
-@given(contributions=st.lists(vectors, min_size=4, max_size=4), corruption=st.sampled_from(CORRUPTIONS))
-def test_abort_policy_raises_and_leaves_state_unchanged(contributions, corruption):
+def with_aggregate_cache(iau: IAUFed, arrays: ArrayRecord, total: np.ndarray) -> IAUFed:
+    """The state `fill_caches(upload=True)` leaves: G_tot over every client's examples at `arrays`' version."""
+    iau.gradient_total = torch.from_numpy(total.astype(np.float64))
+    iau.gradient_total_count = sum(NUM_TRAIN.values())
+    iau.gradient_total_version = model_version(arrays)
+    iau.gradient_total_arrays = arrays
+    return iau
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@given(contributions=st.lists(vectors, min_size=5, max_size=5))
+def test_abort_policy_raises_and_leaves_state_unchanged(corruption, contributions):
     arrays = model_arrays()
-    before = {name: array.numpy().tobytes() for name, array in arrays.items()}
     version = model_version(arrays)
     partition_of = {nid: p for p, nid in NODE_OF.items()}
 
@@ -206,12 +222,40 @@ def test_abort_policy_raises_and_leaves_state_unchanged(contributions, corruptio
         p = partition_of[message.metadata.dst_node_id]
         return gradient_reply(message, contributions[p], NUM_TRAIN[p], version, corruption if p == 3 else None)
 
-    iau = strategy(RoundPolicy(retries=2, on_missing="abort"))
+    iau = with_aggregate_cache(strategy(RoundPolicy(retries=2, on_missing="abort")), arrays, contributions[4])
+    before = strategy_state(iau)
     with pytest.raises(UnlearningAbortedError, match=r"client\(s\) \[3\] did not answer") as err:
         iau.unlearn(ScriptedGrid(answer), arrays, DeletionRequest(client=0), NUM_TRAIN[0])
     assert err.value.report["status"] == "aborted" and len(err.value.report["rejected"]) == 3
-    assert {name: array.numpy().tobytes() for name, array in arrays.items()} == before
+    assert strategy_state(iau) == before
     assert iau.ledger == () and iau.current_examples() == sum(NUM_TRAIN.values())
+
+
+@pytest.mark.xfail(strict=True, reason="strategies/iau_fed.py reduces G_tot by G_S in step 1 of the cached protocol and does not "
+                                       "restore it when a later step aborts (found by this test; issue 14, reported to the lead)")
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@given(contributions=st.lists(vectors, min_size=3, max_size=3))
+def test_cached_protocol_abort_leaves_the_aggregate_cache_unchanged(corruption, contributions):
+    """Client u answers step 1 of a two-step cached correction, then sends a malformed reply: G_tot is not reduced by G_S."""
+    arrays = model_arrays()
+    version = model_version(arrays)
+    answered: list[int] = []
+
+    def answer(message: Message) -> Message:
+        answered.append(message.metadata.dst_node_id)
+        config = message.content.config_records[keys.CONFIG]
+        echoed = str(config[keys.MODEL_VERSION]) if keys.MODEL_VERSION in config else version
+        step = len(answered)
+        return gradient_reply(message, contributions[min(step, 2) - 1], NUM_TRAIN[0], echoed, corruption if step > 1 else None,
+                              count_key=keys.FORGET_SIZE)
+
+    iau = with_aggregate_cache(strategy(RoundPolicy(retries=1, on_missing="abort")), arrays, contributions[2])
+    iau.iau = one_step(eta=1.0, step_rule="sgd", steps=2)
+    before = strategy_state(iau)
+    with pytest.raises(UnlearningAbortedError):
+        iau.unlearn(ScriptedGrid(answer), arrays, DeletionRequest(client=0), NUM_TRAIN[0], protocol="cached")
+    assert set(answered) == {NODE_OF[0]} and len(answered) == 3  # step 1, then step 2 and its retry
+    assert strategy_state(iau) == before
 
 
 def train_reply(to: Message, tensors: dict[str, np.ndarray], count: float) -> Message:
@@ -222,9 +266,9 @@ def train_reply(to: Message, tensors: dict[str, np.ndarray], count: float) -> Me
 TRAIN_CORRUPTIONS = ("shape", "nan", "inf", "dtype", "missing", "extra", "zero-count", "negative-count", "two-records")
 
 
-@given(models=st.lists(vectors, min_size=3, max_size=3), counts=st.lists(st.integers(1, 50), min_size=3, max_size=3),
-       corruption=st.sampled_from(TRAIN_CORRUPTIONS), bad=st.integers(0, 2))
-def test_malformed_training_replies_are_left_out_of_fedavg(models, counts, corruption, bad):
+@pytest.mark.parametrize("corruption", TRAIN_CORRUPTIONS)
+@given(models=st.lists(vectors, min_size=3, max_size=3), counts=st.lists(st.integers(1, 50), min_size=3, max_size=3), bad=st.integers(0, 2))
+def test_malformed_training_replies_are_left_out_of_fedavg(corruption, models, counts, bad):
     fedavg = UnlearningFedAvg(directory=ClientDirectory(node_of={p: NODE_OF[p] for p in range(3)}, num_train={p: 10 for p in range(3)}),
                               train=TrainSettings(epochs=1, lr=0.1, batch_size=4, optimizer="sgd"), seed=0)
     template = model_arrays()
@@ -256,7 +300,7 @@ def test_malformed_training_replies_are_left_out_of_fedavg(models, counts, corru
     arrays, _ = fedavg.aggregate_train(1, replies)
     good = [p for p in range(3) if p != bad]
     weights = np.array([counts[p] for p in good], dtype=np.float64)
-    expected = sum(models[p].astype(np.float32).astype(np.float64) * w for p, w in zip(good, weights)) / weights.sum()
+    expected = sum(models[p].astype(np.float32).astype(np.float64) * w for p, w in zip(good, weights, strict=True)) / weights.sum()
     got = np.concatenate([arrays["w"].numpy().reshape(-1), arrays["b"].numpy()]).astype(np.float64)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert [r["partition"] for r in fedavg.rejected] == [bad]
