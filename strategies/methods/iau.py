@@ -24,6 +24,7 @@ from fedunlearn.models import build_model
 from .. import app_config, keys
 from ..iau_fed import UnlearningReport
 from ..runtime import ClientRuntime, partition_of, real, reply, request_of, whole
+from ..secagg import HANDLERS as SECAGG_HANDLERS
 from .base import MethodContext, MethodOutcome, register, storage
 
 
@@ -126,8 +127,10 @@ def gradient(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     return reply(msg, metrics, {keys.GRADIENT: runtime.gradient_record(vector, wire)}, version=computed_at)
 
 
-# Every IAU-based method (gradient ascent too) answers through these two queries.
-HANDLERS = {keys.QUERY_GRADIENT.removeprefix("query."): gradient, keys.QUERY_CALIBRATE.removeprefix("query."): calibrate}
+# Every IAU-based method (gradient ascent too) answers through these two queries; the SecAgg+ stage steps wrap them
+# when --secure-aggregation is on (strategies/secagg.py).
+HANDLERS = {keys.QUERY_GRADIENT.removeprefix("query."): gradient, keys.QUERY_CALIBRATE.removeprefix("query."): calibrate,
+            **SECAGG_HANDLERS}
 
 
 # ----- server side ------------------------------------------------------------------------------------------------
