@@ -30,6 +30,7 @@ GROUPS = {
     "--dropout-prob": "Faults and robustness",
     "--seed": "Execution",
     "--shadow-mia": "Evaluation and output",
+    "--secure-aggregation": "Secure aggregation",
 }
 
 
