@@ -259,3 +259,145 @@ def test_changing_one_clients_vector_changes_only_its_masked_message_and_by_the_
     assert all(np.array_equal(masked[0][n], masked[1][n]) for n in masked[0] if n != node0)
     moved = (masked[1][node0][:P] - masked[0][node0][:P]).astype(np.uint32)
     assert np.array_equal(moved, (quantiser.quantise(changed[0]) - quantiser.quantise(vectors[0])).astype(np.uint32))
+
+
+# ----- IAU-Fed under secure aggregation -------------------------------------------------------------------------------
+import tempfile  # noqa: E402
+from collections import OrderedDict  # noqa: E402
+
+from fedunlearn.config import build_config  # noqa: E402
+from fedunlearn.errors import ConfigError, MissingRepliesError, UnlearningAbortedError  # noqa: E402
+from fedunlearn.models import build_model  # noqa: E402
+from simulations.runner import Experiment  # noqa: E402
+from strategies import app_config  # noqa: E402
+from strategies.client_app import build_client_app  # noqa: E402
+from strategies.library import unlearning_strategy  # noqa: E402
+
+NORM_BOUND = 50.0  # above every contribution of these runs (the reports show 0 clipped): plain and secure clip alike
+RUN = {"model": "mlp", "rounds": 2, "methods": "retrain,iau,iau-cached", "shadow_mia": False, "mia_attacks": "loss",
+       "gradient_norm_bound": NORM_BOUND, "iau_repair_rounds": 0, "unlearn_retries": 0}
+
+
+class DropStage(ClientApp):
+    """Wraps a ClientApp: partitions in `drop[message_type]` fail that message type (`times` times, -1: always)."""
+
+    def __init__(self, inner: ClientApp, drop: dict[str, set[int]], times: int = -1) -> None:
+        super().__init__()
+        self.inner, self.drop, self.left = inner, drop, {}
+        self.times = times
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        kind, pid = message.metadata.message_type, partition_of(context)
+        if pid in self.drop.get(kind, set()):
+            left = self.left.setdefault((kind, pid), self.times)
+            if left != 0:
+                self.left[(kind, pid)] = left - 1
+                raise RuntimeError(f"dropped out of {kind}")
+        return self.inner(message, context)
+
+
+def experiment(secure: bool, **overrides: object) -> dict:
+    cfg = build_config("smoke", overrides={**RUN, "secure_aggregation": secure, **overrides})
+    run = Experiment(cfg, out_dir=None, show_progress=False)
+    run.drive(LocalGrid(build_client_app(app_config.client_spec_for(cfg, tempfile.mkdtemp())), cfg.num_clients, capture_errors=True))
+    return run.results
+
+
+def test_a_whole_iau_run_under_secure_aggregation_matches_the_plain_run_within_the_quantisation_error():
+    plain, secure = experiment(False), experiment(True)
+    fresh = secure["models"]["iau"]["unlearning"]
+    assert fresh["status"] == "complete" and len(fresh["secure_aggregation"]) == fresh["steps"] == 2
+    assert all(r["status"] == "complete" and r["clipped"] == 0 for r in fresh["secure_aggregation"])
+    caching = secure["final_evaluation"]["secure_aggregation"]
+    assert caching["status"] == "complete" and caching["clipped"] == 0 and caching["contributors"] == list(range(5))
+    assert "secure_aggregation" not in plain["final_evaluation"] and not plain["models"]["iau"]["unlearning"]["secure_aggregation"]
+    for name in ("iau", "iau-cached"):
+        p, s = plain["models"][name], secure["models"][name]
+        # How far the unlearned model may move: each normalised step theta - rho ||theta|| d/||d|| moves by at most
+        # 2 rho ||theta|| ||e|| / ||d|| for an error e in d: the quantisation's l2 bound, plus float32 on the plain wire.
+        theta = p["dist_para"] / p["dist_para_normalized"] + p["dist_para"]   # ||theta_ref|| + ||theta - theta_ref||
+        rho = 0.04
+        if name == "iau":
+            errors = [(r["error_bound"]["l2"], d) for r, d in zip(fresh["secure_aggregation"], [fresh["direction_norm"]] * 2, strict=True)]
+        else:  # d = lambda (G_tot - G_S) / (n - |S|) - G_S/|S|: G_tot's error enters scaled by lambda / (n - |S|)
+            weight = 3.0 / s["unlearning"]["remaining_count"]
+            errors = [(weight * caching["error_bound"]["l2"], s["unlearning"]["direction_norm"])] * s["unlearning"]["steps"]
+        moved = sum(2 * rho * theta * (e / d + 1e-6) for e, d in errors)   # 1e-6: float32's 6e-8 per entry, generously
+        assert abs(s["dist_para"] - p["dist_para"]) <= moved, (name, s["dist_para"], p["dist_para"], moved)
+        for metric in ("acc_test", "acc_deleted", "backdoor_asr"):
+            assert s[metric] == p[metric], (name, metric)
+    assert secure["models"]["retrain"]["acc_test"] == plain["models"]["retrain"]["acc_test"]  # FedAvg: plain in both
+
+
+def test_the_secure_correction_round_costs_four_rounds_per_step_and_names_its_stages():
+    results = experiment(True, methods="retrain,iau")
+    unlearning = results["models"]["iau"]["unlearning"]
+    assert results["models"]["iau"]["cost"]["rounds"] == 4 * unlearning["steps"]
+    for report in unlearning["secure_aggregation"]:
+        assert list(report["stages"]) == list(secagg.STAGES) and all(c["rounds"] == 1 for c in report["stages"].values())
+
+
+def strategy_for(secure_drop: dict[str, set[int]], times: int = -1, retries: int = 0):
+    cfg = build_config("smoke", overrides={**RUN, "secure_aggregation": True, "unlearn_retries": retries})
+    spec = app_config.client_spec_for(cfg, tempfile.mkdtemp())
+    grid = LocalGrid(DropStage(build_client_app(spec), secure_drop, times), cfg.num_clients, capture_errors=True)
+    model = build_model("mlp", (1, 8, 8), 10)
+    strategy = unlearning_strategy(grid, model, cfg.num_clients, iau=app_config.iau_settings_for(cfg), policy=app_config.round_policy_for(cfg))
+    arrays = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()))
+    return strategy, grid, arrays, app_config.deletion_request_for(cfg)
+
+
+def snapshot(strategy, arrays):
+    return (strategy.ledger, dict(strategy._excluded_counts), strategy.gradient_total, {k: v.numpy().copy() for k, v in arrays.items()})
+
+
+def same(a, b) -> bool:
+    return a[:2] == b[:2] and (a[2] is b[2] or torch.equal(a[2], b[2])) and all(np.array_equal(a[3][k], b[3][k]) for k in a[3])
+
+
+@pytest.mark.parametrize("dropped", [{1}, {1, 2, 3}], ids=["within-threshold", "past-threshold"])
+def test_a_client_missing_from_the_secure_correction_aborts_with_the_model_and_the_strategy_unchanged(dropped):
+    strategy, grid, arrays, request = strategy_for({keys.QUERY_SECAGG_COLLECT: dropped})
+    strategy.fill_caches(grid, arrays)
+    before = snapshot(strategy, arrays)
+    with pytest.raises(UnlearningAbortedError) as err:
+        strategy.unlearn(grid, arrays, request, forget_count=strategy.directory.num_train[request.client])
+    assert same(before, snapshot(strategy, arrays))
+    report = err.value.report["secure_aggregation"][-1]
+    assert report["status"] == ("partial" if len(dropped) == 1 else "aborted")   # t = 3 of 5: one dropout is still summed
+
+
+def test_past_the_threshold_the_cached_upload_aborts_and_no_aggregate_is_kept():
+    strategy, grid, arrays, _ = strategy_for({keys.QUERY_SECAGG_UNMASK: {0, 1, 2}})
+    with pytest.raises(MissingRepliesError, match="threshold is 3"):
+        strategy.fill_caches(grid, arrays, upload=True)
+    assert strategy.gradient_total is None and strategy.client_uploads == {}
+
+
+def test_a_dropout_retried_per_the_policy_gives_the_plain_direction():
+    strategy, grid, arrays, request = strategy_for({keys.QUERY_SECAGG_SHARE_KEYS: {2}, keys.QUERY_SECAGG_COLLECT: {4}}, times=1, retries=1)
+    strategy.fill_caches(grid, arrays)
+    count = strategy.directory.num_train[request.client]
+    secured, report = strategy.unlearn(grid, arrays, request, forget_count=count)
+    assert report.status == "complete" and report.retries == 0 and len(report.failures) == 0  # retries live inside each stage
+    assert [r["attempts"] for r in report.secure_aggregation] == [6, 4]
+    plain = strategy.branch()
+    plain.ledger, plain._excluded_counts = (), {}
+    plain.policy = app_config.round_policy_for(build_config("smoke", overrides={**RUN}))
+    expected, _ = plain.unlearn(grid, arrays, request, forget_count=count)
+    for name in secured:
+        assert np.allclose(secured[name].numpy(), expected[name].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({}, "needs --gradient-norm-bound > 0"),
+    ({"gradient_norm_bound": 5, "gradient_norm_action": "reject"}, "cannot reject a vector it never sees"),
+    ({"gradient_norm_bound": 5, "unlearn_policy": "renormalise"}, "use --unlearn-policy abort"),
+    ({"gradient_norm_bound": 5, "methods": "retrain,iau,pga,federaser"}, "pga, federaser need an individual"),
+    ({"gradient_norm_bound": 5, "secagg_threshold": 11}, "secagg-threshold=11"),
+])
+def test_what_cannot_run_under_secure_aggregation_is_refused_before_anything_starts(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("default", overrides={"secure_aggregation": True, **overrides})
+    with pytest.raises(ConfigError, match="no effect without --secure-aggregation"):
+        build_config("default", overrides={"secagg_threshold": 3})
