@@ -120,6 +120,9 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
                                   timeout=timeout, rejected_log=rejected_log, failures_log=failures_log)
         report.setdefault("answered", {})[name] = sorted(outcome.accepted)
         report["attempts"] = report.get("attempts", 0) + outcome.attempts
+        report["retries"] = report.get("retries", 0) + outcome.retries
+        report.setdefault("failures", []).extend(outcome.failures)
+        report.setdefault("rejected", []).extend(outcome.rejected)
         if len(outcome.accepted) < threshold:
             raise SecAggAbortedError(f"secure aggregation: {len(outcome.accepted)} of {n} clients answered the {name} stage, the "
                                      f"threshold is {threshold} (missing {outcome.missing}): the sum cannot be unmasked",
@@ -248,6 +251,9 @@ def secure_direction(strategy: IAUFed, grid: Grid, messages: Sequence[Message], 
         raise
     report.secure_aggregation.append(result.report)
     report.rounds += result.report["attempts"]
+    report.retries += result.report["retries"]
+    report.failures.extend(result.report["failures"])
+    report.rejected.extend(result.report["rejected"])
     report.clients_asked = sorted(set(report.clients_asked) | set(result.report["participants"]))
     report.clients_answered = sorted(set(report.clients_answered) | set(result.accepted))
     strategy._note_cache_use(list(result.accepted.values()), report)

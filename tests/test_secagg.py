@@ -271,6 +271,7 @@ from fedunlearn.models import build_model  # noqa: E402
 from simulations.runner import Experiment  # noqa: E402
 from strategies import app_config  # noqa: E402
 from strategies.client_app import build_client_app  # noqa: E402
+from strategies.faults import with_faults  # noqa: E402
 from strategies.library import unlearning_strategy  # noqa: E402
 
 NORM_BOUND = 50.0  # above every contribution of these runs (the reports show 0 clipped): plain and secure clip alike
@@ -299,7 +300,8 @@ class DropStage(ClientApp):
 def experiment(secure: bool, **overrides: object) -> dict:
     cfg = build_config("smoke", overrides={**RUN, "secure_aggregation": secure, **overrides})
     run = Experiment(cfg, out_dir=None, show_progress=False)
-    run.drive(LocalGrid(build_client_app(app_config.client_spec_for(cfg, tempfile.mkdtemp())), cfg.num_clients, capture_errors=True))
+    app = with_faults(build_client_app(app_config.client_spec_for(cfg, tempfile.mkdtemp())), app_config.fault_plan_for(cfg))
+    run.drive(LocalGrid(app, cfg.num_clients, capture_errors=True))
     return run.results
 
 
@@ -379,7 +381,8 @@ def test_a_dropout_retried_per_the_policy_gives_the_plain_direction():
     strategy.fill_caches(grid, arrays)
     count = strategy.directory.num_train[request.client]
     secured, report = strategy.unlearn(grid, arrays, request, forget_count=count)
-    assert report.status == "complete" and report.retries == 0 and len(report.failures) == 0  # retries live inside each stage
+    assert report.status == "complete" and report.retries == 2 and [f["phase"] for f in report.failures] == [
+        "unlearn:secagg-share-keys", "unlearn:secagg-collect-masked"]
     assert [r["attempts"] for r in report.secure_aggregation] == [6, 4]
     plain = strategy.branch()
     plain.ledger, plain._excluded_counts = (), {}
@@ -401,3 +404,33 @@ def test_what_cannot_run_under_secure_aggregation_is_refused_before_anything_sta
         build_config("default", overrides={"secure_aggregation": True, **overrides})
     with pytest.raises(ConfigError, match="no effect without --secure-aggregation"):
         build_config("default", overrides={"secagg_threshold": 3})
+
+
+def test_cohort_execution_runs_the_secure_rounds_per_virtual_client_with_the_same_result():
+    from strategies.cohort import build_cohort_client_app, num_cohorts
+
+    per_node = experiment(True, methods="retrain,iau,iau-cached")
+    cfg = build_config("smoke", overrides={**RUN, "secure_aggregation": True, "execution": "cohort", "cohort_size": 2, "cohort_train": "loop"})
+    spec = app_config.client_spec_for(cfg, tempfile.mkdtemp())
+    run = Experiment(cfg, out_dir=None, show_progress=False)
+    run.drive(LocalGrid(build_cohort_client_app(spec, 2, inner=build_client_app(spec), vectorise=False), num_cohorts(cfg.num_clients, 2),
+                        capture_errors=True))
+    cohort = run.results
+    for name in ("iau", "iau-cached"):
+        assert cohort["models"][name]["status"] == "complete"
+        assert cohort["models"][name]["unlearning"]["secure_aggregation"] == [] or all(
+            r["contributors"] == list(range(1, 5)) or r["contributors"] == list(range(5))
+            for r in cohort["models"][name]["unlearning"]["secure_aggregation"])
+        for metric in ("acc_test", "backdoor_asr", "dist_para"):
+            assert cohort["models"][name][metric] == pytest.approx(per_node["models"][name][metric], rel=1e-6), (name, metric)
+
+
+def test_injected_dropouts_hit_the_secure_stages_and_are_retried():
+    results = experiment(True, methods="retrain,iau", dropout_prob=0.15, unlearn_retries=3, seed=1)
+    unlearning = results["models"]["iau"]["unlearning"]
+    attempts = [r["attempts"] for r in unlearning["secure_aggregation"]]
+    assert unlearning["status"] == "complete", unlearning["reason"]
+    assert sum(attempts) > 4 * len(attempts), attempts   # some stage was asked again
+    assert unlearning["retries"] == sum(attempts) - 4 * len(attempts)
+    assert {f["phase"] for f in unlearning["failures"]} <= {f"unlearn:secagg-{s}" for s in secagg.STAGES}
+    assert all("dropout" in f["reason"] for f in unlearning["failures"]), unlearning["failures"]
