@@ -152,8 +152,8 @@ class ExperimentConfig:
                               "apart from the withdrawing client's vector, and the server sees only their total; use --unlearn-policy abort")
         refused = [m for m in self.methods if m not in SECURE_METHODS]
         if refused:
-            raise ConfigError(f"methods={','.join(self.methods)} with secure-aggregation: {', '.join(refused)} need an individual "
-                              "client's update at the server (FedEraser its stored updates, PGA and IMU client u's model, gradient "
+            raise ConfigError(f"methods={','.join(self.methods)} with secure-aggregation: {', '.join(refused)} cannot run under it, "
+                              "each needs an individual client's update at the server (FedEraser its stored updates, PGA and IMU client u's model, gradient "
                               f"ascent client u's gradient alone); run them without --secure-aggregation, or choose from {', '.join(SECURE_METHODS)}")
         if self.malicious_client is not None:
             raise ConfigError("malicious-client with secure-aggregation: the fault rescales a plain gradient reply, and a secure round "

@@ -211,10 +211,11 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
 
     revealed = stage("unmask", contributors, lambda p: RecordDict({keys.SECAGG: _field(unmask_config)}), keys.QUERY_SECAGG_UNMASK,
                      check_unmask)
-    own_seeds = [combine_shares([revealed[q][p] for q in sorted(revealed)]) for p in contributors]
+    holders = sorted(revealed)[:threshold]  # t shares determine the secret; Lagrange over more only costs (O(k^2) per chunk)
+    own_seeds = [combine_shares([revealed[q][p] for q in holders]) for p in contributors]
     pairs = []
     for u in dropped:
-        sk1 = combine_shares([revealed[q][u] for q in sorted(revealed)])
+        sk1 = combine_shares([revealed[q][u] for q in holders])
         pairs += [(v, u, agree(sk1, public[v][0])) for v in contributors]
     total = unmask(masked_total, own_seeds, pairs)
     vector = quantiser.dequantise_sum(total[:length], len(contributors))

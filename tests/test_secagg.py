@@ -396,7 +396,7 @@ def test_a_dropout_retried_per_the_policy_gives_the_plain_direction():
     ({}, "needs --gradient-norm-bound > 0"),
     ({"gradient_norm_bound": 5, "gradient_norm_action": "reject"}, "cannot reject a vector it never sees"),
     ({"gradient_norm_bound": 5, "unlearn_policy": "renormalise"}, "use --unlearn-policy abort"),
-    ({"gradient_norm_bound": 5, "methods": "retrain,iau,pga,federaser"}, "pga, federaser need an individual"),
+    ({"gradient_norm_bound": 5, "methods": "retrain,iau,pga,federaser"}, "pga, federaser cannot run under it"),
     ({"gradient_norm_bound": 5, "secagg_threshold": 11}, "secagg-threshold=11"),
 ])
 def test_what_cannot_run_under_secure_aggregation_is_refused_before_anything_starts(overrides, message):
