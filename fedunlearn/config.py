@@ -129,7 +129,7 @@ class ExperimentConfig:
     verbose: bool = field(default=False, metadata={"help": "show Flower's and Ray's own logs"})
     # secure aggregation (docs/secure-aggregation.md): one block, its checks below
     secure_aggregation: bool = field(default=False, metadata={"help": "IAU's correction round(s) and iau-cached's upload of G_tot run as SecAgg+ (Bell et al. 2020): the server learns only the sum of the clients' vectors; each client clips its vector to --gradient-norm-bound (required) and quantises it into [-B, B]; methods that need an individual client's update are refused"})
-    secagg_threshold: float = field(default=0.0, metadata={"help": "secure aggregation: clients needed to reconstruct a secret, a count >= 2 or a fraction in (0, 1) of the round's clients (0 = a strict majority, floor(n/2) + 1); up to n minus this many may drop out of a secure round"})
+    secagg_threshold: float = field(default=0.0, metadata={"help": "secure aggregation: shares needed to reconstruct a client's secret, out of the k = 2 ceil(log2 n) + 1 neighbours it shares with (SecAgg+): a count >= 2 or a fraction in (0, 1) of k (0 = a strict majority, floor(k/2) + 1); every client must keep this many answering neighbours at every stage, else the round aborts"})
 
     def _check_secure_aggregation(self) -> None:
         t = self.secagg_threshold

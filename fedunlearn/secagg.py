@@ -132,9 +132,10 @@ def unmask(masked_sum: np.ndarray, own_seeds: list[bytes], dropped_pairs: list[t
 def threshold_for(setting: float, participants: int) -> int:
     """Shares needed to reconstruct a secret among `participants` (--secagg-threshold).
 
-    0: a strict majority, floor(n/2) + 1 (Bonawitz et al.'s choice: no two disjoint groups of answering clients can
-    each reach it); a fraction in (0, 1): ceil(f n), as Flower's workflow reads a float; a whole number >= 1: that
-    count. At least 2 (Flower's floor) and at most n (a count above n needs every client).
+    `participants` is the number of shares a client hands out (its neighbourhood k). 0: a strict majority,
+    floor(k/2) + 1 (no two disjoint groups of answering neighbours can each reach it); a fraction in (0, 1):
+    ceil(f k), as Flower's workflow reads a float; a whole number: that count. At least 2 (Flower's floor) and at most
+    k (a count above k needs every neighbour).
     """
     if setting == 0:
         wanted = participants // 2 + 1
@@ -174,3 +175,22 @@ def agree(private: bytes, public: bytes) -> bytes:
     """The 32-byte secret two parties share: HKDF-SHA256 of X25519(private, public) (symmetric in the two key pairs)."""
     shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(public))
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedunlearn-secagg").derive(shared)
+
+
+def neighbourhood_size(participants: int) -> int:
+    """k, the clients each one shares its secrets with and masks against, itself included: 2 ceil(log2 n) + 1, at most n.
+
+    Bell et al.'s SecAgg+: a neighbourhood of O(log n) clients instead of all n (SecAgg) keeps the same guarantees
+    against an honest-but-curious server and makes the share and unmask stages O(n log n) instead of O(n^2).
+    """
+    if participants <= 3:
+        return participants
+    return min(participants, 2 * math.ceil(math.log2(participants)) + 1)
+
+
+def neighbourhoods(order: list[int], size: int) -> dict[int, list[int]]:
+    """Each client's neighbours (itself included) on a ring of `order`: the `size // 2` clients on either side (Flower's)."""
+    n, half = len(order), size // 2
+    if size >= n:
+        return {p: sorted(order) for p in order}
+    return {p: sorted({order[(i + offset) % n] for offset in range(-half, half + 1)}) for i, p in enumerate(order)}

@@ -2,13 +2,14 @@
 
 `secure_sum(grid, messages, ...)` runs any round whose replies carry a vector in their '{gradient}' record so the
 server learns only the sum of those vectors: (1) setup: each client advertises two X25519 public keys; (2) share
-keys: each client Shamir-shares its private mask seed b and its mask key sk1 among the others (threshold t),
+keys: each client Shamir-shares its private mask seed b and its mask key sk1 among its neighbours (threshold t),
 encrypted per recipient, and the server forwards the ciphertexts; (3) masked input collection: each client runs
 the inner query (the plain round's handler), clips the vector to the norm bound, quantises it and adds its own mask
 PRG(b) and the pairwise masks PRG(s_uv) that cancel in the sum; (4) unmasking: the clients still there send shares
 of b for every client whose masked vector arrived and of sk1 for every client that dropped after sharing keys, and
-the server removes what did not cancel. The graph is complete (every client a neighbour of every other: Flower's
-SecAgg, num_shares = n), so t answering clients are enough at every stage; below t the round aborts.
+the server removes what did not cancel. Each client shares with and masks against its k = 2 ceil(log2 n) + 1
+neighbours on a shuffled ring (SecAgg+; k = n, SecAgg, up to 5 clients); every client must keep t of its neighbours
+at every stage, else the round aborts.
 
 Every stage goes through `strategies.rounds.ask_clients` (validation, the run's retries, recorded failures) and is
 metered on its own (`stages`). The client's secrets between stages live in its node's `context.state`, as Flower's
@@ -22,6 +23,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -36,7 +38,19 @@ from flwr.serverapp import Grid
 
 from fedunlearn.costs import CostMeter
 from fedunlearn.errors import InvalidReplyError, MissingRepliesError
-from fedunlearn.secagg import FIELD_DTYPE, Quantiser, SecAggSettings, agree, field_sum, key_pair, masked_input, threshold_for, unmask
+from fedunlearn.secagg import (
+    FIELD_DTYPE,
+    Quantiser,
+    SecAggSettings,
+    agree,
+    field_sum,
+    key_pair,
+    masked_input,
+    neighbourhood_size,
+    neighbourhoods,
+    threshold_for,
+    unmask,
+)
 
 from . import keys
 from .directory import ClientDirectory
@@ -99,12 +113,16 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
     inner = {partition_of_node[m.metadata.dst_node_id]: m for m in messages}
     participants = sorted(inner)
     n = len(participants)
-    threshold = threshold_for(settings.threshold, n)
+    size = neighbourhood_size(n)
+    order = list(participants)
+    random.Random(os.urandom(8)).shuffle(order)   # who neighbours whom is public; shuffled as Flower's workflow does
+    neighbours = neighbourhoods(order, size)
+    threshold = threshold_for(settings.threshold, size)
     quantiser = Quantiser.for_clients(settings.norm_bound * scale, max(n, 1))
     session = os.urandom(8).hex()
     stage_meter = CostMeter()
     metered = MeteredGrid(grid, stage_meter)
-    report: dict[str, Any] = {"participants": participants, "threshold": threshold, "bound": quantiser.bound,
+    report: dict[str, Any] = {"participants": participants, "neighbours": size, "threshold": threshold, "bound": quantiser.bound,
                               "levels": quantiser.levels, "step": quantiser.step, "field_bits": 32, "rounding": "nearest"}
 
     def close(status: str) -> dict[str, Any]:
@@ -123,10 +141,12 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
         report["retries"] = report.get("retries", 0) + outcome.retries
         report.setdefault("failures", []).extend(outcome.failures)
         report.setdefault("rejected", []).extend(outcome.rejected)
-        if len(outcome.accepted) < threshold:
-            raise SecAggAbortedError(f"secure aggregation: {len(outcome.accepted)} of {n} clients answered the {name} stage, the "
-                                     f"threshold is {threshold} (missing {outcome.missing}): the sum cannot be unmasked",
-                                     report=close("aborted"))
+        alive = set(outcome.accepted)
+        thin = [p for p in sorted(alive) if len(alive.intersection(neighbours[p])) < threshold]
+        if len(alive) < threshold or thin:
+            raise SecAggAbortedError(f"secure aggregation: {len(alive)} of {n} clients answered the {name} stage and client(s) "
+                                     f"{thin} kept fewer than the threshold of {threshold} of their {size} neighbours (missing "
+                                     f"{outcome.missing}): the sum cannot be unmasked", report=close("aborted"))
         return outcome.accepted
 
     if n < 2:
@@ -151,21 +171,25 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
     if len(set(all_keys)) != len(all_keys):
         raise SecAggAbortedError("secure aggregation: two clients advertised the same public key", report=close("aborted"))
 
-    # Stage 2: share keys. Each client's reply: one ciphertext per other advertised client.
-    share_config = common("share-keys", participants=advertised, pk1=[public[p][0] for p in advertised],
-                          pk2=[public[p][1] for p in advertised])
+    # Stage 2: share keys. Each client's reply: one ciphertext per other advertised neighbour.
+    def around(p: int, alive: Any) -> list[int]:
+        return [q for q in neighbours[p] if q in alive]
+
+    def share_content(p: int) -> RecordDict:
+        near = around(p, public)
+        return RecordDict({keys.SECAGG: _field(common("share-keys", participants=near, pk1=[public[q][0] for q in near],
+                                                      pk2=[public[q][1] for q in near]))})
 
     def check_shares(partition: int, reply: Message) -> dict[int, bytes]:
         record = _secagg(reply)
         dsts, cts = record.get("dsts"), record.get("ciphertexts")
         if not isinstance(dsts, list) or not isinstance(cts, list) or len(dsts) != len(cts):
             raise InvalidReplyError(f"client {partition}: the share-keys reply must hold equal lists 'dsts' and 'ciphertexts'")
-        if sorted(cast(list[int], dsts)) != [p for p in advertised if p != partition]:
-            raise InvalidReplyError(f"client {partition}: shares for {sorted(cast(list[int], dsts))}, expected every other advertised client")
+        if sorted(cast(list[int], dsts)) != [q for q in around(partition, public) if q != partition]:
+            raise InvalidReplyError(f"client {partition}: shares for {sorted(cast(list[int], dsts))}, expected its other advertised neighbours")
         return dict(zip(cast(list[int], dsts), cast(list[bytes], cts), strict=True))
 
-    ciphertexts = stage("share-keys", advertised, lambda p: RecordDict({keys.SECAGG: _field(share_config)}), keys.QUERY_SECAGG_SHARE_KEYS,
-                        check_shares)
+    ciphertexts = stage("share-keys", advertised, share_content, keys.QUERY_SECAGG_SHARE_KEYS, check_shares)
     sharing = sorted(ciphertexts)
 
     # Stage 3: masked input collection. The inner query's content travels with the forwarded ciphertexts.
@@ -173,7 +197,7 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
 
     def collect_content(p: int) -> RecordDict:
         content = RecordDict(dict(inner[p].content.items()))
-        srcs = [q for q in sharing if q != p]
+        srcs = [q for q in around(p, ciphertexts) if q != p]
         content[keys.SECAGG] = _field(common("collect-masked", srcs=srcs, ciphertexts=[ciphertexts[q][p] for q in srcs],
                                              bound=quantiser.bound, levels=quantiser.levels, inner_type=inner[p].metadata.message_type))
         return content
@@ -197,26 +221,35 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
     contributors = sorted(accepted)
     dropped = [p for p in sharing if p not in accepted]
 
-    # Stage 4: unmasking.
-    unmask_config = common("unmask", active=contributors, dead=dropped)
+    # Stage 4: unmasking: each client is asked about its own neighbours.
+    def unmask_lists(p: int) -> tuple[list[int], list[int]]:
+        return around(p, accepted), [q for q in around(p, ciphertexts) if q not in accepted]
+
+    def unmask_content(p: int) -> RecordDict:
+        active, dead = unmask_lists(p)
+        return RecordDict({keys.SECAGG: _field(common("unmask", active=active, dead=dead))})
 
     def check_unmask(partition: int, reply: Message) -> dict[int, bytes]:
         record = _secagg(reply)
         owners, shares = record.get("owners"), record.get("shares")
         if not isinstance(owners, list) or not isinstance(shares, list) or len(owners) != len(shares):
             raise InvalidReplyError(f"client {partition}: the unmask reply must hold equal lists 'owners' and 'shares'")
-        if sorted(cast(list[int], owners)) != sorted([*contributors, *dropped]):
-            raise InvalidReplyError(f"client {partition}: shares for {sorted(cast(list[int], owners))}, expected {sorted([*contributors, *dropped])}")
+        expected = sorted(q for group in unmask_lists(partition) for q in group)
+        if sorted(cast(list[int], owners)) != expected:
+            raise InvalidReplyError(f"client {partition}: shares for {sorted(cast(list[int], owners))}, expected {expected}")
         return dict(zip(cast(list[int], owners), cast(list[bytes], shares), strict=True))
 
-    revealed = stage("unmask", contributors, lambda p: RecordDict({keys.SECAGG: _field(unmask_config)}), keys.QUERY_SECAGG_UNMASK,
-                     check_unmask)
-    holders = sorted(revealed)[:threshold]  # t shares determine the secret; Lagrange over more only costs (O(k^2) per chunk)
-    own_seeds = [combine_shares([revealed[q][p] for q in holders]) for p in contributors]
+    revealed = stage("unmask", contributors, unmask_content, keys.QUERY_SECAGG_UNMASK, check_unmask)
+
+    def secret_of(u: int) -> bytes:
+        holders = around(u, revealed)[:threshold]  # t shares determine it; Lagrange over more only costs (O(k^2) per chunk)
+        return combine_shares([revealed[q][u] for q in holders])
+
+    own_seeds = [secret_of(p) for p in contributors]
     pairs = []
     for u in dropped:
-        sk1 = combine_shares([revealed[q][u] for q in holders])
-        pairs += [(v, u, agree(sk1, public[v][0])) for v in contributors]
+        sk1 = secret_of(u)
+        pairs += [(v, u, agree(sk1, public[v][0])) for v in around(u, accepted) if v != u]
     total = unmask(masked_total, own_seeds, pairs)
     vector = quantiser.dequantise_sum(total[:length], len(contributors))
     per_coordinate, l2 = quantiser.sum_error_bound(len(contributors), length)

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from scipy import stats
 
 from fedunlearn.gradients import ParamLayout
-from fedunlearn.secagg import FIELD, Quantiser, SecAggSettings, threshold_for
+from fedunlearn.secagg import FIELD, Quantiser, SecAggSettings, neighbourhood_size, neighbourhoods, threshold_for
 from strategies import keys, secagg
 from strategies.directory import ClientDirectory
 from strategies.local_grid import LocalGrid
@@ -124,7 +124,8 @@ DROPS = [
     (5, {keys.QUERY_SECAGG_COLLECT: {1}}),                      # dropped before its masked vector: its pairwise masks removed
     (10, {keys.QUERY_SECAGG_SETUP: {0}, keys.QUERY_SECAGG_SHARE_KEYS: {3}, keys.QUERY_SECAGG_COLLECT: {5, 9}}),  # 4 = n - t
     (10, {keys.QUERY_SECAGG_UNMASK: {2, 4, 6, 8}}),             # dropped after sending it: still in the sum
-    (20, {keys.QUERY_SECAGG_COLLECT: set(range(0, 18, 2))}),    # 9 of 20 dropped, t = 11
+    (20, {keys.QUERY_SECAGG_SHARE_KEYS: {7}, keys.QUERY_SECAGG_COLLECT: {0, 10, 15}}),  # SecAgg+: 11 neighbours each, t = 6
+    (40, {keys.QUERY_SECAGG_COLLECT: {1, 2, 3}, keys.QUERY_SECAGG_UNMASK: {4, 5}}),      # 13 neighbours each, t = 7
 ]
 
 
@@ -158,13 +159,22 @@ def test_a_vector_over_the_bound_is_clipped_by_its_client_and_only_the_count_is_
 
 def test_dropouts_past_the_threshold_abort_the_round():
     n = 10
-    assert threshold_for(0.0, n) == 6
-    with pytest.raises(secagg.SecAggAbortedError, match="threshold is 6"):
-        run_sum(vectors_for(n), {keys.QUERY_SECAGG_COLLECT: {0, 1, 2, 3, 4}})
+    assert neighbourhood_size(n) == 9 and threshold_for(0.0, 9) == 5    # each client keeps 4 of its 8 neighbours and itself
+    with pytest.raises(secagg.SecAggAbortedError, match="threshold of 5"):
+        run_sum(vectors_for(n), {keys.QUERY_SECAGG_COLLECT: {0, 1, 2, 3, 4, 5}})
     with pytest.raises(secagg.SecAggAbortedError, match="unmask stage"):   # the vectors arrived but too few shares come back
-        run_sum(vectors_for(n), {keys.QUERY_SECAGG_UNMASK: {0, 1, 2, 3, 4}})
-    result, _ = run_sum(vectors_for(n), {keys.QUERY_SECAGG_COLLECT: {0, 1, 2, 3, 4}}, threshold=5)  # a lower threshold tolerates it
-    assert len(result.report["contributors"]) == 5
+        run_sum(vectors_for(n), {keys.QUERY_SECAGG_UNMASK: {0, 1, 2, 3, 4, 5}})
+    result, _ = run_sum(vectors_for(n), {keys.QUERY_SECAGG_COLLECT: {0, 1, 2, 3, 4, 5}}, threshold=3)  # a lower threshold tolerates it
+    assert result.report["contributors"] == [6, 7, 8, 9]
+
+
+def test_secagg_plus_neighbourhoods_are_a_symmetric_ring_of_log_n_clients():
+    assert [neighbourhood_size(n) for n in (2, 3, 5, 10, 20, 100, 1000)] == [2, 3, 5, 9, 11, 15, 21]
+    order = [3, 0, 4, 1, 2, 6, 5, 7, 9, 8, 11, 10]
+    near = neighbourhoods(order, 5)
+    assert all(p in near[p] and len(near[p]) == 5 for p in order)
+    assert all(p in near[q] for p in order for q in near[p])          # symmetric: pairwise masks cancel in pairs
+    assert near[3] == sorted([10, 11, 3, 0, 4])
 
 
 def test_a_dropout_is_retried_per_the_policy():
@@ -371,7 +381,7 @@ def test_a_client_missing_from_the_secure_correction_aborts_with_the_model_and_t
 
 def test_past_the_threshold_the_cached_upload_aborts_and_no_aggregate_is_kept():
     strategy, grid, arrays, _ = strategy_for({keys.QUERY_SECAGG_UNMASK: {0, 1, 2}})
-    with pytest.raises(MissingRepliesError, match="threshold is 3"):
+    with pytest.raises(MissingRepliesError, match="threshold of 3"):
         strategy.fill_caches(grid, arrays, upload=True)
     assert strategy.gradient_total is None and strategy.client_uploads == {}
 
