@@ -444,3 +444,50 @@ def test_injected_dropouts_hit_the_secure_stages_and_are_retried():
     assert unlearning["retries"] == sum(attempts) - 4 * len(attempts)
     assert {f["phase"] for f in unlearning["failures"]} <= {f"unlearn:secagg-{s}" for s in secagg.STAGES}
     assert all("dropout" in f["reason"] for f in unlearning["failures"]), unlearning["failures"]
+
+
+def test_a_users_own_app_with_add_unlearning_uploads_g_tot_securely():
+    """examples/own-model (Flower's plain ClientApp plus add_unlearning): the secure G_tot equals the plain one."""
+    import sys
+    from pathlib import Path
+
+    from strategies.rounds import RoundPolicy
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "own-model"
+    if str(example) not in sys.path:
+        sys.path.insert(0, str(example))
+    from ownmodel import client_app
+    from ownmodel.task import Net
+
+    grid = LocalGrid(client_app.app, 4)
+    net = Net()
+    arrays = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in net.state_dict().items()))
+    plain = unlearning_strategy(grid, net, 4, policy=RoundPolicy())
+    plain.fill_caches(grid, arrays, upload=True)
+    secure = unlearning_strategy(grid, net, 4, policy=RoundPolicy(secure=SecAggSettings(100.0)))
+    evaluation = secure.fill_caches(grid, arrays, upload=True)
+    assert evaluation["secure_aggregation"]["clipped"] == 0 and secure.gradient_total_count == plain.gradient_total_count
+    error = (secure.gradient_total - plain.gradient_total).abs().max().item()
+    assert error <= evaluation["secure_aggregation"]["error_bound"]["per_coordinate"] + 1e-6 * plain.gradient_total.abs().max().item()
+
+
+@pytest.mark.ray
+def test_the_smoke_preset_on_ray_under_secure_aggregation(tmp_path):
+    """On Ray a node may be served by another worker at each stage: the client's secrets travel in its context.state."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, "-m", "simulations.run", "--preset", "smoke", "--model", "mlp", "--rounds", "2",
+                           "--methods", "retrain,iau,iau-cached", "--secure-aggregation", "--gradient-norm-bound", "50",
+                           "--no-shadow-mia", "--mia-attacks", "loss", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["models"]["iau"]["unlearning"]["secure_aggregation"]
+    assert [r["status"] for r in rounds] == ["complete", "complete"] and all(r["contributors"] == list(range(5)) for r in rounds)
+    assert results["final_evaluation"]["secure_aggregation"]["status"] == "complete"
+    assert results["models"]["iau-cached"]["status"] == "complete"
