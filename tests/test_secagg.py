@@ -232,7 +232,26 @@ def test_no_message_the_server_receives_equals_or_correlates_with_a_client_vecto
         assert abs(r) < 5 / np.sqrt(P), r   # 5 standard errors of an uncorrelated pair
 
 
-def test_a_masked_vector_is_uniform_on_the_field_whatever_the_vector():
+def seeded_secrets(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Every secret the protocol draws (seeds, key pairs) from one seeded generator: a statistical test that repeats."""
+    import random
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+    rng = random.Random(seed)
+
+    def key_pair() -> tuple[bytes, bytes]:
+        private = X25519PrivateKey.from_private_bytes(rng.randbytes(32))
+        return (private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+                private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+    monkeypatch.setattr(secagg, "key_pair", key_pair)
+    monkeypatch.setattr(secagg.os, "urandom", rng.randbytes)
+
+
+def test_a_masked_vector_is_uniform_on_the_field_whatever_the_vector(monkeypatch):
+    seeded_secrets(monkeypatch, 0)
     for scale in (0.0, 1.0):                 # the all-zero vector and a structured one look alike
         vectors = {p: v * scale for p, v in vectors_for(4).items()}
         _, grid = run_sum(vectors)
