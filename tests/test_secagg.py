@@ -510,3 +510,19 @@ def test_the_smoke_preset_on_ray_under_secure_aggregation(tmp_path):
     assert [r["status"] for r in rounds] == ["complete", "complete"] and all(r["contributors"] == list(range(5)) for r in rounds)
     assert results["final_evaluation"]["secure_aggregation"]["status"] == "complete"
     assert results["models"]["iau-cached"]["status"] == "complete"
+
+
+def test_an_honest_client_never_reveals_both_secrets_of_one_client():
+    """A server that, after unmasking client 1's seed, claims client 1 dropped would get its sk1 too, and so its vector."""
+    _, grid = run_sum(vectors_for(4))
+    last = grid.sent[-1]                                # an unmask message of the finished round
+    config = dict(last.content.config_records[keys.SECAGG])
+    me = grid.grid.node_ids.index(last.metadata.dst_node_id)
+    other = next(p for p in config["active"] if p != me)
+    lying = {**config, "active": [p for p in config["active"] if p != other], "dead": [other]}
+    replies = list(grid.grid.send_and_receive([Message(RecordDict({keys.SECAGG: secagg._field(lying)}), dst_node_id=last.metadata.dst_node_id,
+                                                       message_type=keys.QUERY_SECAGG_UNMASK)]))
+    assert replies[0].has_error() and "both secrets" in replies[0].error.reason
+    honest = list(grid.grid.send_and_receive([Message(RecordDict({keys.SECAGG: secagg._field(config)}), dst_node_id=last.metadata.dst_node_id,
+                                                      message_type=keys.QUERY_SECAGG_UNMASK)]))
+    assert not honest[0].has_error()                    # asking the same again (a retry) is answered
