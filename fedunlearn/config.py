@@ -30,6 +30,9 @@ EXECUTIONS = ("per-node", "cohort")
 MIA_ATTACKS = ("loss", "shadow", "lira", "ulira")
 COHORT_TRAIN = ("auto", "vmap", "loop")
 TRACKING = ("off", "tensorboard", "mlflow")
+# Methods that can run with --secure-aggregation: IAU's need only sums; retrain and finetune are FedAvg rounds, plain as
+# training is (secure aggregation here covers the unlearning uploads, not FedAvg). Any other method is refused.
+SECURE_METHODS = ("retrain", "finetune", "iau", "iau-cached")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,38 @@ class ExperimentConfig:
     tracking_uri: str | None = field(default=None, metadata={"help": "with --tracking mlflow: the tracking URI, e.g. http://host:5000 or sqlite:///runs.db (default: a local store in DIR, sqlite:///DIR/mlflow.db with artifacts in DIR/mlartifacts)"})
     tracking_experiment: str = field(default="fedunlearn", metadata={"help": "with --tracking mlflow: the MLflow experiment the run is logged under"})
 
+    # secure aggregation (docs/secure-aggregation.md): one block, its checks below
+    secure_aggregation: bool = field(default=False, metadata={"help": "IAU's correction round(s) and iau-cached's upload of G_tot run as SecAgg+ (Bell et al. 2020): the server learns only the sum of the clients' vectors; each client clips its vector to --gradient-norm-bound (required) and quantises it into [-B, B]; methods that need an individual client's update are refused"})
+    secagg_threshold: float = field(default=0.0, metadata={"help": "secure aggregation: shares needed to reconstruct a client's secret, out of the k = 2 ceil(log2 n) + 1 neighbours it shares with (SecAgg+): a count >= 2 or a fraction in (0, 1) of k (0 = a strict majority, floor(k/2) + 1); every client must keep this many answering neighbours at every stage, else the round aborts"})
+
+    def _check_secure_aggregation(self) -> None:
+        t = self.secagg_threshold
+        if not (t == 0 or 0 < t < 1 or (float(t).is_integer() and 2 <= t <= self.num_clients)):
+            raise ConfigError(f"secagg-threshold={t}: must be 0 (a strict majority), a fraction in (0, 1) or a whole count in "
+                              f"[2, {self.num_clients}] (num-clients={self.num_clients})")
+        if not self.secure_aggregation:
+            if t:
+                raise ConfigError(f"secagg-threshold={t} has no effect without --secure-aggregation: add it, or drop --secagg-threshold")
+            return
+        if self.gradient_norm_bound <= 0:
+            raise ConfigError("secure-aggregation needs --gradient-norm-bound > 0: the server never sees a client's vector, so each "
+                              "client clips its own to that L2 norm, which is also the quantisation range [-B, B]; e.g. "
+                              "--gradient-norm-bound 10")
+        if self.gradient_norm_action != "clip":
+            raise ConfigError(f"gradient-norm-action={self.gradient_norm_action} with secure-aggregation: the server cannot reject a "
+                              "vector it never sees; use --gradient-norm-action clip (each client clips its own)")
+        if self.unlearn_policy != "abort":
+            raise ConfigError(f"unlearn-policy={self.unlearn_policy} with secure-aggregation: renormalising rescales the others' sum "
+                              "apart from the withdrawing client's vector, and the server sees only their total; use --unlearn-policy abort")
+        refused = [m for m in self.methods if m not in SECURE_METHODS]
+        if refused:
+            raise ConfigError(f"methods={','.join(self.methods)} with secure-aggregation: {', '.join(refused)} cannot run under it, "
+                              "each needs an individual client's update at the server (FedEraser its stored updates, PGA and IMU client u's model, gradient "
+                              f"ascent client u's gradient alone); run them without --secure-aggregation, or choose from {', '.join(SECURE_METHODS)}")
+        if self.malicious_client is not None:
+            raise ConfigError("malicious-client with secure-aggregation: the fault rescales a plain gradient reply, and a secure round "
+                              "sends none; drop one of them (docs/secure-aggregation.md: a malicious client is not defended against)")
+
     def __post_init__(self) -> None:
         _check_types(self)  # first: every range check below may then compare numbers with numbers
         self._check_data_and_model()
@@ -211,6 +246,7 @@ class ExperimentConfig:
         self._check_faults()
         self._check_execution()
         self._check_tracking()
+        self._check_secure_aggregation()
 
     def _check_tracking(self) -> None:
         _check_choice("tracking", self.tracking, TRACKING)

@@ -16,6 +16,7 @@ from fedunlearn.data import DataSpec
 from fedunlearn.deletion import DeletionRequest
 from fedunlearn.iau import IAUSettings
 from fedunlearn.models import default_model_for
+from fedunlearn.secagg import SecAggSettings
 from fedunlearn.training import TrainSettings
 
 from .cohort import CohortGrid, build_cohort_client_app, cohort_size_of, num_cohorts
@@ -97,7 +98,8 @@ def fault_plan_for(cfg: ExperimentConfig) -> FaultPlan:
 def round_policy_for(cfg: ExperimentConfig) -> RoundPolicy:
     """Retries, the missing-client policy and the gradient-norm bound of caching and unlearning rounds."""
     return RoundPolicy(retries=cfg.unlearn_retries, on_missing=cfg.unlearn_policy, norm_bound=cfg.gradient_norm_bound,
-                       norm_action=cfg.gradient_norm_action)
+                       norm_action=cfg.gradient_norm_action,
+                       secure=SecAggSettings(cfg.gradient_norm_bound, cfg.secagg_threshold) if cfg.secure_aggregation else None)
 
 
 def supernode_app(cfg: ExperimentConfig, spec: ClientSpec, client_app: ClientApp) -> tuple[ClientApp, int]:

@@ -40,7 +40,8 @@ from . import keys
 
 FAULT_PREFIX = "fault-injection"
 STATE_RECORD = "fault-injection"   # context.state record holding the node's message counter
-DROPOUT_TYPES = (keys.TRAIN, keys.EVALUATE, keys.QUERY_GRADIENT)
+DROPOUT_TYPES = (keys.TRAIN, keys.EVALUATE, keys.QUERY_GRADIENT, keys.QUERY_SECAGG_SETUP, keys.QUERY_SECAGG_SHARE_KEYS,
+                 keys.QUERY_SECAGG_COLLECT, keys.QUERY_SECAGG_UNMASK)
 # Error code of an injected dropout (Flower's ErrorCode.UNKNOWN: nothing more specific fits "did not answer").
 DROPOUT_ERROR_CODE = 0
 

@@ -23,6 +23,7 @@ from fedunlearn.iau import PROTOCOLS, CorrectionStepper, IAUSettings, direction_
 from . import keys
 from .fedavg import UnlearningFedAvg, model_version
 from .rounds import MISSING_POLICIES, RoundPolicy, ask_clients
+from .secagg import SecAggAbortedError, secure_caching, secure_direction
 from .validation import (
     bound_norm,
     check_gradient_reply,
@@ -105,6 +106,7 @@ class UnlearningReport:
     calibration: list[dict[str, float]] = field(default_factory=list)  # client u's trail: radii tried, losses seen
     remaining_term: str = ""        # cached protocol: where g_r of each step came from (the cache, or a refresh round)
     stale_drift: list[float] = field(default_factory=list)     # cached, K > 1: ||g_r used - g_r at the step's model|| / ||...||
+    secure_aggregation: list[dict[str, Any]] = field(default_factory=list)  # each secure round: stages, survivors, error bound
     # The model before each step (not written to results.json): what the stale-drift measurement needs.
     step_arrays: list[ArrayRecord] = field(default_factory=list, repr=False)
 
@@ -165,7 +167,7 @@ class IAUFed(UnlearningFedAvg):
         other.rejected, other.failures = [], []
         return other
 
-    def fill_caches(self, grid: Grid, arrays: ArrayRecord, upload: bool = False) -> dict[str, float]:
+    def fill_caches(self, grid: Grid, arrays: ArrayRecord, upload: bool = False) -> dict[str, Any]:
         """Final federated evaluation; each client also fills its gradient cache (and uploads it if `upload`).
 
         Replies are validated (held-out count, echoed model version, finite metrics, the uploaded
@@ -191,6 +193,8 @@ class IAUFed(UnlearningFedAvg):
             if not upload:
                 return reply, None, 0
             count = positive_count(reply, keys.GRADIENT_COUNT)
+            if secure:  # the secure sum took the vector out of the reply
+                return reply, None, count
             vector = gradient_vector(reply, self.layout, self.gradient_dtype)
             # Summed as the replies arrive, and the upload dropped from the reply: 1000 clients never hold
             # 1000 float64 vectors at once (measured: 19 GB at 1000 McMahan-CNN clients before).
@@ -200,7 +204,11 @@ class IAUFed(UnlearningFedAvg):
             del reply.content[keys.GRADIENT]
             return reply, None, count
 
-        accepted, missing = self._ask(grid, messages, "caching", parse, None)
+        secure = upload and self.policy.secure is not None
+        if secure:  # G_tot through the secure sum: the server never holds one client's cache
+            accepted, missing, total, secure_report = secure_caching(self, grid, messages, parse)
+        else:
+            accepted, missing = self._ask(grid, messages, "caching", parse, None)
         if missing and upload:
             raise MissingRepliesError(f"clients {missing} did not complete the caching round after {self.policy.retries} retries: "
                                       "the aggregate cache of the cached protocol needs every client (see the logged reasons)")
@@ -221,7 +229,8 @@ class IAUFed(UnlearningFedAvg):
         if upload:
             self.gradient_total, self.gradient_total_count, self.gradient_total_version = total, count, version
             self.gradient_total_arrays = arrays
-        return {"eval_loss": loss_sum / max(heldout, 1), "eval_acc": acc_sum / max(heldout, 1)}
+        evaluation: dict[str, Any] = {"eval_loss": loss_sum / max(heldout, 1), "eval_acc": acc_sum / max(heldout, 1)}
+        return {**evaluation, "secure_aggregation": secure_report} if secure else evaluation
 
     def unlearn(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int,
                 protocol: str = "fresh", method: str = "iau", requester: int | None = None) -> tuple[ArrayRecord, UnlearningReport]:
@@ -276,7 +285,7 @@ class IAUFed(UnlearningFedAvg):
                     break
             if self.iau.step_rule == "normalised":
                 report.radius = stepper.length if stepper.length is not None else self.iau.radius
-        except _Abort as abort:
+        except (_Abort, SecAggAbortedError) as abort:
             report.status, report.reason = "aborted", str(abort)
             logger.warning("%s: request of client %s aborted, model left unchanged: %s", method, request.client, abort)
             raise UnlearningAbortedError(f"{method}: the request of client {request.client} was aborted and the model left "
@@ -395,6 +404,8 @@ class IAUFed(UnlearningFedAvg):
             else:
                 continue
             messages.append(Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.QUERY_GRADIENT))
+        if self.policy.secure is not None:  # the server sees only the sum: d itself
+            return secure_direction(self, grid, messages, version, report)
 
         remaining_sum = torch.zeros(self.layout.numel, dtype=torch.float64)
         withdrawing: dict[str, torch.Tensor] = {}

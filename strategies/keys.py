@@ -83,3 +83,12 @@ LOSS_AFTER = "loss-after"
 ROLE_REMAINING = "remaining"
 ROLE_WITHDRAWING = "withdrawing"
 ROLE_FORGET_ONLY = "forget-only"
+
+# Secure aggregation (strategies/secagg.py): the four SecAgg+ stages as query types, and the names they use
+QUERY_SECAGG_SETUP = "query.secagg_setup"          # stage 1: advertise keys (the client answers two public keys)
+QUERY_SECAGG_SHARE_KEYS = "query.secagg_share_keys"  # stage 2: Shamir shares of the client's secrets, encrypted per peer
+QUERY_SECAGG_COLLECT = "query.secagg_collect"      # stage 3: the inner query, answered with a masked vector
+QUERY_SECAGG_UNMASK = "query.secagg_unmask"        # stage 4: shares of the survivors' seeds and the dropped clients' keys
+SECAGG = "secagg"                  # the record (server <-> client) holding a stage's protocol values
+SECAGG_STATE = "secagg-state"      # the client's secrets between stages, in its node's context.state (never sent)
+SECAGG_MASKED = "secagg-masked"    # stage 3 reply: the masked vector (uint32, one array of P + 1 field elements)

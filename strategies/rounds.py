@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from fedunlearn.config import NORM_ACTIONS
 from fedunlearn.config import UNLEARN_POLICIES as MISSING_POLICIES
 from fedunlearn.errors import InvalidReplyError, MissingRepliesError
+from fedunlearn.secagg import SecAggSettings
 
 from .directory import ClientDirectory
 from .validation import record_failure, record_rejection
@@ -44,6 +45,7 @@ class RoundPolicy:
     on_missing: str = "abort"
     norm_bound: float = 0.0
     norm_action: str = "clip"
+    secure: SecAggSettings | None = None  # sums through SecAgg+ (strategies/secagg.py): the server sees only the sum
 
     def __post_init__(self) -> None:
         if self.retries < 0:

@@ -31,6 +31,7 @@ GROUPS = {
     "--seed": "Execution",
     "--shadow-mia": "Evaluation and output",
     "--tracking": "Experiment tracking",
+    "--secure-aggregation": "Secure aggregation",
 }
 
 

@@ -23,6 +23,7 @@ from fedunlearn.models import build_model
 from .. import app_config, keys
 from ..iau_fed import GradientQuery, UnlearningReport
 from ..runtime import ClientRuntime, incoming, reply, request_of
+from ..secagg import HANDLERS as SECAGG_HANDLERS
 from .base import MethodContext, MethodOutcome, register, storage
 
 
@@ -126,7 +127,9 @@ METHOD_OF = {"fresh": "iau", "cached": "iau-cached"}
 PROTOCOL_OF = {name: protocol for protocol, name in METHOD_OF.items()}
 
 # Every IAU-based method (gradient ascent too) answers through these two queries.
-HANDLERS = {keys.QUERY_GRADIENT.removeprefix("query."): gradient, keys.QUERY_CALIBRATE.removeprefix("query."): calibrate}
+# The SecAgg+ stage steps wrap them when --secure-aggregation is on (strategies/secagg.py).
+HANDLERS = {keys.QUERY_GRADIENT.removeprefix("query."): gradient, keys.QUERY_CALIBRATE.removeprefix("query."): calibrate,
+            **SECAGG_HANDLERS}
 
 
 # ----- server side ------------------------------------------------------------------------------------------------
