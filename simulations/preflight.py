@@ -94,8 +94,8 @@ def check_data(spec: DataSpec) -> FederatedData:
                                   f"format); delete {folder} and fetch it again with --download")
     try:
         return DatasetStore.get(spec)
-    except ConfigError:
-        raise
+    except ConfigError as err:  # the data layer's own refusals (e.g. a plug-in loader's data): keys as the CLI spells them
+        raise ConfigError(kebab_keys(str(err))) from None
     except FileNotFoundError as err:  # e.g. --download failed: the data layer's message says what to do
         raise ConfigError(f"{key}: {kebab_keys(str(err))}") from None
     except ValueError as err:

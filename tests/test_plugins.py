@@ -158,12 +158,12 @@ BAD = [
     (["--dataset", f"{ZOO}:old_signature"], D, "unexpected keyword argument 'download'"),
     (["--dataset", f"{ZOO}:nope"], D, "has no attribute"),
     (["--dataset", "imagenet"], D, "PKG.MODULE:LOADER"),
-    # A plug-in dataset's classes and image size are known once it has loaded; then they meet the settings:
-    (["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "2", "--backdoor-target", "5"], "backdoor_target=5", "[0, 3)"),
-    (["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "7"], "trigger_size=7", "[1, 6]"),
+    # A plug-in dataset's classes and image size are known once it has loaded; then they meet the settings (named as the CLI spells them):
+    (["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "2", "--backdoor-target", "5"], "backdoor-target=5", "[0, 3)"),
+    (["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "7"], "trigger-size=7", "[1, 6]"),
     (["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "2", "--partition", "pathological", "--classes-per-client", "4"],
-     "classes_per_client=4", "use at most 3"),
-    (["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "2", "--num-clients", "200"], "num_clients=200", "use fewer clients"),
+     "classes-per-client=4", "use at most 3"),
+    (["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "2", "--num-clients", "200"], "num-clients=200", "use fewer clients"),
     (["--num-clients", "10", "--partition", "dirichlet", "--alpha", "0.01", "--min-partition-size", "140"], "partition=dirichlet",
      "flwr-datasets says"),
     (["--partition", "shard", "--shards-per-client", "1", "--shard-size", "500"], "partition=shard", "flwr-datasets says"),
