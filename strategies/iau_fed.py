@@ -256,6 +256,9 @@ class IAUFed(UnlearningFedAvg):
         segments = tuple(int(np.prod(shape)) for shape in self.layout.shapes)
         stepper = CorrectionStepper(theta, self.iau, segments)
         current = arrays
+        # The cached protocol takes G_S out of G_tot at its first step: an abort at a later step puts it back, so an
+        # aborted request leaves the strategy as it found it (the aggregate cache included), not only the model.
+        saved_total = (self.gradient_total, self.gradient_total_count)
         try:
             for step in range(self.iau.steps):
                 # Fresh: every step a round at the current model. Cached: step 1 from G_tot and client u's G_S at the
@@ -286,6 +289,7 @@ class IAUFed(UnlearningFedAvg):
             if self.iau.step_rule == "normalised":
                 report.radius = stepper.length if stepper.length is not None else self.iau.radius
         except (_Abort, SecAggAbortedError) as abort:
+            self.gradient_total, self.gradient_total_count = saved_total
             report.status, report.reason = "aborted", str(abort)
             logger.warning("%s: request of client %s aborted, model left unchanged: %s", method, request.client, abort)
             raise UnlearningAbortedError(f"{method}: the request of client {request.client} was aborted and the model left "

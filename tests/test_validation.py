@@ -231,8 +231,6 @@ def test_abort_policy_raises_and_leaves_state_unchanged(corruption, contribution
     assert iau.ledger == () and iau.current_examples() == sum(NUM_TRAIN.values())
 
 
-@pytest.mark.xfail(strict=True, reason="strategies/iau_fed.py reduces G_tot by G_S in step 1 of the cached protocol and does not "
-                                       "restore it when a later step aborts (found by this test; issue 14, reported to the lead)")
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
 @given(contributions=st.lists(vectors, min_size=3, max_size=3))
 def test_cached_protocol_abort_leaves_the_aggregate_cache_unchanged(corruption, contributions):
