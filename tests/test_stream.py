@@ -40,9 +40,10 @@ def test_two_requests_in_sequence_equal_the_pooled_reference_and_keep_caches_con
     counts = [len(forget_indices(setup.data, r)) for r in (first, second)]
 
     # Single process, pooled data. Fresh: each direction at the model it corrects. Cached: every gradient at theta0.
-    d1, _, _ = setup.reference_direction(theta0, first)
+    d1 = setup.reference_direction(theta0, first).d
     theta1 = CorrectionStepper(theta0, settings).step(d1).to(torch.float32).to(torch.float64)
-    d2, remaining2, _ = setup.reference_direction(theta1 if protocol == "fresh" else theta0, second, ledger=(first,))
+    reference2 = setup.reference_direction(theta1 if protocol == "fresh" else theta0, second, ledger=(first,))
+    d2, remaining2 = reference2.d, reference2.remaining_count
     theta2 = CorrectionStepper(theta1, settings).step(d2)
 
     arrays1, _ = setup.strategy.unlearn(setup.grid, setup.arrays, first, counts[0], protocol=protocol)

@@ -146,10 +146,18 @@ def train_and_unlearn(grid: Grid, cfg: ExperimentConfig, say: Callable[[str], No
         if method not in cfg.methods:
             continue
         started = time.perf_counter()
-        unlearned, report = strategy.branch().unlearn(grid, trained, request, forget_count, protocol=protocol, method=method)
+        branch = strategy.branch()
+        unlearned, report = branch.unlearn(grid, trained, request, forget_count, protocol=protocol, method=method)
+        # The fresh protocol's repair: --iau-repair-rounds FedAvg rounds among the remaining clients from the corrected
+        # model, as the simulator's `iau` runs them; the cached protocol contacts client u alone and never repairs.
+        repair = cfg.iau_repair_rounds if protocol == "fresh" else 0
+        if repair > 0:
+            repairer = UnlearningFedAvg(directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
+                                        fraction_train=cfg.fraction_fit, ledger=branch.ledger)
+            unlearned = repairer.start(grid=grid, initial_arrays=unlearned, num_rounds=repair, timeout=cfg.round_timeout).arrays
         seconds = time.perf_counter() - started
         results["models"][method] = checks(unlearned, reference)
-        results["unlearning"][method] = report.to_dict() | {"wall_s": seconds}
+        results["unlearning"][method] = report.to_dict() | {"wall_s": seconds, "repair_rounds": repair}
     return results
 
 
