@@ -94,8 +94,8 @@ VARIANTS = (
 def variant_method(variant: Variant) -> str:
     """Register `variant` as a method named iau:<name> (once) and return that name."""
     from simulations.methods import REGISTRY, MethodContext, MethodOutcome, register
-    from strategies.methods.iau import run_iau
     from strategies import app_config
+    from strategies.methods.iau import run_iau
 
     name = f"iau:{variant.name}"
     if name not in REGISTRY:

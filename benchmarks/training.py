@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import data
-from .common import (RESULTS_DIR, envelope, format_bytes, format_ratio, format_seconds, median, ratio, run_child, table,
-                     write_json)
+from .common import RESULTS_DIR, envelope, format_bytes, format_ratio, format_seconds, median, ratio, run_child, table, write_json
 from .variants import ENGINES, LABELS, VARIANTS, Scale
 
 # Targets of issue 6 for this benchmark (the H100 ones need the cohort execution mode and a GPU).

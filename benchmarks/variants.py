@@ -138,7 +138,7 @@ class RayWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(interval,), name="ray-watcher", daemon=True)
 
-    def __enter__(self) -> "RayWatcher":
+    def __enter__(self) -> RayWatcher:
         self._thread.start()
         return self
 

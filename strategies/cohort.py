@@ -364,7 +364,7 @@ class CohortClientApp(ClientApp):
         elapsed = time.perf_counter() - start
         total = sum(len(i) for i in indices)
         results: list[Entry] = []
-        for partition, idx, state, loss in zip(partitions, indices, result.states, result.losses):
+        for partition, idx, state, loss in zip(partitions, indices, result.states, result.losses, strict=True):
             # The vectorised work has no per-client clock: each client is charged its share of the examples.
             share = len(idx) / total if total else 1.0 / len(partitions)
             content = RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: len(idx), keys.TRAIN_LOSS: loss,
@@ -410,6 +410,6 @@ def build_cohort_client_app(spec: ClientSpec, cohort_size: int, inner: ClientApp
     return CohortClientApp(spec, cohort_size, app, vectorise_train=vectorise and not isinstance(app, FaultyClientApp), chunk_size=chunk_size)
 
 
-def cohort_size_of(cfg: "ExperimentConfig") -> int:
+def cohort_size_of(cfg: ExperimentConfig) -> int:
     """The cohort size an experiment runs with (`cfg.cohort_size`, or the automatic one for 0)."""
     return cohort_size_for(cfg.num_clients, cfg.cohort_size, cfg.num_cpus_per_client, cfg.num_gpus_per_client)

@@ -89,7 +89,7 @@ def vector_from_record(record: ArrayRecord, layout: ParamLayout, reply: Message,
     if unexpected:
         raise InvalidReplyError(f"{_who(reply)} holds tensor(s) {unexpected[:3]} the model does not have: expected exactly {list(layout.names)[:3]}...")
     parts = {}
-    for name, shape in zip(layout.names, layout.shapes):
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
         if name not in record:
             raise InvalidReplyError(f"{_who(reply)} lacks tensor {name!r}: every trainable parameter must be present")
         array = record[name]
