@@ -103,7 +103,7 @@ def _schedule(n: int, settings: TrainSettings, generator: torch.Generator) -> li
     """local_train's mini-batches for a client with n examples: index tensors, in order (consumes `generator` alike)."""
     if n == 0:
         return []
-    batches = []
+    batches: list[torch.Tensor] = []
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=generator)
         batches.extend(order[start : start + settings.batch_size] for start in range(0, n, settings.batch_size))
