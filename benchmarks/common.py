@@ -64,7 +64,7 @@ def machine_info() -> dict[str, Any]:
 
 def utc_now() -> str:
     """The current time, ISO 8601 in UTC (seconds)."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 def median(values: Iterable[float | None]) -> float | None:
@@ -205,7 +205,7 @@ class PeakMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="peak-rss-monitor", daemon=True)
 
-    def __enter__(self) -> "PeakMonitor":
+    def __enter__(self) -> PeakMonitor:
         if self.available:
             self._thread.start()
         return self
@@ -253,7 +253,7 @@ class PeakMonitor:
         workers = sorted((self.peaks[p] for p in self.peaks if p != me and process_role(self.commands.get(p, "")) == "worker"), reverse=True)
         system = [self.peaks[p] for p in self.peaks if p != me and process_role(self.commands.get(p, "")) == "ray-system"]
         return {
-            "source": "/proc/<pid>/status VmHWM, sampled every %.2f s" % self.interval,
+            "source": f"/proc/<pid>/status VmHWM, sampled every {self.interval:.2f} s",
             "driver_peak_rss_bytes": self.peaks.get(me),
             "worker_peak_rss_bytes": workers,
             "worker_peak_rss_max_bytes": workers[0] if workers else None,

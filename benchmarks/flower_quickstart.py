@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch.utils.data import DataLoader, Subset
 
 from fedunlearn.models import build_model
+from strategies.wire import as_float, as_int
 
 from .data import HELDOUT_FRACTION
 
@@ -85,18 +86,20 @@ def train(msg: Message, context: Context) -> Message:
     """Train the model on local data."""
     start = time.perf_counter()
     model = Net()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
-    config = msg.content["config"]
+    config = msg.content.config_records["config"]
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
-    trainloader, _ = load_data(partition_id, num_partitions, int(config["batch-size"]), str(config["data-dir"]))
-    train_loss = train_fn(model, trainloader, int(config["local-epochs"]), float(config["lr"]), float(config["momentum"]), device)
+    trainloader, _ = load_data(partition_id, num_partitions, as_int(config["batch-size"]), str(config["data-dir"]))
+    train_loss = train_fn(model, trainloader, as_int(config["local-epochs"]), as_float(config["lr"]), as_float(config["momentum"]), device)
 
-    metrics = {"train_loss": train_loss, "num-examples": len(trainloader.dataset), "torch-threads": torch.get_num_threads(),
-               "compute-s": time.perf_counter() - start}
+    # torch types Dataset without __len__ (its map-style datasets have one; this MNIST does)
+    num_examples = len(trainloader.dataset)  # type: ignore[arg-type]
+    metrics: dict[str, int | float | list[int] | list[float]] = {"train_loss": train_loss, "num-examples": num_examples,
+                                                                 "torch-threads": torch.get_num_threads(), "compute-s": time.perf_counter() - start}
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -94,8 +94,8 @@ VARIANTS = (
 def variant_method(variant: Variant) -> str:
     """Register `variant` as a method named iau:<name> (once) and return that name."""
     from simulations.methods import REGISTRY, MethodContext, MethodOutcome, register
-    from strategies.methods.iau import run_iau
     from strategies import app_config
+    from strategies.methods.iau import run_iau
 
     name = f"iau:{variant.name}"
     if name not in REGISTRY:
@@ -148,7 +148,7 @@ def run_one(preset: str, seed: int, variants: list[Variant], quick: bool, out: P
 # ----- the report ----------------------------------------------------------------------------------------------------
 
 
-def _row(model: dict[str, Any], retrain: dict[str, Any]) -> dict[str, float]:
+def _row(model: dict[str, Any], retrain: dict[str, Any]) -> dict[str, float | None]:
     """The figures the report compares for one model of one run."""
     cost = model.get("cost") or {}
     unlearning = model.get("unlearning") if isinstance(model.get("unlearning"), dict) else {}
@@ -183,10 +183,10 @@ def _cell(stats: tuple[float, float, int] | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
-def collect(out: Path, also: tuple[Path, ...] = ()) -> dict[str, dict[str, list[dict[str, float]]]]:
+def collect(out: Path, also: tuple[Path, ...] = ()) -> dict[str, dict[str, list[dict[str, float | None]]]]:
     """{preset: {model: [row per seed]}} from the saved experiments (several folders: a model is taken from the first
     folder that holds it for that preset and seed)."""
-    table: dict[str, dict[str, list[dict[str, float]]]] = {}
+    table: dict[str, dict[str, list[dict[str, float | None]]]] = {}
     merged: dict[str, dict[str, Any]] = {}
     for folder in (out, *also):
         for path in sorted(folder.glob("*-seed*.json")):
@@ -208,17 +208,17 @@ def collect(out: Path, also: tuple[Path, ...] = ()) -> dict[str, dict[str, list[
     return table
 
 
-def verdicts(rows: list[dict[str, float]], pga: list[dict[str, float]], protocol_limit: int) -> dict[str, bool | None]:
+def verdicts(rows: list[dict[str, float | None]], pga: list[dict[str, float | None]], protocol_limit: int) -> dict[str, bool | None]:
     """Which targets a model meets on one preset (means over the seeds)."""
-    def mean(key: str, source: list[dict[str, float]] = rows) -> float | None:
+    def mean(key: str, source: list[dict[str, float | None]] = rows) -> float | None:
         s = _stats([r.get(key) for r in source])
         return None if s is None else s[0]
-    asr_gap, acc_gap, durable = mean("asr_gap"), mean("acc_gap"), mean("durable_asr_gap")
+    asr_gap, acc_gap, durable, rounds = mean("asr_gap"), mean("acc_gap"), mean("durable_asr_gap"), mean("rounds")
     asr_std = _stats([r.get("asr") for r in rows])
     out: dict[str, bool | None] = {
         "asr": None if asr_gap is None else abs(asr_gap) <= 0.02,
         "acc": None if acc_gap is None else acc_gap >= -0.01,
-        "rounds": None if mean("rounds") is None else mean("rounds") <= protocol_limit,
+        "rounds": None if rounds is None else rounds <= protocol_limit,
         "asr_std": None if asr_std is None else asr_std[1] <= 0.05,
         "durable": None if durable is None else durable <= 0.05,
     }
@@ -264,7 +264,7 @@ def write_report(out: Path, report: Path, machine: str, also: tuple[Path, ...] =
         for name, rows in models.items():
             band = [_stats([r.get(k) for r in rows]) for k in ("in_band_asr", "in_band_acc")]
             band_text = " / ".join("-" if b is None else f"{round(b[0] * b[2])}/{b[2]}" for b in band)
-            mb = _stats([None if r.get("bytes") is None else r["bytes"] / 2**20 for r in rows])
+            mb = _stats([None if (nbytes := r.get("bytes")) is None else nbytes / 2**20 for r in rows])
             durable = f"{_cell(_stats([r.get('durable_asr') for r in rows]))} ({_cell(_stats([r.get('durable_asr_gap') for r in rows]))})"
             lines.append(f"| {name} | {_cell(_stats([r.get('acc') for r in rows]))} | {_cell(_stats([r.get('acc_gap') for r in rows]))} | "
                          f"{_cell(_stats([r.get('asr') for r in rows]))} | {_cell(_stats([r.get('asr_gap') for r in rows]))} | {band_text} | "

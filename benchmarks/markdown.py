@@ -33,7 +33,7 @@ def format_date(value: str | None) -> str:
         moment = _dt.datetime.fromisoformat(value)
     except ValueError:
         return value
-    return moment.astimezone(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return moment.astimezone(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def machine_line(machine: dict[str, Any] | None) -> str:
@@ -224,7 +224,7 @@ def memory(result: dict[str, Any], path: Path | None = None) -> str:
         summaries = {n: variants[n].get("summary", {}) for n in names}
         caches = {n: variants[n].get("caches") or {} for n in names}
 
-        def cache(name: str, key: str) -> str:
+        def cache(name: str, key: str, summaries: dict[str, Any] = summaries, caches: dict[str, Any] = caches) -> str:
             if not summaries[name].get("ok"):
                 return _cell(summaries[name], "", "s")
             return format_bytes(caches[name].get(key)) if caches[name] else "- (no caches)"

@@ -79,7 +79,7 @@ def print_report(result: dict[str, Any]) -> None:
     """One row per scale and path, then the cache figures and the target."""
     rows = []
     for entry in result["scales"]:
-        for variant, v in entry["variants"].items():
+        for v in entry["variants"].values():
             s = v["summary"]
             if not s.get("ok"):
                 rows.append([f"{entry['clients']} x {entry['examples']}", v["label"],
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     result = envelope("memory", settings, argv)
     result["scales"] = []
     cap = int(args.memory_cap_gb * 1e9) if args.memory_cap_gb else None
-    for n_clients, n_examples in zip(clients, examples):
+    for n_clients, n_examples in zip(clients, examples, strict=True):
         dataset = data.prepare(n_clients, n_examples, seed=args.seed, root=args.data_root)
         scale = Scale(clients=n_clients, examples=n_examples, rounds=args.rounds, data_dir=dataset.root, batch_size=args.batch_size,
                       epochs=args.epochs, lr=args.lr, momentum=args.momentum, seed=args.seed, timeout=args.timeout,

@@ -34,7 +34,7 @@ from typing import Any
 
 from .common import RESULTS_DIR, envelope, table, write_json
 
-SETTINGS = (
+SETTINGS: tuple[tuple[str, float | None, float | None, str, bool], ...] = (
     # name, engine pickup interval (s, None = Flower's 0.1), grid pull interval (s, None = Flower's), payload, metered
     ("flower-polls, tiny", None, None, "tiny", False),
     ("fedunlearn-polls, tiny", 0.005, 0.005, "tiny", False),
@@ -48,6 +48,8 @@ SETTINGS = (
 def _server_app(trips: int, payload: str, pull: float | None, metered: bool, out: str):  # noqa: ANN202 - a flwr app
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.serverapp import Grid, ServerApp
+
+    from strategies.wire import as_float
 
     app = ServerApp()
 
@@ -81,9 +83,9 @@ def _server_app(trips: int, payload: str, pull: float | None, metered: bool, out
         sent = time.time()
         replies = list(grid.send_and_receive([message], timeout=60))
         received = time.time()
-        metrics = replies[0].content["metrics"]
-        return {"trip": trip, "sent": sent, "received": received, "started": float(metrics.get("started", "nan")),
-                "ended": float(metrics.get("ended", "nan"))}
+        metrics = replies[0].content.metric_records["metrics"]
+        return {"trip": trip, "sent": sent, "received": received, "started": as_float(metrics.get("started", "nan")),
+                "ended": as_float(metrics.get("ended", "nan"))}
 
     return app
 

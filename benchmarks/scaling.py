@@ -127,7 +127,7 @@ def print_report(result: dict[str, Any]) -> None:
     for p in result["points"]:
         m = p["methods"]
 
-        def cell(method: str, key: str, fmt: Any = format_ratio) -> str:
+        def cell(method: str, key: str, fmt: Any = format_ratio, m: dict[str, Any] = m) -> str:
             value = (m.get(method) or {}).get(key)
             return "-" if value is None else fmt(value)
 

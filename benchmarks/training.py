@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import data
-from .common import (RESULTS_DIR, envelope, format_bytes, format_ratio, format_seconds, median, ratio, run_child, table,
-                     write_json)
+from .common import RESULTS_DIR, envelope, format_bytes, format_ratio, format_seconds, median, ratio, run_child, table, write_json
 from .variants import ENGINES, LABELS, VARIANTS, Scale
 
 # Targets of issue 6 for this benchmark (the H100 ones need the cohort execution mode and a GPU).
@@ -167,7 +166,7 @@ def compare(summaries: dict[str, dict[str, Any]], clients: int, gpu: str | None 
         targets.append({
             "target": f"2-core CPU, 100 clients: {path} no slower than the plain Flower app (steady round)", "path": path,
             "measured": speedup, "required": TARGET_VS_FLOWER, "better": "higher", "met": met,
-            "note": (absent if met is None else
+            "note": (absent if speedup is None else
                      f"{path}'s round is {speedup:.2f}x as fast as the plain Flower app's" + applies +
                      ("" if met else f"; missed by {TARGET_VS_FLOWER / speedup:.2f}x")),
         })
@@ -175,7 +174,7 @@ def compare(summaries: dict[str, dict[str, Any]], clients: int, gpu: str | None 
         targets.append({
             "target": f"2-core CPU, 100 clients: {path} within 1.25x of the single-process loop (steady round)", "path": path,
             "measured": slowdown, "required": TARGET_VS_LOOP, "better": "lower", "met": met,
-            "note": (absent if met is None else
+            "note": (absent if slowdown is None else
                      f"{path}'s round takes {slowdown:.2f}x the loop's" + applies +
                      ("" if met else f"; missed by {slowdown / TARGET_VS_LOOP:.2f}x")),
         })

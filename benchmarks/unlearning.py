@@ -97,7 +97,7 @@ def targets_for(methods: dict[str, dict[str, Any]], training_rounds: int, pull: 
                                  "required": required, "better": "higher"}
         summary = methods.get(name)
         measured = None if summary is None else summary.get("speedup_wall")
-        if measured is None or retrain_wall is None:
+        if summary is None or measured is None or retrain_wall is None:
             why = (f"{name} did not finish in any repeat: {'; '.join(summary['unfinished'])[:500]}"
                    if summary is not None and summary.get("unfinished") and not summary.get("repeats_finished")
                    else f"{name} or retrain did not run")

@@ -138,7 +138,7 @@ class RayWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(interval,), name="ray-watcher", daemon=True)
 
-    def __enter__(self) -> "RayWatcher":
+    def __enter__(self) -> RayWatcher:
         self._thread.start()
         return self
 
@@ -251,10 +251,12 @@ def run_flower_quickstart(scale: Scale) -> dict[str, Any]:
 
     with PeakMonitor() as monitor:
         times = simulate(body, qs.app, scale.clients, scale.timeout, scale.engine)
-    rounds = clock.round_seconds(times["ray_ready"] or times["called"])
+    called, returned = times["called"], times["returned"]
+    assert called is not None and returned is not None  # simulate() always sets both; only ray_ready may be None
+    rounds = clock.round_seconds(times["ray_ready"] or called)
     return {"ok": True, "engine": scale.engine, **startup_times(times, clock.ended[1], scale.engine),
             **round_summary(rounds), "replies_per_round": [clock.replies[r] for r in sorted(clock.replies)],
-            "worker_torch_threads": sorted(clock.torch_threads), "wall_s": times["returned"] - times["called"], **poll,
+            "worker_torch_threads": sorted(clock.torch_threads), "wall_s": returned - called, **poll,
             "memory": monitor.report()}
 
 
@@ -470,6 +472,7 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
         phase_done("caching (fill + upload)", started, meter.get("caching"))
         extra["client_cache_bytes"] = store.total_bytes()
         extra["client_cache_files"] = len(list(Path(cache_dir).glob("client-*.safetensors")))
+        assert strategy.gradient_total is not None  # fill_caches just set it
         extra["server_aggregate_cache_bytes"] = int(strategy.gradient_total.numel() * strategy.gradient_total.element_size())
         request = DeletionRequest(client=0)
         forget_count = directory.num_train[0]
@@ -488,11 +491,13 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
         import shutil
 
         shutil.rmtree(cache_dir, ignore_errors=True)
-    rounds = clock.round_seconds(times["ray_ready"] or times["called"])
+    called, returned = times["called"], times["returned"]
+    assert called is not None and returned is not None  # simulate() always sets both; only ray_ready may be None
+    rounds = clock.round_seconds(times["ray_ready"] or called)
     return {"ok": True, "engine": scale.engine, "device": cfg.device, **execution_info,
             **startup_times(times, clock.ended[1], scale.engine), "discovery_s": marks["discovered"] - marks["main"],
             **round_summary(rounds), "replies_per_round": [clock.replies[r] for r in sorted(clock.replies)],
-            "wall_s": times["returned"] - times["called"], "phases": phases, **extra, "memory": monitor.report()}
+            "wall_s": returned - called, "phases": phases, **extra, "memory": monitor.report()}
 
 
 # ----- calibration: how fast one training step is on this machine right now -----------------------------

@@ -47,7 +47,7 @@ def weighted_mean(states: list[StateDict], weights: list[float]) -> dict[str, to
     total = float(sum(weights))
     if total <= 0:
         raise ValueError(f"weights sum to {total}: every weight must be >= 0 and at least one > 0")
-    return {name: sum(w * s[name].to(torch.float64) for s, w in zip(states, weights)) / total for name in states[0]}  # type: ignore[misc]
+    return {name: sum(w * s[name].to(torch.float64) for s, w in zip(states, weights, strict=True)) / total for name in states[0]}  # type: ignore[misc]
 
 
 # ----- FedEraser ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ class GradientCache:
     version: str
     scope: str = "none"
 
-    def without(self, subset_sum: torch.Tensor, subset_count: int, new_scope: str) -> "GradientCache":
+    def without(self, subset_sum: torch.Tensor, subset_count: int, new_scope: str) -> GradientCache:
         """G_{k without S} = G_k - G_S: the cache after removing a subset (same version)."""
         if subset_count > self.num_examples:
             raise ValueError(f"cannot remove {subset_count} examples from a cache over {self.num_examples}")

@@ -91,7 +91,7 @@ def _sequential(model: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torch
     """local_train for each client in turn, each from the same starting parameters."""
     initial = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     states, losses = [], []
-    for x, y, generator in zip(xs, ys, generators):
+    for x, y, generator in zip(xs, ys, generators, strict=True):
         model.load_state_dict(initial, strict=True)
         losses.append(local_train(model, x, y, settings, generator))
         states.append(OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()))
@@ -103,7 +103,7 @@ def _schedule(n: int, settings: TrainSettings, generator: torch.Generator) -> li
     """local_train's mini-batches for a client with n examples: index tensors, in order (consumes `generator` alike)."""
     if n == 0:
         return []
-    batches = []
+    batches: list[torch.Tensor] = []
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=generator)
         batches.extend(order[start : start + settings.batch_size] for start in range(0, n, settings.batch_size))
@@ -115,7 +115,7 @@ def _train_chunk(model: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torc
     device = next(model.parameters()).device
     k_clients = len(xs)
     batch = settings.batch_size
-    schedules = [_schedule(len(x), settings, g) for x, g in zip(xs, generators)]
+    schedules = [_schedule(len(x), settings, g) for x, g in zip(xs, generators, strict=True)]
     steps = max((len(s) for s in schedules), default=0)
     n_max = max((len(x) for x in xs), default=0)
 
@@ -124,7 +124,7 @@ def _train_chunk(model: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torc
     dtype = next((x.dtype for x in xs if len(x)), torch.float32)
     data_x = torch.zeros((k_clients, max(n_max, 1), *sample_shape), dtype=dtype, device=device)
     data_y = torch.zeros((k_clients, max(n_max, 1)), dtype=torch.long, device=device)
-    for k, (x, y) in enumerate(zip(xs, ys)):
+    for k, (x, y) in enumerate(zip(xs, ys, strict=True)):
         if len(x):
             data_x[k, : len(x)] = x.to(device)
             data_y[k, : len(y)] = y.to(device)
@@ -194,7 +194,7 @@ def _train_chunk(model: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torc
         model.train(was_training)
     counts = active_steps.clamp_min(1).to(torch.float64)
     mean_losses = (loss_sum / counts).tolist()
-    losses = [float("nan") if len(x) == 0 else loss for x, loss in zip(xs, mean_losses)]
+    losses = [float("nan") if len(x) == 0 else loss for x, loss in zip(xs, mean_losses, strict=True)]
     names = list(model.state_dict())
     states = []
     for k in range(k_clients):

@@ -25,7 +25,7 @@ class PhaseCost:
         """Plain dict with the contract's keys."""
         return asdict(self)
 
-    def __add__(self, other: "PhaseCost") -> "PhaseCost":
+    def __add__(self, other: PhaseCost) -> PhaseCost:
         return PhaseCost(*(getattr(self, k) + getattr(other, k) for k in COST_KEYS))
 
     @property

@@ -58,7 +58,7 @@ def decode_ledger(text: str) -> list[DeletionRequest]:
     return [DeletionRequest(**item) for item in json.loads(text)]
 
 
-def forget_indices(data: "FederatedData", request: DeletionRequest) -> torch.Tensor:
+def forget_indices(data: FederatedData, request: DeletionRequest) -> torch.Tensor:
     """Global indices of the examples a request asks to forget (all of the client's training data if client-level)."""
     from .data import select_forget_subset
 
@@ -69,7 +69,7 @@ def forget_indices(data: "FederatedData", request: DeletionRequest) -> torch.Ten
     return select_forget_subset(data, request.client, request.samples, request.fraction, data.spec.seed)
 
 
-def excluded_indices(data: "FederatedData", client: int, requests: list[DeletionRequest] | tuple[DeletionRequest, ...]) -> torch.Tensor:
+def excluded_indices(data: FederatedData, client: int, requests: list[DeletionRequest] | tuple[DeletionRequest, ...]) -> torch.Tensor:
     """Sorted global indices of `client`'s training examples removed by the requests in force."""
     parts = [forget_indices(data, r) for r in requests if r.client == client]
     if not parts:
@@ -77,7 +77,7 @@ def excluded_indices(data: "FederatedData", client: int, requests: list[Deletion
     return torch.unique(torch.cat(parts))
 
 
-def kept_indices(data: "FederatedData", client: int, requests: list[DeletionRequest] | tuple[DeletionRequest, ...]) -> torch.Tensor:
+def kept_indices(data: FederatedData, client: int, requests: list[DeletionRequest] | tuple[DeletionRequest, ...]) -> torch.Tensor:
     """The client's training indices that remain after the requests in force."""
     train = data.client_train[client]
     excluded = excluded_indices(data, client, requests)

@@ -19,7 +19,7 @@ class ParamLayout:
     shapes: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ParamLayout":
+    def of(cls, model: nn.Module) -> ParamLayout:
         """Layout of the trainable parameters of `model`."""
         named = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
         return cls(tuple(n for n, _ in named), tuple(s for _, s in named))
@@ -42,7 +42,7 @@ class ParamLayout:
             raise ValueError(f"flat vector has {flat.numel()} entries, the model has {self.numel} parameters")
         out: dict[str, torch.Tensor] = {}
         offset = 0
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=True):
             size = int(np.prod(shape))
             out[name] = flat[offset : offset + size].reshape(shape)
             offset += size
@@ -88,7 +88,7 @@ def gradient_sum(
             logits = model(xb)
             loss = F.cross_entropy(logits, yb, reduction="sum")
             grads = torch.autograd.grad(loss, params)
-            for acc, g in zip(total, grads):
+            for acc, g in zip(total, grads, strict=True):
                 acc += g.to(torch.float64)
             loss_sum += float(loss.detach())
             correct += int((logits.argmax(1) == yb).sum())

@@ -42,8 +42,8 @@ def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
     # Parameter-free models (e.g. a fixed lookup) may still carry buffers.
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 

@@ -7,7 +7,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-
 HEADERS = {"acc_test": "ACC test", "acc_remained": "ACC rem", "acc_deleted": "ACC del", "backdoor_asr": "ASR",
            "dist_para": "DIST para", "dist_output_deleted": "DIST del", "dist_output_triggered": "DIST trig",
            "dist_output": "DIST test", "mia_auc": "MIA loss"}

@@ -48,6 +48,7 @@ from strategies.iau_fed import IAUFed
 from strategies.metered_grid import MeteredGrid
 from strategies.methods.retrain import REFERENCE
 from strategies.update_recorder import fan_out
+from strategies.wire import as_float
 
 from .checkpoint import Checkpoints, differing_settings
 from .client_errors import ClientErrors, ClientFailure
@@ -171,7 +172,7 @@ class Experiment:
 
     def _resume_blocker(self, state: dict[str, Any] | None, status: str | None) -> str | None:
         """Why --resume cannot continue what DIR holds, or None when it can."""
-        assert self.checkpoints is not None
+        assert self.checkpoints is not None and self.out_dir is not None
         if status == "complete":
             return f"{self.out_dir / 'results.json'} holds a complete run: nothing to resume"
         if state is None:
@@ -593,7 +594,7 @@ class Experiment:
             start = time.perf_counter()
             point: dict[str, float] = {"round": server_round}
             if metrics is not None and keys.TRAIN_LOSS in metrics:
-                point["train_loss"] = float(metrics[keys.TRAIN_LOSS])
+                point["train_loss"] = as_float(metrics[keys.TRAIN_LOSS])
             if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
                 point.update(self.evaluator.quick(arrays))
             self.results["history"].setdefault(label, []).append(point)

@@ -284,7 +284,7 @@ def plot_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[st
     names = list(summary)
     metrics = [k for k in ("acc_test", "backdoor_asr", "mia_auc", "mia_shadow_auc", "dist_output") if any(k in summary[n] for n in names)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6))
-    for ax, key in zip(np.atleast_1d(axes), metrics):
+    for ax, key in zip(np.atleast_1d(axes), metrics, strict=True):
         having = [n for n in names if key in summary[n]]
         ax.bar(range(len(having)), [summary[n][key]["mean"] for n in having], yerr=[summary[n][key]["std"] for n in having],
                capsize=3, color=["#888" if n in ("original", "retrain") else "#3a7" for n in having])
@@ -318,7 +318,7 @@ def plot_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[st
         keys = [k for k in ("acc_test", "backdoor_asr", "acc_deleted", "mia_shadow_auc", "mia_auc") if k in stream[0]["models"].get("retrain", {})][:4]
         fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.6))
         steps = range(1, len(stream) + 1)
-        for ax, key in zip(np.atleast_1d(axes), keys):
+        for ax, key in zip(np.atleast_1d(axes), keys, strict=True):
             for name in stream[0]["models"]:
                 points = [step["models"].get(name, {}).get(key) for step in stream]
                 if all(p is not None for p in points):

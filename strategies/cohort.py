@@ -49,6 +49,7 @@ from . import keys
 from .faults import FaultyClientApp
 from .grid_wrapper import GridWrapper
 from .runtime import ClientRuntime, ClientSpec, train_seed, train_settings_from
+from .wire import as_int, as_ints
 
 if TYPE_CHECKING:
     from fedunlearn.config import ExperimentConfig
@@ -198,8 +199,8 @@ class CohortGrid(GridWrapper):
                 raise MissingRepliesError(f"node {node} failed the cohort query: {reply.error.reason} "
                                           "(cohort mode needs every node to run build_cohort_client_app)")
             record = reply.content.config_records[COHORT_RECORD]
-            index = int(record[COHORT_INDEX])
-            hosted = [int(p) for p in record[COHORT_PARTITIONS]]
+            index = as_int(record[COHORT_INDEX])
+            hosted = as_ints(record[COHORT_PARTITIONS])
             expected = list(cohort_partitions(index, self.cohort_size, self.num_clients))
             if hosted != expected:
                 raise ConfigError(f"node {node} hosts partitions {hosted}, the grid expects {expected} for cohort {index}: the client app "
@@ -352,19 +353,19 @@ class CohortClientApp(ClientApp):
         """Train every virtual client of the message at once; replies as the per-client train handler writes them."""
         start = time.perf_counter()
         runtime = ClientRuntime.get(self.spec)
-        config = contents[0][keys.CONFIG]
+        config = contents[0].config_records[keys.CONFIG]
         settings = train_settings_from(config)
         ledger = decode_ledger(str(config.get(keys.LEDGER, "")))
         partitions = [p for p, _ in entries]
         indices = [kept_indices(runtime.data, p, ledger) for p in partitions]
         data = [runtime.arrays_xy(i) for i in indices]
-        runtime.load(contents[0][keys.ARRAYS])
+        runtime.load(contents[0].array_records[keys.ARRAYS])
         generators = [torch.Generator().manual_seed(train_seed(config, p)) for p in partitions]
         result = cohort_local_train(runtime.model, [x for x, _ in data], [y for _, y in data], settings, generators, self.chunk_size)
         elapsed = time.perf_counter() - start
         total = sum(len(i) for i in indices)
         results: list[Entry] = []
-        for partition, idx, state, loss in zip(partitions, indices, result.states, result.losses):
+        for partition, idx, state, loss in zip(partitions, indices, result.states, result.losses, strict=True):
             # The vectorised work has no per-client clock: each client is charged its share of the examples.
             share = len(idx) / total if total else 1.0 / len(partitions)
             content = RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: len(idx), keys.TRAIN_LOSS: loss,
@@ -375,7 +376,8 @@ class CohortClientApp(ClientApp):
 
     def _serve_one(self, message: Message, partition: int, content: RecordDict, context: Context) -> RecordDict | Error:
         """One virtual message through the per-client app, with that client's own Context; an exception is its error reply."""
-        sub = Message(metadata=copy.copy(message.metadata), content=content)
+        # Flower's overloads leave out `metadata=`, the internal way (kept at runtime) to copy a message's metadata as is.
+        sub = Message(metadata=copy.copy(message.metadata), content=content)  # type: ignore[call-overload]
         prefix = f"{STATE_PREFIX}{partition}/"
         state = RecordDict({name[len(prefix):]: record for name, record in context.state.items() if name.startswith(prefix)})
         virtual = Context(run_id=context.run_id, node_id=virtual_node_id(partition),
@@ -410,6 +412,6 @@ def build_cohort_client_app(spec: ClientSpec, cohort_size: int, inner: ClientApp
     return CohortClientApp(spec, cohort_size, app, vectorise_train=vectorise and not isinstance(app, FaultyClientApp), chunk_size=chunk_size)
 
 
-def cohort_size_of(cfg: "ExperimentConfig") -> int:
+def cohort_size_of(cfg: ExperimentConfig) -> int:
     """The cohort size an experiment runs with (`cfg.cohort_size`, or the automatic one for 0)."""
     return cohort_size_for(cfg.num_clients, cfg.cohort_size, cfg.num_cpus_per_client, cfg.num_gpus_per_client)

@@ -21,16 +21,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from queue import Queue
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flwr.app import Message
+    from flwr.server.superlink.linkstate import LinkState
 
 logger = logging.getLogger("fedunlearn.engine")
 
 EXPECTED_WAIT = "f_stop.wait(0.1)"
 
 
-def pickup_loop(interval: float) -> Callable[[Any, Queue, dict, threading.Event], None]:
+def pickup_loop(interval: float) -> Callable[..., None]:
     """Flower's `add_messages_to_queue` with a wait of max(interval, 4 x the scan) instead of 0.1 s."""
-    def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict, f_stop: threading.Event) -> None:
+    def add_messages_to_queue(state: LinkState, queue: Queue[Message], nodes_mapping: dict[int, int], f_stop: threading.Event) -> None:
         """Put Messages in the queue from the LinkState (as Flower's own loop does)."""
         while not f_stop.is_set():
             started = time.perf_counter()

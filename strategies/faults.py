@@ -37,6 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from . import keys
+from .wire import as_int
 
 FAULT_PREFIX = "fault-injection"
 STATE_RECORD = "fault-injection"   # context.state record holding the node's message counter
@@ -90,10 +91,10 @@ def dropout_draw(seed: int, partition: int, counter: int) -> float:
 def scaled_gradient(record: ArrayRecord, norm: float) -> ArrayRecord:
     """The same tensors rescaled so their joint L2 norm is `norm` (a zero vector becomes all ones first), dtypes kept."""
     tensors = OrderedDict((name, torch.from_numpy(np.array(array.numpy(), dtype=np.float64))) for name, array in record.items())
-    total = float(torch.sqrt(sum((t ** 2).sum() for t in tensors.values())))
+    total = float(torch.sqrt(sum(((t ** 2).sum() for t in tensors.values()), torch.zeros((), dtype=torch.float64))))
     if total == 0.0:
         tensors = OrderedDict((n, torch.ones_like(t)) for n, t in tensors.items())
-        total = float(torch.sqrt(sum((t ** 2).sum() for t in tensors.values())))
+        total = float(torch.sqrt(sum(((t ** 2).sum() for t in tensors.values()), torch.zeros((), dtype=torch.float64))))
     dtypes = {name: array.numpy().dtype for name, array in record.items()}
     return ArrayRecord(OrderedDict((n, Array(np.ascontiguousarray((t * (norm / total)).numpy().astype(dtypes[n])))) for n, t in tensors.items()))
 
@@ -115,7 +116,7 @@ class FaultyClientApp(ClientApp):
 
     def _next_counter(self, context: Context) -> int:
         record = context.state.config_records.get(STATE_RECORD)
-        counter = int(record["messages"]) if record is not None else 0
+        counter = as_int(record["messages"]) if record is not None else 0
         context.state[STATE_RECORD] = ConfigRecord({"messages": counter + 1})
         return counter
 
@@ -133,7 +134,7 @@ class FaultyClientApp(ClientApp):
             return Message(Error(code=DROPOUT_ERROR_CODE, reason=reason), reply_to=message)
         if plan.crash_client == partition and message_type == keys.TRAIN:
             config = message.content.config_records.get(keys.CONFIG)
-            server_round = int(config[keys.SERVER_ROUND]) if config is not None and keys.SERVER_ROUND in config else None
+            server_round = as_int(config[keys.SERVER_ROUND]) if config is not None and keys.SERVER_ROUND in config else None
             if server_round == plan.crash_round:
                 raise InjectedCrash(self._note("crash", partition, message, round=server_round))
         if plan.dropout_prob > 0 and message_type in plan.dropout_types:

@@ -18,6 +18,7 @@ from fedunlearn.training import TrainSettings
 from . import keys
 from .directory import ClientDirectory
 from .validation import check_train_reply, record_failure, record_rejection
+from .wire import as_int
 
 __all__ = ["ClientDirectory", "UnlearningFedAvg", "UpdateRecorder", "discover_clients", "model_version", "sample_partitions"]
 
@@ -46,11 +47,11 @@ def discover_clients(grid: Grid, expected: int, timeout: float = 120.0) -> Clien
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
             raise MissingRepliesError(f"node {reply.metadata.src_node_id} failed the info query: {reply.error.reason}")
-        metrics = reply.content[keys.METRICS]
-        pid = int(metrics[keys.PARTITION_ID])
+        metrics = reply.content.metric_records[keys.METRICS]
+        pid = as_int(metrics[keys.PARTITION_ID])
         directory.node_of[pid] = reply.metadata.src_node_id
-        directory.num_train[pid] = int(metrics[keys.NUM_TRAIN])
-        directory.num_heldout[pid] = int(metrics[keys.NUM_HELDOUT])
+        directory.num_train[pid] = as_int(metrics[keys.NUM_TRAIN])
+        directory.num_heldout[pid] = as_int(metrics[keys.NUM_HELDOUT])
     if len(directory.node_of) != expected:
         raise MissingRepliesError(f"{len(directory.node_of)} of {expected} clients answered the info query; missing partitions: "
                                   f"{sorted(set(range(expected)) - set(directory.node_of))}")
@@ -141,7 +142,7 @@ class UnlearningFedAvg(FedAvg):
         for reply in replies:
             partition = partition_of.get(reply.metadata.src_node_id)
             if reply.has_error():  # kept for FedAvg, which logs and skips it
-                record_failure(self.failures, "train", partition, reply.error.reason, absolute_round)
+                record_failure(self.failures, "train", partition, reply.error.reason or f"error code {reply.error.code}", absolute_round)
                 kept.append(reply)
                 continue
             try:
@@ -160,7 +161,8 @@ class UnlearningFedAvg(FedAvg):
         if self.update_recorder is not None and self._last_arrays is not None:
             partition_of = {nid: p for p, nid in self.directory.node_of.items()}
             self.update_recorder(server_round + self.round_offset, {
-                partition_of[r.metadata.src_node_id]: (r.content[self.arrayrecord_key], int(r.content[keys.METRICS][keys.NUM_EXAMPLES]))
+                partition_of[r.metadata.src_node_id]: (r.content.array_records[self.arrayrecord_key],
+                                                  as_int(r.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES]))
                 for r in ordered if not r.has_error() and r.metadata.src_node_id in partition_of
                 and self.arrayrecord_key in r.content.array_records and keys.METRICS in r.content.metric_records
             }, self._last_arrays)

@@ -34,7 +34,7 @@ from .validation import (
     metrics_of,
     positive_count,
 )
-from .wire import WireSettings
+from .wire import WireSettings, as_int
 
 logger = logging.getLogger("fedunlearn.iau_fed")
 
@@ -344,7 +344,7 @@ class IAUFed(UnlearningFedAvg):
     def _contribution(self, partition: int, reply: Message, version: str, report: UnlearningReport,
                       count_key: str = keys.NUM_EXAMPLES, bound_scale: float = 1.0) -> tuple[Message, torch.Tensor]:
         """A validated gradient reply of the correction round, within the norm bound (applied to vector / bound_scale)."""
-        stale_ok = self.allow_stale and bool(int(metrics_of(reply).get(keys.CACHE_STALE, 0)))
+        stale_ok = self.allow_stale and bool(as_int(metrics_of(reply).get(keys.CACHE_STALE, 0)))
         vector = check_gradient_reply(reply, self.layout, version, dtype=self.gradient_dtype, stale_ok=stale_ok, count_key=count_key)
         bounded, clipped = bound_norm(vector / bound_scale, self.policy.norm_bound, self.policy.norm_action, f"client {partition}")
         if clipped:
@@ -357,9 +357,9 @@ class IAUFed(UnlearningFedAvg):
     def _note_cache_use(self, replies: list[Message], report: UnlearningReport) -> None:
         partition_of = {nid: p for p, nid in self.directory.node_of.items()}
         for reply in replies:
-            metrics = reply.content[keys.METRICS]
-            report.cache_hits += int(metrics.get(keys.CACHE_HIT, 0))
-            if int(metrics.get(keys.CACHE_STALE, 0)):
+            metrics = reply.content.metric_records[keys.METRICS]
+            report.cache_hits += as_int(metrics.get(keys.CACHE_HIT, 0))
+            if as_int(metrics.get(keys.CACHE_STALE, 0)):
                 report.stale_caches.append(partition_of[reply.metadata.src_node_id])
 
     def _offline_withdrawing(self, request: DeletionRequest, version: str, forget_count: int, report: UnlearningReport) -> torch.Tensor:

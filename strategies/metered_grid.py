@@ -11,6 +11,7 @@ from fedunlearn.costs import CostMeter
 
 from . import keys
 from .grid_wrapper import GridWrapper
+from .wire import as_float
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -24,7 +25,7 @@ def reply_compute_seconds(reply: Message) -> float:
         return 0.0
     for record in reply.content.metric_records.values():
         if keys.COMPUTE_S in record:
-            return float(record[keys.COMPUTE_S])
+            return as_float(record[keys.COMPUTE_S])
     return 0.0
 
 

@@ -89,7 +89,7 @@ def vector_from_record(record: ArrayRecord, layout: ParamLayout, reply: Message,
     if unexpected:
         raise InvalidReplyError(f"{_who(reply)} holds tensor(s) {unexpected[:3]} the model does not have: expected exactly {list(layout.names)[:3]}...")
     parts = {}
-    for name, shape in zip(layout.names, layout.shapes):
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
         if name not in record:
             raise InvalidReplyError(f"{_who(reply)} lacks tensor {name!r}: every trainable parameter must be present")
         array = record[name]
@@ -217,7 +217,7 @@ def check_withdrawal(directory: ClientDirectory, ledger: Iterable[DeletionReques
 
 def finite_metric(reply: Message, key: str) -> float:
     """A metric the server averages; it must be present and finite."""
-    metrics = metrics_of(reply)
-    if key not in metrics or isinstance(metrics[key], list) or not math.isfinite(float(metrics[key])):
-        raise InvalidReplyError(f"{_who(reply)} reports {key}={metrics.get(key)!r}: must be a finite number")
-    return float(metrics[key])
+    value = metrics_of(reply).get(key)
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidReplyError(f"{_who(reply)} reports {key}={value!r}: must be a finite number")
+    return float(value)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, TypeVar
 
 from flwr.app import ConfigRecord
 
-__all__ = ["WireSettings"]
+__all__ = ["WireSettings", "as_float", "as_int", "as_ints"]
 
 _CASTS: dict[str, Callable[[Any], Any]] = {"float": float, "int": int, "bool": bool, "str": str}
 S = TypeVar("S", bound="WireSettings")
@@ -41,3 +41,25 @@ class WireSettings:
                 type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
                 values[f.name] = _CASTS[type_name](record[key])
         return cls(**values)
+
+
+def as_int(value: object) -> int:
+    """int() of a record entry that must be one number: records type their values as unions that include lists (and
+    arrays), so this narrows for the type checker; anything int() would reject is a TypeError, as int() itself raises."""
+    if isinstance(value, int | float | str):
+        return int(value)
+    raise TypeError(f"expected one number, got {type(value).__name__} {value!r:.80}")
+
+
+def as_float(value: object) -> float:
+    """float() of a record entry that must be one number (see `as_int`)."""
+    if isinstance(value, int | float | str):
+        return float(value)
+    raise TypeError(f"expected one number, got {type(value).__name__} {value!r:.80}")
+
+
+def as_ints(value: object) -> list[int]:
+    """A record entry that must be a list of integers, as a list of int."""
+    if isinstance(value, list):
+        return [as_int(v) for v in value]
+    raise TypeError(f"expected a list of integers, got {type(value).__name__} {value!r:.80}")
