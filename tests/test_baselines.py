@@ -8,10 +8,10 @@ from collections import OrderedDict
 import pytest
 import torch
 from flwr.app import ArrayRecord
+from one_step import one_step
 from torch import nn
 from torch.nn import functional as F
 
-from one_step import one_step
 from fedunlearn.baselines import (
     FedEraserSettings,
     IMUSettings,
@@ -37,7 +37,6 @@ from fedunlearn.data import DatasetStore
 from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
 from fedunlearn.errors import ConfigError, MissingRepliesError
 from fedunlearn.gradients import ParamLayout, gradient_sum, load_model_vector, model_vector
-from fedunlearn.iau import IAUSettings
 from fedunlearn.models import build_model
 from fedunlearn.training import local_train
 from simulations.methods import MethodContext, get_method
@@ -81,7 +80,7 @@ def test_pga_reference_is_the_mean_of_the_other_clients():
     torch.testing.assert_close(pga_reference(global_equal, w[0], 1 / 3), ((w[1] + w[2]) / 2).double())
     # FedAvg weights 10, 30, 60 examples: w_ref for client 1 is the 10:60 mean of clients 0 and 2.
     n = [10.0, 30.0, 60.0]
-    global_weighted = sum(ni * wi for ni, wi in zip(n, w)) / 100
+    global_weighted = sum(ni * wi for ni, wi in zip(n, w, strict=True)) / 100
     torch.testing.assert_close(pga_reference(global_weighted, w[1], 0.3), ((10 * w[0] + 60 * w[2]) / 70).double())
     with pytest.raises(ValueError, match="client_share=1.0"):
         pga_reference(global_weighted, w[1], 1.0)

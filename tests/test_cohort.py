@@ -20,8 +20,17 @@ from simulations import runner
 from simulations.runner import Experiment
 from strategies import app_config
 from strategies.client_app import build_client_app
-from strategies.cohort import (VIRTUAL_NODE_BASE, CohortClientApp, CohortGrid, build_cohort_client_app, cohort_partitions,
-                               cohort_size_for, num_cohorts, pack, unpack)
+from strategies.cohort import (
+    VIRTUAL_NODE_BASE,
+    CohortClientApp,
+    CohortGrid,
+    build_cohort_client_app,
+    cohort_partitions,
+    cohort_size_for,
+    num_cohorts,
+    pack,
+    unpack,
+)
 from strategies.faults import with_faults
 from strategies.local_grid import LocalGrid
 
@@ -33,7 +42,7 @@ def reference(model: nn.Module, xs, ys, settings: TrainSettings, seeds):
     """local_train for each client in turn from the same parameters: the ground truth."""
     initial = copy.deepcopy(model.state_dict())
     states, losses = [], []
-    for x, y, seed in zip(xs, ys, seeds):
+    for x, y, seed in zip(xs, ys, seeds, strict=True):
         model.load_state_dict(initial)
         losses.append(local_train(model, x, y, settings, torch.Generator().manual_seed(seed)))
         states.append(copy.deepcopy(model.state_dict()))
@@ -64,7 +73,7 @@ def test_cohort_training_equals_clients_trained_in_turn(settings):
     for name, tensor in model.state_dict().items():  # the model itself is left at the starting parameters
         assert torch.equal(tensor, before[name])
     states, losses = reference(model, xs, ys, settings, seeds)
-    for k, (expected, got) in enumerate(zip(states, result.states)):
+    for k, (expected, got) in enumerate(zip(states, result.states, strict=True)):
         assert list(got) == list(expected)
         for name in expected:
             assert torch.allclose(got[name], expected[name], atol=ATOL, rtol=0), (k, name, (got[name] - expected[name]).abs().max())
@@ -83,7 +92,7 @@ def test_cohort_training_of_a_cnn_with_gradient_restriction():
     xs, ys = client_data([13, 6])
     states, _ = reference(model, xs, ys, settings, [1, 2])
     result = cohort_local_train(model, xs, ys, settings, [torch.Generator().manual_seed(s) for s in (1, 2)])
-    for expected, got in zip(states, result.states):
+    for expected, got in zip(states, result.states, strict=True):
         for name in expected:
             assert torch.allclose(got[name], expected[name], atol=ATOL, rtol=0), name
 
@@ -97,7 +106,7 @@ def test_models_with_batchnorm_fall_back_to_the_sequential_loop():
     states, losses = reference(model, xs, ys, settings, [3, 4])
     result = cohort_local_train(model, xs, ys, settings, [torch.Generator().manual_seed(s) for s in (3, 4)])
     assert not result.vectorised and result.losses == losses
-    for expected, got in zip(states, result.states):
+    for expected, got in zip(states, result.states, strict=True):
         assert all(torch.equal(got[n], expected[n]) for n in expected)  # running stats included
 
 
@@ -237,7 +246,7 @@ def assert_same_run(per_node, cohort):
     (results_a, models_a), (results_b, models_b) = per_node, cohort
     assert results_a["status"] == results_b["status"] == "complete"
     assert len(models_a) == len(models_b)
-    for a, b in zip(models_a, models_b):
+    for a, b in zip(models_a, models_b, strict=True):
         for name in a:
             assert torch.allclose(torch.from_numpy(a[name].numpy()), torch.from_numpy(b[name].numpy()), atol=ATOL, rtol=0), name
     assert set(results_a["phases"]) == set(results_b["phases"])

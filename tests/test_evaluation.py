@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fedunlearn.band import band_stats, versus_band
-from fedunlearn.data import DataSpec, DatasetStore, load_federated_data
+from fedunlearn.data import DatasetStore, DataSpec, load_federated_data
 from fedunlearn.deletion import DeletionRequest, decode_ledger, encode_ledger, forget_indices
 from fedunlearn.durability import relearn_steps
 from fedunlearn.mia import membership_sets
@@ -19,7 +19,6 @@ from simulations.runner import Experiment
 from strategies import app_config
 from strategies.client_app import build_client_app
 from strategies.local_grid import LocalGrid
-
 
 # --------------------------------------------------------------------------- data and scored sets
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
 from one_step import one_step
+
 from fedunlearn.costs import CostMeter, PhaseCost, speedup
 from strategies import app_config
 from strategies.client_app import build_client_app
@@ -31,7 +30,7 @@ class RecordingGrid(LocalGrid):
         self.sent.extend(messages)
         replies = list(super().send_and_receive(messages, timeout=timeout))
         # Copies: the strategies drop a client's arrays from its reply once they are summed (memory at scale).
-        self.received.extend(Message(copy.deepcopy(r.content), reply_to=m) for r, m in zip(replies, messages))
+        self.received.extend(Message(copy.deepcopy(r.content), reply_to=m) for r, m in zip(replies, messages, strict=True))
         return replies
 
 
@@ -45,11 +44,10 @@ def test_payload_bytes_counts_array_data():
 
 
 def test_metered_bytes_equal_sum_of_payloads(small_cfg, tmp_path):
-    from fedunlearn.iau import IAUSettings
-    from fedunlearn.models import build_model
-    from fedunlearn.gradients import ParamLayout
-    from strategies.iau_fed import IAUFed
     from fedunlearn.deletion import DeletionRequest
+    from fedunlearn.gradients import ParamLayout
+    from fedunlearn.models import build_model
+    from strategies.iau_fed import IAUFed
 
     app = build_client_app(app_config.client_spec_for(small_cfg, str(tmp_path)))
     recording = RecordingGrid(app, small_cfg.num_clients)

@@ -6,15 +6,15 @@ import csv
 
 import pytest
 import torch
+from one_step import one_step
 from test_distributed_iau import Setup
 
-from one_step import one_step
 from fedunlearn.cache import CacheStore
 from fedunlearn.config import build_config
 from fedunlearn.deletion import DeletionRequest, forget_indices, kept_indices
 from fedunlearn.errors import ConfigError
 from fedunlearn.gradients import gradient_sum, load_model_vector
-from fedunlearn.iau import CorrectionStepper, IAUSettings
+from fedunlearn.iau import CorrectionStepper
 from simulations.runner import Experiment
 from simulations.summary import write_summary
 from strategies import app_config

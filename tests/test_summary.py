@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from fedunlearn.errors import ConfigError
 from simulations.run import parse_seeds
 from simulations.summary import aggregate, rankings, write_summary
-from fedunlearn.errors import ConfigError
 
 
 def fake_run(seed, iau_asr, ga_asr, iau_wall):
