@@ -54,9 +54,16 @@ def machine_info() -> dict[str, Any]:
     except (ValueError, OSError, AttributeError):
         memory_bytes = None
     return {
-        "hostname": socket.gethostname(), "cpu": cpu_model(), "cpus": os.cpu_count(), "memory_bytes": memory_bytes,
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "flwr": flwr.__version__, "ray": ray.__version__,
+        "hostname": socket.gethostname(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "memory_bytes": memory_bytes,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "flwr": flwr.__version__,
+        "ray": ray.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -100,8 +107,14 @@ def command_line(benchmark: str, argv: Sequence[str] | None) -> str:
 
 def envelope(benchmark: str, settings: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The common head of every results file: which benchmark, when, where, with what settings."""
-    return {"benchmark": benchmark, "schema": SCHEMA_VERSION, "date": utc_now(), "machine": machine_info(),
-            "command": command_line(benchmark, argv), "settings": settings}
+    return {
+        "benchmark": benchmark,
+        "schema": SCHEMA_VERSION,
+        "date": utc_now(),
+        "machine": machine_info(),
+        "command": command_line(benchmark, argv),
+        "settings": settings,
+    }
 
 
 def format_seconds(value: float | None) -> str:
@@ -135,6 +148,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 # ----- memory ---------------------------------------------------------------------------------------
 
+
 def _status_kib(pid: int, field: str) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -148,7 +162,7 @@ def _status_kib(pid: int, field: str) -> int | None:
 def _parent_of(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[1])  # the command name may hold spaces and parentheses
+        return int(stat[stat.rindex(")") + 2 :].split()[1])  # the command name may hold spaces and parentheses
     except (OSError, ValueError, IndexError):
         return None
 
@@ -242,15 +256,24 @@ class PeakMonitor:
             import resource
 
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-            return {"source": "getrusage (no /proc: workers not measured)", "driver_peak_rss_bytes": peak,
-                    "worker_peak_rss_bytes": [], "worker_peak_rss_max_bytes": None, "workers_peak_rss_sum_bytes": None,
-                    "ray_system_peak_rss_sum_bytes": None, "total_rss_peak_bytes": None, "num_worker_processes": 0}
+            return {
+                "source": "getrusage (no /proc: workers not measured)",
+                "driver_peak_rss_bytes": peak,
+                "worker_peak_rss_bytes": [],
+                "worker_peak_rss_max_bytes": None,
+                "workers_peak_rss_sum_bytes": None,
+                "ray_system_peak_rss_sum_bytes": None,
+                "total_rss_peak_bytes": None,
+                "num_worker_processes": 0,
+            }
         me = os.getpid()
         with self._lock:
             return self._report(me)
 
     def _report(self, me: int) -> dict[str, Any]:
-        workers = sorted((self.peaks[p] for p in self.peaks if p != me and process_role(self.commands.get(p, "")) == "worker"), reverse=True)
+        workers = sorted(
+            (self.peaks[p] for p in self.peaks if p != me and process_role(self.commands.get(p, "")) == "worker"), reverse=True
+        )
         system = [self.peaks[p] for p in self.peaks if p != me and process_role(self.commands.get(p, "")) == "ray-system"]
         return {
             "source": f"/proc/<pid>/status VmHWM, sampled every {self.interval:.2f} s",
@@ -263,13 +286,22 @@ class PeakMonitor:
             "num_worker_processes": len(workers),
             "load_1min_mean": statistics.fmean(self.load_samples) if self.load_samples else None,
             "load_1min_max": max(self.load_samples) if self.load_samples else None,
-            "processes": sorted(({"role": process_role(self.commands.get(p, "")) if p != me else "driver",
-                                  "command": self.commands.get(p, "")[:80], "peak_rss_bytes": self.peaks[p]} for p in self.peaks),
-                                key=lambda e: -e["peak_rss_bytes"]),
+            "processes": sorted(
+                (
+                    {
+                        "role": process_role(self.commands.get(p, "")) if p != me else "driver",
+                        "command": self.commands.get(p, "")[:80],
+                        "peak_rss_bytes": self.peaks[p],
+                    }
+                    for p in self.peaks
+                ),
+                key=lambda e: -e["peak_rss_bytes"],
+            ),
         }
 
 
 # ----- child processes ------------------------------------------------------------------------------
+
 
 def child_env(threads: int | None = None) -> dict[str, str]:
     """Environment for a benchmark child: quiet Flower/Ray, the repository importable by Ray's workers."""
@@ -323,15 +355,20 @@ def run_in_process(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
     try:
         result = finite_or_none(json.loads(json.dumps(run_variant(variant, spec), default=str)))
     except Exception as err:  # noqa: BLE001 - reported like a failed child, so the other variants still run
-        return {"ok": False, "error": f"{variant}: {type(err).__name__}: {err}\n{traceback.format_exc()[-4000:]}",
-                "process_wall_s": time.perf_counter() - started, "in_process": True}
+        return {
+            "ok": False,
+            "error": f"{variant}: {type(err).__name__}: {err}\n{traceback.format_exc()[-4000:]}",
+            "process_wall_s": time.perf_counter() - started,
+            "in_process": True,
+        }
     result["process_wall_s"] = time.perf_counter() - started
     result["in_process"] = True
     return result
 
 
-def run_child(variant: str, spec: dict[str, Any], timeout: float, memory_cap: int | None = None,
-              in_process: bool = False) -> dict[str, Any]:
+def run_child(
+    variant: str, spec: dict[str, Any], timeout: float, memory_cap: int | None = None, in_process: bool = False
+) -> dict[str, Any]:
     """Run one variant in a fresh Python process (clean Ray, clean peak RSS) and return its JSON result.
 
     A failed or timed-out child, or one whose process tree grows past `memory_cap` bytes of RSS (it is
@@ -356,8 +393,10 @@ def run_child(variant: str, spec: dict[str, Any], timeout: float, memory_cap: in
                 peak = max(peak, rss)
                 elapsed = time.perf_counter() - started
                 if rss > cap:
-                    error = (f"{variant}: stopped at {elapsed:.0f} s when its processes held {rss / 1e9:.2f} GB RSS, over the cap of "
-                             f"{cap / 1e9:.2f} GB (75% of the memory available at start; --memory-cap-gb changes it)")
+                    error = (
+                        f"{variant}: stopped at {elapsed:.0f} s when its processes held {rss / 1e9:.2f} GB RSS, over the cap of "
+                        f"{cap / 1e9:.2f} GB (75% of the memory available at start; --memory-cap-gb changes it)"
+                    )
                 elif elapsed > timeout:
                     error = f"{variant}: no result within {timeout:.0f} s (raise --timeout or lower the sizes)"
                 if error:
@@ -369,8 +408,12 @@ def run_child(variant: str, spec: dict[str, Any], timeout: float, memory_cap: in
         if error is None and (proc.returncode != 0 or not out.exists()):
             error = f"{variant}: exit code {proc.returncode}"
         if error is not None:
-            return {"ok": False, "error": f"{error}\n{tail}" if tail else error, "process_wall_s": wall,
-                    "tree_rss_peak_bytes_sampled": peak}
+            return {
+                "ok": False,
+                "error": f"{error}\n{tail}" if tail else error,
+                "process_wall_s": wall,
+                "tree_rss_peak_bytes_sampled": peak,
+            }
         result: dict[str, Any] = json.loads(out.read_text())
         result["process_wall_s"] = wall
         return result

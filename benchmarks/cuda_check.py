@@ -35,8 +35,8 @@ from fedunlearn.training import TrainSettings, local_train
 
 from .common import RESULTS_DIR, envelope, write_json
 
-ATOL = 1e-5          # vmap vs the loop on the same device: the CPU tests' tolerance
-DEVICE_RTOL = 1e-4   # the device's loop vs the CPU's loop: other summation orders in cuDNN/cuBLAS
+ATOL = 1e-5  # vmap vs the loop on the same device: the CPU tests' tolerance
+DEVICE_RTOL = 1e-4  # the device's loop vs the CPU's loop: other summation orders in cuDNN/cuBLAS
 ADAM_ATOL_STEPS = 0.1  # Adam: a tenth of one step's size (lr), see the docstring
 EXIT_NO_DEVICE = 3
 
@@ -50,8 +50,9 @@ MODELS = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "mcmahan-cnn": (1, 28, 28)}
 SIZES = (21, 8, 3, 17, 0, 30)  # unequal (padded steps and batches), one client without data
 
 
-def _loop(model: torch.nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], settings: TrainSettings,
-          seeds: list[int]) -> list[dict[str, torch.Tensor]]:
+def _loop(
+    model: torch.nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], settings: TrainSettings, seeds: list[int]
+) -> list[dict[str, torch.Tensor]]:
     """local_train for each client in turn from the same parameters (the reference)."""
     initial = copy.deepcopy(model.state_dict())
     states = []
@@ -101,9 +102,16 @@ def check_case(model_name: str, settings_name: str, device: str, seed: int = 0) 
     atol = ADAM_ATOL_STEPS * settings.lr if settings.optimizer == "adam" else ATOL
     device_ok = device_abs <= atol or device_rel <= DEVICE_RTOL
     return {
-        "model": model_name, "settings": settings_name, "device": device, "vectorised": result.vectorised,
-        "vmap_vs_loop_max_abs": vmap_abs, "device_vs_cpu_max_abs": device_abs, "device_vs_cpu_max_rel": device_rel,
-        "vmap_seconds": vmap_s, "trained": trained, "atol": atol,
+        "model": model_name,
+        "settings": settings_name,
+        "device": device,
+        "vectorised": result.vectorised,
+        "vmap_vs_loop_max_abs": vmap_abs,
+        "device_vs_cpu_max_abs": device_abs,
+        "device_vs_cpu_max_rel": device_rel,
+        "vmap_seconds": vmap_s,
+        "trained": trained,
+        "atol": atol,
         "ok": bool(result.vectorised and trained and vmap_abs <= atol and device_ok),
     }
 
@@ -133,18 +141,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cuda_check: --models {args.models}: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}", file=sys.stderr)
         return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"cuda_check: --device {args.device}: torch {torch.__version__} sees no CUDA device; "
-              "run it on the GPU machine (benchmarks/gpu.sh) or pass --device cpu", file=sys.stderr)
+        print(
+            f"cuda_check: --device {args.device}: torch {torch.__version__} sees no CUDA device; "
+            "run it on the GPU machine (benchmarks/gpu.sh) or pass --device cpu",
+            file=sys.stderr,
+        )
         return EXIT_NO_DEVICE
-    result = envelope("cuda-check", {"device": args.device, "atol": ATOL, "adam_atol_steps": ADAM_ATOL_STEPS, "device_rtol": DEVICE_RTOL,
-                                      "sizes": list(SIZES), "models": list(models)}, argv)
+    result = envelope(
+        "cuda-check",
+        {
+            "device": args.device,
+            "atol": ATOL,
+            "adam_atol_steps": ADAM_ATOL_STEPS,
+            "device_rtol": DEVICE_RTOL,
+            "sizes": list(SIZES),
+            "models": list(models),
+        },
+        argv,
+    )
     if args.device.startswith("cuda"):
         result["device_name"] = torch.cuda.get_device_name(torch.device(args.device))
     result["cases"] = run_checks(args.device, models)
     result["ok"] = all(c["ok"] for c in result["cases"])
     for c in result["cases"]:
-        print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['model']:12s} {c['settings']:22s} vmap-vs-loop {c['vmap_vs_loop_max_abs']:.2e}  "
-              f"{args.device}-vs-cpu {c['device_vs_cpu_max_abs']:.2e} (rel {c['device_vs_cpu_max_rel']:.1e})")
+        print(
+            f"{'ok  ' if c['ok'] else 'FAIL'} {c['model']:12s} {c['settings']:22s} vmap-vs-loop {c['vmap_vs_loop_max_abs']:.2e}  "
+            f"{args.device}-vs-cpu {c['device_vs_cpu_max_abs']:.2e} (rel {c['device_vs_cpu_max_rel']:.1e})"
+        )
     out = Path(args.out) if args.out else RESULTS_DIR / "cuda-check.json"
     write_json(out, result)
     print(f"wrote {out}")

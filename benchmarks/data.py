@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 
 HELDOUT_FRACTION = 0.2  # each client's split, as in Flower's quickstart (80/20) and fedunlearn's default
-TEST_EXAMPLES = 1000    # the central test split fedunlearn's loader expects (not used for timing)
+TEST_EXAMPLES = 1000  # the central test split fedunlearn's loader expects (not used for timing)
 IMAGE_SIDE = 28
 
-DESCRIPTION = ("synthetic: scikit-learn digits (8x8) upsampled to 28x28 with torch.nn.functional.interpolate "
-               "(bilinear), sampled with replacement, stored as MNIST idx files; timing does not depend on content")
+DESCRIPTION = (
+    "synthetic: scikit-learn digits (8x8) upsampled to 28x28 with torch.nn.functional.interpolate "
+    "(bilinear), sampled with replacement, stored as MNIST idx files; timing does not depend on content"
+)
 
 
 def partition_size(examples: int) -> int:
@@ -39,8 +41,10 @@ def partition_size(examples: int) -> int:
         quickstart_held = math.ceil(HELDOUT_FRACTION * n)
         if n - fedunlearn_held == examples and n - quickstart_held == examples:
             return n
-    raise ValueError(f"examples={examples}: no client size leaves exactly {examples} training examples after a 20% "
-                     f"held-out split in both apps; use a multiple of 4 (e.g. {4 * max(1, round(examples / 4))})")
+    raise ValueError(
+        f"examples={examples}: no client size leaves exactly {examples} training examples after a 20% "
+        f"held-out split in both apps; use a multiple of 4 (e.g. {4 * max(1, round(examples / 4))})"
+    )
 
 
 @dataclass(frozen=True)

@@ -98,8 +98,12 @@ def train(msg: Message, context: Context) -> Message:
 
     # torch types Dataset without __len__ (its map-style datasets have one; this MNIST does)
     num_examples = len(trainloader.dataset)  # type: ignore[arg-type]
-    metrics: dict[str, int | float | list[int] | list[float]] = {"train_loss": train_loss, "num-examples": num_examples,
-                                                                 "torch-threads": torch.get_num_threads(), "compute-s": time.perf_counter() - start}
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        "train_loss": train_loss,
+        "num-examples": num_examples,
+        "torch-threads": torch.get_num_threads(),
+        "compute-s": time.perf_counter() - start,
+    }
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -68,26 +68,62 @@ VARIANTS = (
     Variant("sgd-0.045", {"step_rule": "sgd", "eta": 0.045}, summary="the previous default: one sgd step, eta 0.045"),
     Variant("adam-1e-3", {"step_rule": "adam-first-step", "eta": 1e-3}, summary="the IAU reference code's rule: one step of a fresh Adam"),
     Variant("norm-0.02", {"step_rule": "normalised", "radius": 0.02}, summary="one normalised step of 2% of ||theta||"),
-    Variant("norm-3x0.01-l5", {"step_rule": "normalised", "radius": 0.01, "steps": 3, "correction_weight": 5.0},
-            summary="three fresh normalised steps of 1%, lambda 5"),
-    Variant("norm-3x0.02-l3", {"step_rule": "normalised", "radius": 0.02, "steps": 3, "correction_weight": 3.0},
-            summary="three fresh normalised steps of 2%, lambda 3"),
-    Variant("cached-3x0.02-l3", {"step_rule": "normalised", "radius": 0.02, "steps": 3, "correction_weight": 3.0}, protocol="cached",
-            summary="the same, cached protocol: client u's G_S at each model, g_r from the aggregate cache (stale)"),
-    Variant("calibrated", {"step_rule": "normalised", "calibrate": "heldout-loss"},
-            summary="one normalised step whose length client u chooses (forget-set loss up to its held-out loss)"),
-    Variant("calibrated-3-l3", {"step_rule": "normalised", "calibrate": "heldout-loss", "steps": 2, "correction_weight": 3.0},
-            summary="two normalised steps of the length client u chooses, lambda 3 (3 rounds with the length query)"),
-    Variant("norm-2x0.02-l3-r1", {"step_rule": "normalised", "radius": 0.02, "steps": 2, "correction_weight": 3.0}, repair_rounds=1,
-            summary="two fresh normalised steps of 2%, lambda 3, then one FedAvg round among the remaining clients"),
-    Variant("norm-2x0.03-l3-r1", {"step_rule": "normalised", "radius": 0.03, "steps": 2, "correction_weight": 3.0}, repair_rounds=1,
-            summary="two fresh normalised steps of 3%, lambda 3, then one FedAvg repair round"),
-    Variant("norm-2x0.04-l3-r1", {"step_rule": "normalised", "radius": 0.04, "steps": 2, "correction_weight": 3.0}, repair_rounds=1,
-            summary="two fresh normalised steps of 4%, lambda 3, then one FedAvg repair round (the default of `iau` since this ablation)"),
-    Variant("norm-2x0.05-l3-r1", {"step_rule": "normalised", "radius": 0.05, "steps": 2, "correction_weight": 3.0}, repair_rounds=1,
-            summary="two fresh normalised steps of 5%, lambda 3, then one FedAvg repair round"),
-    Variant("norm-0.05-r2", {"step_rule": "normalised", "radius": 0.05}, repair_rounds=2,
-            summary="one deep normalised step of 5%, then two FedAvg repair rounds (PGA's budget: 1 + 2 rounds)"),
+    Variant(
+        "norm-3x0.01-l5",
+        {"step_rule": "normalised", "radius": 0.01, "steps": 3, "correction_weight": 5.0},
+        summary="three fresh normalised steps of 1%, lambda 5",
+    ),
+    Variant(
+        "norm-3x0.02-l3",
+        {"step_rule": "normalised", "radius": 0.02, "steps": 3, "correction_weight": 3.0},
+        summary="three fresh normalised steps of 2%, lambda 3",
+    ),
+    Variant(
+        "cached-3x0.02-l3",
+        {"step_rule": "normalised", "radius": 0.02, "steps": 3, "correction_weight": 3.0},
+        protocol="cached",
+        summary="the same, cached protocol: client u's G_S at each model, g_r from the aggregate cache (stale)",
+    ),
+    Variant(
+        "calibrated",
+        {"step_rule": "normalised", "calibrate": "heldout-loss"},
+        summary="one normalised step whose length client u chooses (forget-set loss up to its held-out loss)",
+    ),
+    Variant(
+        "calibrated-3-l3",
+        {"step_rule": "normalised", "calibrate": "heldout-loss", "steps": 2, "correction_weight": 3.0},
+        summary="two normalised steps of the length client u chooses, lambda 3 (3 rounds with the length query)",
+    ),
+    Variant(
+        "norm-2x0.02-l3-r1",
+        {"step_rule": "normalised", "radius": 0.02, "steps": 2, "correction_weight": 3.0},
+        repair_rounds=1,
+        summary="two fresh normalised steps of 2%, lambda 3, then one FedAvg round among the remaining clients",
+    ),
+    Variant(
+        "norm-2x0.03-l3-r1",
+        {"step_rule": "normalised", "radius": 0.03, "steps": 2, "correction_weight": 3.0},
+        repair_rounds=1,
+        summary="two fresh normalised steps of 3%, lambda 3, then one FedAvg repair round",
+    ),
+    Variant(
+        "norm-2x0.04-l3-r1",
+        {"step_rule": "normalised", "radius": 0.04, "steps": 2, "correction_weight": 3.0},
+        repair_rounds=1,
+        summary="two fresh normalised steps of 4%, lambda 3, then one FedAvg repair round (the default of `iau` since this ablation)",
+    ),
+    Variant(
+        "norm-2x0.05-l3-r1",
+        {"step_rule": "normalised", "radius": 0.05, "steps": 2, "correction_weight": 3.0},
+        repair_rounds=1,
+        summary="two fresh normalised steps of 5%, lambda 3, then one FedAvg repair round",
+    ),
+    Variant(
+        "norm-0.05-r2",
+        {"step_rule": "normalised", "radius": 0.05},
+        repair_rounds=2,
+        summary="one deep normalised step of 5%, then two FedAvg repair rounds (PGA's budget: 1 + 2 rounds)",
+    ),
 )
 
 
@@ -99,10 +135,12 @@ def variant_method(variant: Variant) -> str:
 
     name = f"iau:{variant.name}"
     if name not in REGISTRY:
+
         def run(ctx: MethodContext) -> MethodOutcome:
             base = app_config.iau_settings_for(ctx.cfg)
             ctx.strategy.iau = replace(base, **{**VARIANT_BASE, **variant.settings})
             return run_iau(ctx, variant.protocol, name, repair_rounds=variant.repair_rounds)
+
         register(name, variant.summary, uploads_caches=variant.protocol == "cached")(run)
     return name
 
@@ -112,15 +150,22 @@ def experiment_config(preset: str, seed: int, variants: list[Variant], quick: bo
     from fedunlearn.config import build_config
 
     methods = ["retrain", *BASELINES, *(variant_method(v) for v in variants)]
-    overrides: dict[str, Any] = {"seed": seed, "methods": ",".join(methods), "mia_attacks": "loss", "retrain_seeds": 0 if quick else 2,
-                                 "relearn_rounds": 2 if quick else 5, "relearn_steps": 0}
+    overrides: dict[str, Any] = {
+        "seed": seed,
+        "methods": ",".join(methods),
+        "mia_attacks": "loss",
+        "retrain_seeds": 0 if quick else 2,
+        "relearn_rounds": 2 if quick else 5,
+        "relearn_steps": 0,
+    }
     if quick:
         overrides.update({"rounds": 3, "model": "mlp"})
     return build_config(preset, overrides={**overrides, **(extra or {})})
 
 
-def run_one(preset: str, seed: int, variants: list[Variant], quick: bool, out: Path, extra: dict[str, str] | None = None,
-            tag: str = "") -> dict[str, Any]:
+def run_one(
+    preset: str, seed: int, variants: list[Variant], quick: bool, out: Path, extra: dict[str, str] | None = None, tag: str = ""
+) -> dict[str, Any]:
     """One in-process experiment; its results.json is kept under `out`."""
     import torch
 
@@ -152,11 +197,18 @@ def _row(model: dict[str, Any], retrain: dict[str, Any]) -> dict[str, float | No
     """The figures the report compares for one model of one run."""
     cost = model.get("cost") or {}
     unlearning = model.get("unlearning") if isinstance(model.get("unlearning"), dict) else {}
-    row = {"acc": model.get("acc_test"), "asr": model.get("backdoor_asr"), "mia": model.get("mia_auc"),
-           "dist_del": model.get("dist_output_deleted"), "seconds": cost.get("wall_s"), "rounds": cost.get("rounds"),
-           "bytes": (cost.get("bytes_down", 0) + cost.get("bytes_up", 0)) if cost else None,
-           "durable_asr": (model.get("durability") or {}).get("backdoor_asr"), "durable_acc": (model.get("durability") or {}).get("acc_test"),
-           "acc_deleted": model.get("acc_deleted")}
+    row = {
+        "acc": model.get("acc_test"),
+        "asr": model.get("backdoor_asr"),
+        "mia": model.get("mia_auc"),
+        "dist_del": model.get("dist_output_deleted"),
+        "seconds": cost.get("wall_s"),
+        "rounds": cost.get("rounds"),
+        "bytes": (cost.get("bytes_down", 0) + cost.get("bytes_up", 0)) if cost else None,
+        "durable_asr": (model.get("durability") or {}).get("backdoor_asr"),
+        "durable_acc": (model.get("durability") or {}).get("acc_test"),
+        "acc_deleted": model.get("acc_deleted"),
+    }
     band = model.get("vs_retrain_band") or {}
     row["in_band_asr"] = float(band["backdoor_asr"]["inside"]) if "backdoor_asr" in band else None
     row["in_band_acc"] = float(band["acc_test"]["inside"]) if "acc_test" in band else None
@@ -210,9 +262,11 @@ def collect(out: Path, also: tuple[Path, ...] = ()) -> dict[str, dict[str, list[
 
 def verdicts(rows: list[dict[str, float | None]], pga: list[dict[str, float | None]], protocol_limit: int) -> dict[str, bool | None]:
     """Which targets a model meets on one preset (means over the seeds)."""
+
     def mean(key: str, source: list[dict[str, float | None]] = rows) -> float | None:
         s = _stats([r.get(key) for r in source])
         return None if s is None else s[0]
+
     asr_gap, acc_gap, durable, rounds = mean("asr_gap"), mean("acc_gap"), mean("durable_asr_gap"), mean("rounds")
     asr_std = _stats([r.get("asr") for r in rows])
     out: dict[str, bool | None] = {
@@ -239,15 +293,23 @@ def _shown(path: Path) -> str:
 def write_report(out: Path, report: Path, machine: str, also: tuple[Path, ...] = ()) -> str:
     """docs/reports/iau-ablation.md from the saved experiments."""
     table = collect(out, also)
-    lines = ["# IAU-Fed ablation", "",
-             "Written by `python -m benchmarks.iau_ablation` (see its docstring) from the experiments in "
-             + ", ".join(f"`{_shown(p)}`" for p in (out, *also)) + ". Each (preset, seed) is one in-process experiment in which every variant "
-             "unlearns the same trained model; mean ± sample std over the seeds. " + machine, "",
-             "Columns: ACC = ACC_test, ASR = backdoor success, gaps are method - retrain, `in band` counts the seeds where "
-             "the value lies inside the band of 3 retrained models (the reference + 2 other seeds), `durable ASR` is the "
-             "ASR after 5 more FedAvg rounds on the remaining clients (retrain continued the same way beside it), MIA "
-             "the loss attack on the clean part of the forget set (its gap to retrain), rounds and MB the unlearning's "
-             "own cost (a stream: the whole stream).", "", "## Variants", ""]
+    lines = [
+        "# IAU-Fed ablation",
+        "",
+        "Written by `python -m benchmarks.iau_ablation` (see its docstring) from the experiments in "
+        + ", ".join(f"`{_shown(p)}`" for p in (out, *also))
+        + ". Each (preset, seed) is one in-process experiment in which every variant "
+        "unlearns the same trained model; mean ± sample std over the seeds. " + machine,
+        "",
+        "Columns: ACC = ACC_test, ASR = backdoor success, gaps are method - retrain, `in band` counts the seeds where "
+        "the value lies inside the band of 3 retrained models (the reference + 2 other seeds), `durable ASR` is the "
+        "ASR after 5 more FedAvg rounds on the remaining clients (retrain continued the same way beside it), MIA "
+        "the loss attack on the clean part of the forget set (its gap to retrain), rounds and MB the unlearning's "
+        "own cost (a stream: the whole stream).",
+        "",
+        "## Variants",
+        "",
+    ]
     for v in VARIANTS:
         repair = f", then {v.repair_rounds} FedAvg repair round(s)" if v.repair_rounds else ""
         lines.append(f"- `iau:{v.name}` ({v.protocol}{repair}): {v.summary}; settings {json.dumps(v.settings)}")
@@ -258,28 +320,38 @@ def write_report(out: Path, report: Path, machine: str, also: tuple[Path, ...] =
             continue
         models = table[preset]
         n = max(len(r) for r in models.values())
-        lines += [f"## {preset} ({n} seed{'s' if n > 1 else ''})", "",
-                  "| model | ACC | ACC gap | ASR | ASR gap | in band ASR / ACC | durable ASR (gap) | MIA gap | rounds | MB | seconds |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {preset} ({n} seed{'s' if n > 1 else ''})",
+            "",
+            "| model | ACC | ACC gap | ASR | ASR gap | in band ASR / ACC | durable ASR (gap) | MIA gap | rounds | MB | seconds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, rows in models.items():
             band = [_stats([r.get(k) for r in rows]) for k in ("in_band_asr", "in_band_acc")]
             band_text = " / ".join("-" if b is None else f"{round(b[0] * b[2])}/{b[2]}" for b in band)
             mb = _stats([None if (nbytes := r.get("bytes")) is None else nbytes / 2**20 for r in rows])
             durable = f"{_cell(_stats([r.get('durable_asr') for r in rows]))} ({_cell(_stats([r.get('durable_asr_gap') for r in rows]))})"
-            lines.append(f"| {name} | {_cell(_stats([r.get('acc') for r in rows]))} | {_cell(_stats([r.get('acc_gap') for r in rows]))} | "
-                         f"{_cell(_stats([r.get('asr') for r in rows]))} | {_cell(_stats([r.get('asr_gap') for r in rows]))} | {band_text} | "
-                         f"{durable} | {_cell(_stats([r.get('mia_gap') for r in rows]))} | {_cell(_stats([r.get('rounds') for r in rows]), 1)} | "
-                         f"{_cell(mb, 2)} | {_cell(_stats([r.get('seconds') for r in rows]), 2)} |")
+            lines.append(
+                f"| {name} | {_cell(_stats([r.get('acc') for r in rows]))} | {_cell(_stats([r.get('acc_gap') for r in rows]))} | "
+                f"{_cell(_stats([r.get('asr') for r in rows]))} | {_cell(_stats([r.get('asr_gap') for r in rows]))} | {band_text} | "
+                f"{durable} | {_cell(_stats([r.get('mia_gap') for r in rows]))} | {_cell(_stats([r.get('rounds') for r in rows]), 1)} | "
+                f"{_cell(mb, 2)} | {_cell(_stats([r.get('seconds') for r in rows]), 2)} |"
+            )
             if name.startswith("iau:") or name in BASELINES:
                 limit = 3 * int(rows[0].get("requests") or 1)  # 3 rounds (or messages to client u) per request
                 for target, met in verdicts(rows, models.get("pga", []), limit).items():
                     scoreboard.setdefault(name, {}).setdefault(target, []).append(met)
         lines.append("")
-    lines += ["## Targets met, per preset", "",
-              "Each cell counts the presets where the model meets the target (means over seeds): |ASR gap| <= 0.02; ACC gap "
-              ">= -0.01; rounds <= 3 per request; ASR std <= 0.05; durable ASR gap <= 0.05; ASR and ACC no worse than PGA's. "
-              "Where a preset has no backdoor (memorization) the ASR targets do not apply.", "",
-              "| model | ASR | ACC | rounds | ASR std | durable | vs PGA |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Targets met, per preset",
+        "",
+        "Each cell counts the presets where the model meets the target (means over seeds): |ASR gap| <= 0.02; ACC gap "
+        ">= -0.01; rounds <= 3 per request; ASR std <= 0.05; durable ASR gap <= 0.05; ASR and ACC no worse than PGA's. "
+        "Where a preset has no backdoor (memorization) the ASR targets do not apply.",
+        "",
+        "| model | ASR | ACC | rounds | ASR std | durable | vs PGA |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, targets in scoreboard.items():
         cells = []
         for target in ("asr", "acc", "rounds", "asr_std", "durable", "vs_pga"):
@@ -302,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default=str(REPORT))
     parser.add_argument("--quick", action="store_true", help="3 rounds, an MLP, no band: a check that it all runs")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every experiment (e.g. gr-alpha=0.005)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every experiment (e.g. gr-alpha=0.005)"
+    )
     parser.add_argument("--also", action="append", default=[], metavar="DIR", help="more experiment folders for the report")
     parser.add_argument("--tag", default="", help="label of these experiments in the report (preset+TAG), with --set")
     args = parser.parse_args(argv)
@@ -312,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     presets = args.presets.split(",")
     bad = [p for p in presets if p not in PRESETS]
     if unknown or bad:
-        print(f"error: unknown variants {unknown} or presets {bad}; variants: {', '.join(names)}; presets: {', '.join(PRESETS)}", file=sys.stderr)
+        print(
+            f"error: unknown variants {unknown} or presets {bad}; variants: {', '.join(names)}; presets: {', '.join(PRESETS)}",
+            file=sys.stderr,
+        )
         return 2
     extra = dict(item.split("=", 1) for item in args.set)
     if extra and not args.tag:

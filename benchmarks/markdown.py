@@ -109,12 +109,15 @@ def _load_cell(summary: dict[str, Any]) -> str:
 
 # ----- training -----------------------------------------------------------------------------------
 
+
 def training(result: dict[str, Any], path: Path | None = None) -> str:
     """Seconds per round: one column per path, one row per figure; then the calibration, ratios and targets."""
     s = result.get("settings", {})
     engine = s.get("engine", "ray")
-    title = (f"Training: {s.get('clients')} clients x {s.get('examples')} examples, {s.get('rounds')} rounds x "
-             f"{s.get('repeats', 1)} repeat(s)" + ("" if engine == "ray" else f" (engine {engine}: in-process, not a benchmark figure)"))
+    title = (
+        f"Training: {s.get('clients')} clients x {s.get('examples')} examples, {s.get('rounds')} rounds x "
+        f"{s.get('repeats', 1)} repeat(s)" + ("" if engine == "ray" else f" (engine {engine}: in-process, not a benchmark figure)")
+    )
     lines = _header(title, result, path)
     variants = result.get("variants", {})
     names = list(variants)
@@ -132,9 +135,18 @@ def training(result: dict[str, Any], path: Path | None = None) -> str:
 
     rows = [
         ["steady s/round (median, rounds 2..R)", *[_cell(summaries[n], "steady_round_s", "s") for n in names]],
-        ["steady s/round, min .. max", *[("-" if not summaries[n].get("ok") else
-                                          f"{format_seconds(summaries[n].get('steady_round_min_s'))} .. "
-                                          f"{format_seconds(summaries[n].get('steady_round_max_s'))}") for n in names]],
+        [
+            "steady s/round, min .. max",
+            *[
+                (
+                    "-"
+                    if not summaries[n].get("ok")
+                    else f"{format_seconds(summaries[n].get('steady_round_min_s'))} .. "
+                    f"{format_seconds(summaries[n].get('steady_round_max_s'))}"
+                )
+                for n in names
+            ],
+        ],
         ["speedup vs (a) plain Flower (x faster)", *[versus(n, flower, True) for n in names]],
         ["time vs (b) single-process loop (x)", *[versus(n, loop, False) for n in names]],
         ["steady round / ideal 2-core round", *[format_ratio(over_ideal.get(n)) if summaries[n].get("ok") else "-" for n in names]],
@@ -146,18 +158,32 @@ def training(result: dict[str, Any], path: Path | None = None) -> str:
         ["worker peak RSS (max)", *[_cell(summaries[n], "worker_peak_rss_max_bytes", "bytes") for n in names]],
         ["total RSS peak", *[_cell(summaries[n], "total_rss_peak_bytes", "bytes") for n in names]],
         ["mean 1-min load while running", *[_load_cell(summaries[n]) for n in names]],
-        ["runs ok / failed", *[(f"{summaries[n].get('runs_ok', 0)} / {summaries[n].get('runs_failed', 0)}"
-                                if summaries[n].get("ok") else _cell(summaries[n], "", "s")) for n in names]],
+        [
+            "runs ok / failed",
+            *[
+                (
+                    f"{summaries[n].get('runs_ok', 0)} / {summaries[n].get('runs_failed', 0)}"
+                    if summaries[n].get("ok")
+                    else _cell(summaries[n], "", "s")
+                )
+                for n in names
+            ],
+        ],
     ]
     lines += ["", table(["", *[variants[n].get("label", n) for n in names]], rows)]
     cal = result.get("calibration") or {}
     if cal.get("ok"):
-        lines += ["", f"Calibration during the run: one SGD step (batch {s.get('batch_size')}) took "
-                      f"{cal['step_s_1_thread'] * 1e3:.1f} ms on 1 thread and {cal['step_s_default_threads'] * 1e3:.1f} ms on "
-                      f"{cal['default_threads']} threads; {cal['steps_per_round']} steps per round on {cal['cores']} cores in "
-                      f"perfect parallel would take {format_seconds(cal['ideal_round_s'])} s per round."]
+        lines += [
+            "",
+            f"Calibration during the run: one SGD step (batch {s.get('batch_size')}) took "
+            f"{cal['step_s_1_thread'] * 1e3:.1f} ms on 1 thread and {cal['step_s_default_threads'] * 1e3:.1f} ms on "
+            f"{cal['default_threads']} threads; {cal['steps_per_round']} steps per round on {cal['cores']} cores in "
+            f"perfect parallel would take {format_seconds(cal['ideal_round_s'])} s per round.",
+        ]
     unavailable = [f"{variants[n].get('label', n)}: {summaries[n].get('reason')}" for n in names if summaries[n].get("available") is False]
-    failed = [f"{variants[n].get('label', n)}: {str(e).splitlines()[0] if e else '?'}" for n in names for e in summaries[n].get("errors") or []]
+    failed = [
+        f"{variants[n].get('label', n)}: {str(e).splitlines()[0] if e else '?'}" for n in names for e in summaries[n].get("errors") or []
+    ]
     lines += ["", f"Not available: {'; '.join(unavailable)}"] if unavailable else []
     lines += ["", f"Failed runs: {'; '.join(failed)}"] if failed else []
     lines += targets_table(result.get("targets", []))
@@ -176,36 +202,62 @@ def training_overview(results: Sequence[dict[str, Any]]) -> str:
                 names.append(name)
                 labels[name] = variant.get("label", name)
     rows = []
-    for result in sorted(results, key=lambda r: (r.get("settings", {}).get("clients") or 0)):
+    for result in sorted(results, key=lambda r: r.get("settings", {}).get("clients") or 0):
         s = result.get("settings", {})
-        row = [f"{s.get('clients')} x {s.get('examples')}", format_date(result.get("date")), machine_line(result.get("machine")).split(";")[0]]
+        row = [
+            f"{s.get('clients')} x {s.get('examples')}",
+            format_date(result.get("date")),
+            machine_line(result.get("machine")).split(";")[0],
+        ]
         for name in names:
             summary = result.get("variants", {}).get(name, {}).get("summary")
             row.append("-" if summary is None else _cell(summary, "steady_round_s", "s"))
         rows.append(row)
-    return "\n".join(["### Training overview: steady-state seconds per FedAvg round (median)", "",
-                      table(["clients x examples", "date", "machine", *[labels[n] for n in names]], rows)])
+    return "\n".join(
+        [
+            "### Training overview: steady-state seconds per FedAvg round (median)",
+            "",
+            table(["clients x examples", "date", "machine", *[labels[n] for n in names]], rows),
+        ]
+    )
 
 
 # ----- unlearning ---------------------------------------------------------------------------------
+
 
 def unlearning(result: dict[str, Any], path: Path | None = None) -> str:
     """Seconds, rounds and bytes of every method against retraining (medians), then the targets."""
     cfg = result.get("scenario", {})
     s = result.get("settings", {})
     engine = s.get("engine", "ray")
-    title = (f"Unlearning: preset {s.get('preset')} ({cfg.get('dataset')}, {cfg.get('num-clients')} clients, {cfg.get('rounds')} "
-             f"rounds), {s.get('repeats')} repeat(s)" + ("" if engine == "ray" else f" (engine {engine}: in-process, not a benchmark figure)"))
+    title = (
+        f"Unlearning: preset {s.get('preset')} ({cfg.get('dataset')}, {cfg.get('num-clients')} clients, {cfg.get('rounds')} "
+        f"rounds), {s.get('repeats')} repeat(s)" + ("" if engine == "ray" else f" (engine {engine}: in-process, not a benchmark figure)")
+    )
     lines = _header(title, result, path)
     rows = []
     for name, m in result.get("methods", {}).items():
         finished = m.get("repeats_finished", m.get("repeats"))
-        rows.append([name, format_seconds(m.get("wall_s")), format_seconds(m.get("client_compute_s")),
-                     "-" if m.get("rounds") is None else f"{m['rounds']:g}", format_bytes(m.get("bytes")),
-                     format_ratio(m.get("speedup_wall")), format_ratio(m.get("speedup_rounds")), format_ratio(m.get("speedup_bytes")),
-                     f"{finished}/{m.get('repeats')}"])
-    lines += ["", table(["method", "wall s", "client compute s", "rounds", "bytes", "x wall vs retrain", "x rounds", "x bytes",
-                         "repeats finished"], rows)]
+        rows.append(
+            [
+                name,
+                format_seconds(m.get("wall_s")),
+                format_seconds(m.get("client_compute_s")),
+                "-" if m.get("rounds") is None else f"{m['rounds']:g}",
+                format_bytes(m.get("bytes")),
+                format_ratio(m.get("speedup_wall")),
+                format_ratio(m.get("speedup_rounds")),
+                format_ratio(m.get("speedup_bytes")),
+                f"{finished}/{m.get('repeats')}",
+            ]
+        )
+    lines += [
+        "",
+        table(
+            ["method", "wall s", "client compute s", "rounds", "bytes", "x wall vs retrain", "x rounds", "x bytes", "repeats finished"],
+            rows,
+        ),
+    ]
     pull = result.get("grid_pull_interval_s")
     if pull is not None:
         lines += ["", f"The server polled the grid for replies every {pull:g} s (every round trip waits at least one poll)."]
@@ -214,6 +266,7 @@ def unlearning(result: dict[str, Any], path: Path | None = None) -> str:
 
 
 # ----- memory -------------------------------------------------------------------------------------
+
 
 def memory(result: dict[str, Any], path: Path | None = None) -> str:
     """Peak RSS and cache bytes at each scale, one column per path; then the target."""
@@ -239,34 +292,62 @@ def memory(result: dict[str, Any], path: Path | None = None) -> str:
             ["wall s", *[_cell(summaries[n], "wall_s", "s") for n in names]],
             ["mean 1-min load while running", *[_load_cell(summaries[n]) for n in names]],
         ]
-        lines += ["", f"{entry.get('clients')} clients x {entry.get('examples')} examples:", "",
-                  table(["", *[variants[n].get("label", n) for n in names]], rows)]
+        lines += [
+            "",
+            f"{entry.get('clients')} clients x {entry.get('examples')} examples:",
+            "",
+            table(["", *[variants[n].get("label", n) for n in names]], rows),
+        ]
     lines += targets_table(result.get("targets") or ([result["target"]] if result.get("target") else []))
     return "\n".join(lines)
 
 
 # ----- reliability --------------------------------------------------------------------------------
 
+
 def reliability(result: dict[str, Any], path: Path | None = None) -> str:
     """Faults injected, survived and rejected per kind; then the norm bound's effect."""
     faults = result.get("fault_table", {})
     cfg = faults.get("config", {})
     preset = (result.get("settings") or {}).get("preset") or (result.get("norm_bound") or {}).get("preset", "?")
-    lines = _header(f"Reliability under injected faults: preset {preset} ({cfg.get('num-clients')} clients, {cfg.get('rounds')} "
-                    f"rounds, in-process)", result, path)
+    lines = _header(
+        f"Reliability under injected faults: preset {preset} ({cfg.get('num-clients')} clients, {cfg.get('rounds')} rounds, in-process)",
+        result,
+        path,
+    )
     lost = faults.get("results_lost", "-")
     rows = [[label, r.get("injected"), r.get("survived"), r.get("rejected"), lost] for label, r in faults.get("rows", {}).items()]
     total = [sum(r.get(k, 0) for r in faults.get("rows", {}).values()) for k in ("injected", "survived", "rejected")]
     rows.append(["**total**", *[f"**{t}**" for t in total], f"**{lost}**"])
-    lines += ["", f"Run status: {faults.get('status', '-')}; {format_seconds(faults.get('wall_s'))} s.", "",
-              table(["fault", "injected", "survived", "replies rejected", "results lost"], rows)]
+    lines += [
+        "",
+        f"Run status: {faults.get('status', '-')}; {format_seconds(faults.get('wall_s'))} s.",
+        "",
+        table(["fault", "injected", "survived", "replies rejected", "results lost"], rows),
+    ]
     norm = result.get("norm_bound") or {}
     if norm.get("rows"):
         before = norm.get("before", {})
-        lines += ["", f"Norm bound (before unlearning: ACC {before.get('acc_test', 0):.3f}, ASR {before.get('backdoor_asr', 0):.3f}):", "",
-                  table(["variant", "parameter change", "ACC test", "ASR", "clipped", "rejected", "status"],
-                        [[r["variant"], f"{r['param_change']:.4g}", f"{r['acc_test']:.3f}", f"{r['backdoor_asr']:.3f}",
-                          r.get("clipped"), r.get("rejected"), r.get("status")] for r in norm["rows"]])]
+        lines += [
+            "",
+            f"Norm bound (before unlearning: ACC {before.get('acc_test', 0):.3f}, ASR {before.get('backdoor_asr', 0):.3f}):",
+            "",
+            table(
+                ["variant", "parameter change", "ACC test", "ASR", "clipped", "rejected", "status"],
+                [
+                    [
+                        r["variant"],
+                        f"{r['param_change']:.4g}",
+                        f"{r['acc_test']:.3f}",
+                        f"{r['backdoor_asr']:.3f}",
+                        r.get("clipped"),
+                        r.get("rejected"),
+                        r.get("status"),
+                    ]
+                    for r in norm["rows"]
+                ],
+            ),
+        ]
     return "\n".join(lines)
 
 

@@ -42,8 +42,10 @@ def cache_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not ok:
         return {}
     first = ok[0]
-    return {key: first.get(key) for key in ("client_cache_bytes", "client_cache_files", "server_aggregate_cache_bytes",
-                                             "client_cache_bytes_after", "phases")}
+    return {
+        key: first.get(key)
+        for key in ("client_cache_bytes", "client_cache_files", "server_aggregate_cache_bytes", "client_cache_bytes_after", "phases")
+    }
 
 
 def target_checks(scales: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,21 +57,31 @@ def target_checks(scales: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def target_check(scales: list[dict[str, Any]], path: str = "fedunlearn") -> dict[str, Any]:
     """The 8 GB target at 1000 clients, on one fedunlearn path with caches."""
     entry = next((s for s in scales if s["clients"] == 1000), None)
-    base = {"target": f"2-core CPU: 1000 clients with caches in under 8 GB peak RSS ({path}, all processes)", "path": path,
-            "required_bytes": TARGET_BYTES, "better": "lower"}
+    base = {
+        "target": f"2-core CPU: 1000 clients with caches in under 8 GB peak RSS ({path}, all processes)",
+        "path": path,
+        "required_bytes": TARGET_BYTES,
+        "better": "lower",
+    }
     if entry is None or path not in entry["variants"]:
         return {**base, "measured_bytes": None, "met": None, "note": f"not measured: run with --clients including 1000 and {path}"}
     summary = entry["variants"][path]["summary"]
     if summary.get("available") is False:
         return {**base, "measured_bytes": None, "met": None, "note": f"not available: {summary.get('reason')}"}
     if not summary.get("ok"):
-        return {**base, "measured_bytes": None, "met": False,
-                "note": "the run did not finish: " + "; ".join(str(e).splitlines()[0] for e in summary.get("errors", []))}
+        return {
+            **base,
+            "measured_bytes": None,
+            "met": False,
+            "note": "the run did not finish: " + "; ".join(str(e).splitlines()[0] for e in summary.get("errors", [])),
+        }
     total = summary["total_rss_peak_bytes"]
     upper = (summary["driver_peak_rss_bytes"] or 0) + (summary["workers_peak_rss_sum_bytes"] or 0)
     met = total is not None and total < TARGET_BYTES
-    note = (f"peak of the summed RSS {total / 1e9:.2f} GB (sum of per-process peaks, an upper bound: {upper / 1e9:.2f} GB + Ray's "
-            f"own processes)")
+    note = (
+        f"peak of the summed RSS {total / 1e9:.2f} GB (sum of per-process peaks, an upper bound: {upper / 1e9:.2f} GB + Ray's "
+        f"own processes)"
+    )
     if not met and total is not None:
         note += f"; missed by {total / TARGET_BYTES:.2f}x"
     return {**base, "measured_bytes": total, "sum_of_peaks_bytes": upper, "met": met, "note": note}
@@ -82,26 +94,72 @@ def print_report(result: dict[str, Any]) -> None:
         for v in entry["variants"].values():
             s = v["summary"]
             if not s.get("ok"):
-                rows.append([f"{entry['clients']} x {entry['examples']}", v["label"],
-                             "not available" if s.get("available") is False else "FAILED", "", "", "", "", "", ""])
+                rows.append(
+                    [
+                        f"{entry['clients']} x {entry['examples']}",
+                        v["label"],
+                        "not available" if s.get("available") is False else "FAILED",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
                 continue
             cache = v.get("caches", {})
-            rows.append([f"{entry['clients']} x {entry['examples']}", v["label"], format_bytes(s["driver_peak_rss_bytes"]),
-                         format_bytes(s["worker_peak_rss_max_bytes"]), format_bytes(s["workers_peak_rss_sum_bytes"]),
-                         format_bytes(s["total_rss_peak_bytes"]), format_bytes(cache.get("client_cache_bytes")),
-                         format_bytes(cache.get("server_aggregate_cache_bytes")), f"{s['wall_s']:.1f}"])
+            rows.append(
+                [
+                    f"{entry['clients']} x {entry['examples']}",
+                    v["label"],
+                    format_bytes(s["driver_peak_rss_bytes"]),
+                    format_bytes(s["worker_peak_rss_max_bytes"]),
+                    format_bytes(s["workers_peak_rss_sum_bytes"]),
+                    format_bytes(s["total_rss_peak_bytes"]),
+                    format_bytes(cache.get("client_cache_bytes")),
+                    format_bytes(cache.get("server_aggregate_cache_bytes")),
+                    f"{s['wall_s']:.1f}",
+                ]
+            )
     print(f"\nMemory ({result['machine']['cpu']}, {result['machine']['cpus']} CPUs, {result['date']})")
-    print(table(["clients x examples", "path", "driver peak RSS", "worker peak RSS (max)", "workers peak RSS (sum)",
-                 "total RSS peak", "client caches (disk)", "server aggregate cache", "wall s"], rows))
+    print(
+        table(
+            [
+                "clients x examples",
+                "path",
+                "driver peak RSS",
+                "worker peak RSS (max)",
+                "workers peak RSS (sum)",
+                "total RSS peak",
+                "client caches (disk)",
+                "server aggregate cache",
+                "wall s",
+            ],
+            rows,
+        )
+    )
     for entry in result["scales"]:
         for path in FEDUNLEARN_PATHS:
             phases = (entry["variants"].get(path, {}).get("caches") or {}).get("phases") or {}
             if phases:
                 print(f"\n{path}, {entry['clients']} x {entry['examples']}: driver peak RSS after each phase")
-                print(table(["phase", "wall s", "rounds", "bytes sent+received", "driver peak so far", "total RSS peak so far"],
-                            [[name, f"{p['wall_s']:.2f}", p.get("rounds", "-"), format_bytes(p.get("bytes")),
-                              format_bytes(p["driver_peak_rss_bytes_so_far"]), format_bytes(p["total_rss_peak_bytes_so_far"])]
-                             for name, p in phases.items()]))
+                print(
+                    table(
+                        ["phase", "wall s", "rounds", "bytes sent+received", "driver peak so far", "total RSS peak so far"],
+                        [
+                            [
+                                name,
+                                f"{p['wall_s']:.2f}",
+                                p.get("rounds", "-"),
+                                format_bytes(p.get("bytes")),
+                                format_bytes(p["driver_peak_rss_bytes_so_far"]),
+                                format_bytes(p["total_rss_peak_bytes_so_far"]),
+                            ]
+                            for name, p in phases.items()
+                        ],
+                    )
+                )
     print()
     for target in result.get("targets") or [result["target"]]:
         status = {True: "MET", False: "MISSED", None: "NOT MEASURED"}[target["met"]]
@@ -124,17 +182,36 @@ def main(argv: list[str] | None = None) -> int:
     if len(clients) != len(examples):
         raise SystemExit(f"--clients {args.clients} and --examples {args.examples}: give one example count per client count")
     variants = parse_variants(args.variants)
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "data_root")}, "model": "mcmahan-cnn",
-                "input_shape": [1, 28, 28], "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    settings = {
+        **{k: v for k, v in vars(args).items() if k not in ("out", "data_root")},
+        "model": "mcmahan-cnn",
+        "input_shape": [1, 28, 28],
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    }
     result = envelope("memory", settings, argv)
     result["scales"] = []
     cap = int(args.memory_cap_gb * 1e9) if args.memory_cap_gb else None
     for n_clients, n_examples in zip(clients, examples, strict=True):
         dataset = data.prepare(n_clients, n_examples, seed=args.seed, root=args.data_root)
-        scale = Scale(clients=n_clients, examples=n_examples, rounds=args.rounds, data_dir=dataset.root, batch_size=args.batch_size,
-                      epochs=args.epochs, lr=args.lr, momentum=args.momentum, seed=args.seed, timeout=args.timeout,
-                      caches=True, cache_dtype=args.cache_dtype, loop_threads=args.loop_threads, engine=args.engine,
-                      cohort_size=args.cohort_size, cohort_train=args.cohort_train, device=args.device)
+        scale = Scale(
+            clients=n_clients,
+            examples=n_examples,
+            rounds=args.rounds,
+            data_dir=dataset.root,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            lr=args.lr,
+            momentum=args.momentum,
+            seed=args.seed,
+            timeout=args.timeout,
+            caches=True,
+            cache_dtype=args.cache_dtype,
+            loop_threads=args.loop_threads,
+            engine=args.engine,
+            cohort_size=args.cohort_size,
+            cohort_train=args.cohort_train,
+            device=args.device,
+        )
         runs = run_paths(scale, variants, args.repeats, args.timeout, cap, in_process=args.in_process)
         entry: dict[str, Any] = {"clients": n_clients, "examples": n_examples, "data": dataset.to_dict(), "variants": {}}
         for variant in variants:
@@ -144,13 +221,18 @@ def main(argv: list[str] | None = None) -> int:
         result["scales"].append(entry)
     result["targets"] = target_checks(result["scales"])
     result["target"] = result["targets"][0]  # the first fedunlearn path's (files written before the cohort path hold only this key)
-    result["notes"] = [NOISE_NOTE,
-                       "Only fedunlearn's path keeps gradient caches; (a) and (b) are plain training and show what the "
-                       "same model and data cost without them.",
-                       "Peak RSS counts shared pages (torch's libraries) once per process; the summed peak is an upper bound."]
+    result["notes"] = [
+        NOISE_NOTE,
+        "Only fedunlearn's path keeps gradient caches; (a) and (b) are plain training and show what the "
+        "same model and data cost without them.",
+        "Peak RSS counts shared pages (torch's libraries) once per process; the summed peak is an upper bound.",
+    ]
     if args.engine != "ray":
-        result["notes"].insert(0, f"engine {args.engine}: every node was served in-process by LocalGrid (no Ray worker "
-                                  "processes): the driver's peak holds everything; not a benchmark figure.")
+        result["notes"].insert(
+            0,
+            f"engine {args.engine}: every node was served in-process by LocalGrid (no Ray worker "
+            "processes): the driver's peak holds everything; not a benchmark figure.",
+        )
     out = Path(args.out) if args.out else RESULTS_DIR / "memory.json"
     write_json(out, result)
     print_report(result)

@@ -35,13 +35,26 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "metrics": ("fedunlearn/metrics.py", [KILLS, "tests/test_metrics.py"]),
     "validation": ("strategies/validation.py", [KILLS, "tests/test_validation.py"]),
 }
-STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "skipped", "not checked", "check was interrupted by user")
+STATUSES = (
+    "killed",
+    "survived",
+    "timeout",
+    "no tests",
+    "suspicious",
+    "segfault",
+    "skipped",
+    "not checked",
+    "check was interrupted by user",
+)
 
 
 def copy_tree(target: Path) -> None:
     """The working tree as git sees it (tracked and untracked, not ignored files) copied to `target`."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True)
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         source = ROOT / name
         if source.is_file():
@@ -52,9 +65,11 @@ def copy_tree(target: Path) -> None:
 def module_config(path: str, tests: list[str]) -> str:
     """pyproject.toml's [tool.mutmut] narrowed to one module and its tests."""
     listed = ", ".join(json.dumps(t) for t in tests)
-    return (f'[tool.mutmut]\nsource_paths = ["fedunlearn", "strategies"]\nonly_mutate = [{json.dumps(path)}]\n'
-            f'also_copy = ["simulations", "benchmarks"]\npytest_add_cli_args_test_selection = [{listed}, "-m", "not ray"]\n'
-            'pytest_add_cli_args = ["-p", "no:cacheprovider"]\nprocess_isolation = "forkserver"\n\n')
+    return (
+        f'[tool.mutmut]\nsource_paths = ["fedunlearn", "strategies"]\nonly_mutate = [{json.dumps(path)}]\n'
+        f'also_copy = ["simulations", "benchmarks"]\npytest_add_cli_args_test_selection = [{listed}, "-m", "not ray"]\n'
+        'pytest_add_cli_args = ["-p", "no:cacheprovider"]\nprocess_isolation = "forkserver"\n\n'
+    )
 
 
 def run_module(name: str, max_children: int) -> dict[str, Any]:
@@ -85,9 +100,15 @@ def score(name: str, listing: str) -> dict[str, Any]:
             status_of[mutant] = status
     counts = Counter(status_of.values())
     total = len(status_of)
-    return {"module": MODULES[name][0], "total": total, "killed": counts["killed"], "timeout": counts["timeout"],
-            "counts": dict(counts), "score": counts["killed"] / total if total else None,
-            "not_killed": sorted(m for m, s in status_of.items() if s != "killed")}
+    return {
+        "module": MODULES[name][0],
+        "total": total,
+        "killed": counts["killed"],
+        "timeout": counts["timeout"],
+        "counts": dict(counts),
+        "score": counts["killed"] / total if total else None,
+        "not_killed": sorted(m for m, s in status_of.items() if s != "killed"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         result = run_module(name, args.max_children)
         summary[name] = result
         summary_path.write_text(json.dumps(summary, indent=2))
-        print(f"{result['module']}: {result['killed']} / {result['total']} killed"
-              + (f" ({result['score']:.1%})" if result["score"] is not None else "")
-              + f", {result['timeout']} timeouts, not killed: {len(result['not_killed'])}  {result['counts']}", flush=True)
+        print(
+            f"{result['module']}: {result['killed']} / {result['total']} killed"
+            + (f" ({result['score']:.1%})" if result["score"] is not None else "")
+            + f", {result['timeout']} timeouts, not killed: {len(result['not_killed'])}  {result['counts']}",
+            flush=True,
+        )
     return 0
 
 

@@ -47,9 +47,21 @@ from .unlearning import parse_set
 
 RESULTS = RESULTS_DIR / "reliability.json"
 SURVIVABLE = ("complete", "renormalised", "fallback")
-FAULTS = {"shadow_mia": False, "dropout_prob": 0.1, "crash_client": 2, "crash_round": 3, "slow_clients": "4", "slow_seconds": 0.05,
-          "withdrawing_offline": True, "malicious_client": 3, "malicious_norm": 1e6, "unlearn_retries": 2,
-          "unlearn_policy": "renormalise", "gradient_norm_bound": 5.0, "gradient_norm_action": "reject"}
+FAULTS = {
+    "shadow_mia": False,
+    "dropout_prob": 0.1,
+    "crash_client": 2,
+    "crash_round": 3,
+    "slow_clients": "4",
+    "slow_seconds": 0.05,
+    "withdrawing_offline": True,
+    "malicious_client": 3,
+    "malicious_norm": 1e6,
+    "unlearn_retries": 2,
+    "unlearn_policy": "renormalise",
+    "gradient_norm_bound": 5.0,
+    "gradient_norm_action": "reject",
+}
 
 
 def fault_table(preset: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -81,8 +93,9 @@ def fault_table(preset: str, extra: dict[str, Any] | None = None) -> dict[str, A
         method = phase.split(":", 1)[1] if phase.startswith("unlearn:") else None
         if entry["fault"] == "malicious":
             report = models[method].get("unlearning", {})
-            return (entry["partition"] in report.get("clipped_clients", [])
-                    or any(r["partition"] == entry["partition"] for r in report.get("rejected", [])))
+            return entry["partition"] in report.get("clipped_clients", []) or any(
+                r["partition"] == entry["partition"] for r in report.get("rejected", [])
+            )
         if method is not None and method != "retrain":
             return models[method]["status"] in SURVIVABLE
         return complete  # a training or caching round that went on without the client (or after re-asking it)
@@ -90,8 +103,11 @@ def fault_table(preset: str, extra: dict[str, Any] | None = None) -> dict[str, A
     kinds: dict[str, dict[str, int]] = {}
     for entry in app.log:
         phase = entry["phase"]
-        where = "training" if phase in ("training", "original-continuation") or phase.startswith(("continue:", "unlearn:retrain")) \
+        where = (
+            "training"
+            if phase in ("training", "original-continuation") or phase.startswith(("continue:", "unlearn:retrain"))
             else ("caching" if phase == "caching" else "unlearning")
+        )
         label = f"{entry['fault']} ({where})" if entry["fault"] in ("dropout", "slow") else entry["fault"]
         row = kinds.setdefault(label, {"injected": 0, "survived": 0, "rejected": 0})
         row["injected"] += 1
@@ -99,16 +115,47 @@ def fault_table(preset: str, extra: dict[str, Any] | None = None) -> dict[str, A
     for rejected in reliability["rejected"]:
         label = "malicious" if "exceeds the bound" in rejected["reason"] else "other"
         kinds.setdefault(label, {"injected": 0, "survived": 0, "rejected": 0})["rejected"] += 1
-    return {"config": {k: v for k, v in results["config"].items() if k in (
-                "num-clients", "rounds", "dropout-prob", "crash-client", "crash-round", "slow-clients", "slow-seconds",
-                "withdrawing-offline", "malicious-client", "malicious-norm", "unlearn-retries", "unlearn-policy",
-                "gradient-norm-bound", "gradient-norm-action", "methods")},
-            "status": results["status"], "wall_s": wall, "rows": kinds, "results_lost": reliability["results_lost"],
-            "failed_replies": reliability["failed_replies"], "failed_by_phase": reliability["failed_by_phase"],
-            "rejected_replies": reliability["rejected_replies"],
-            "methods": {name: {"status": m.get("status"), "acc_test": m.get("acc_test"), "backdoor_asr": m.get("backdoor_asr"),
-                               "missing_clients": m.get("unlearning", {}).get("missing_clients"),
-                               "fallback": m.get("unlearning", {}).get("fallback")} for name, m in models.items()}}
+    return {
+        "config": {
+            k: v
+            for k, v in results["config"].items()
+            if k
+            in (
+                "num-clients",
+                "rounds",
+                "dropout-prob",
+                "crash-client",
+                "crash-round",
+                "slow-clients",
+                "slow-seconds",
+                "withdrawing-offline",
+                "malicious-client",
+                "malicious-norm",
+                "unlearn-retries",
+                "unlearn-policy",
+                "gradient-norm-bound",
+                "gradient-norm-action",
+                "methods",
+            )
+        },
+        "status": results["status"],
+        "wall_s": wall,
+        "rows": kinds,
+        "results_lost": reliability["results_lost"],
+        "failed_replies": reliability["failed_replies"],
+        "failed_by_phase": reliability["failed_by_phase"],
+        "rejected_replies": reliability["rejected_replies"],
+        "methods": {
+            name: {
+                "status": m.get("status"),
+                "acc_test": m.get("acc_test"),
+                "backdoor_asr": m.get("backdoor_asr"),
+                "missing_clients": m.get("unlearning", {}).get("missing_clients"),
+                "fallback": m.get("unlearning", {}).get("fallback"),
+            }
+            for name, m in models.items()
+        },
+    }
 
 
 def norm_bound_effect(preset: str, bound: float = 5.0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -117,8 +164,9 @@ def norm_bound_effect(preset: str, bound: float = 5.0, extra: dict[str, Any] | N
     With one sgd step, where a gradient's size becomes the step's size (the worst case; the normalised default rule
     bounds the step's length, but a huge gradient still takes over its direction).
     """
-    cfg = build_config(preset, overrides={"shadow_mia": False, "iau_step_rule": "sgd", "iau_steps": 1, "iau_correction_weight": 1.0,
-                                          **(extra or {})})
+    cfg = build_config(
+        preset, overrides={"shadow_mia": False, "iau_step_rule": "sgd", "iau_steps": 1, "iau_correction_weight": 1.0, **(extra or {})}
+    )
     cache = tempfile.mkdtemp(prefix="reliability-norm-")
     app = FaultyClientApp(build_client_app(app_config.client_spec_for(cfg, cache)), FaultPlan())
     grid = LocalGrid(app, cfg.num_clients, capture_errors=True)
@@ -127,8 +175,9 @@ def norm_bound_effect(preset: str, bound: float = 5.0, extra: dict[str, Any] | N
     torch.manual_seed(cfg.seed)
     model = build_model(app_config.model_name_for(cfg), data.input_shape, data.num_classes)
     layout = ParamLayout.of(model)
-    strategy = IAUFed(layout=layout, iau=app_config.iau_settings_for(cfg), directory=directory, train=app_config.train_settings_for(cfg),
-                      seed=cfg.seed)
+    strategy = IAUFed(
+        layout=layout, iau=app_config.iau_settings_for(cfg), directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed
+    )
     initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()))
     trained = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds).arrays
     strategy.fill_caches(grid, trained)
@@ -144,21 +193,34 @@ def norm_bound_effect(preset: str, bound: float = 5.0, extra: dict[str, Any] | N
         arrays, report = branch.unlearn(grid, trained, request, count)
         model.load_state_dict(arrays.to_torch_state_dict())
         model.eval()
-        return {"variant": label, "param_change": float((arrays_to_vector(arrays, layout) - theta).norm()),
-                "acc_test": accuracy(model, data.x_test, data.y_test), "backdoor_asr": attack_success_rate(model, triggered, cfg.backdoor_target),
-                "status": report.status, "clipped": report.clipped_clients, "rejected": len(report.rejected),
-                "missing": report.missing_clients, "direction_norm": report.direction_norm}
+        return {
+            "variant": label,
+            "param_change": float((arrays_to_vector(arrays, layout) - theta).norm()),
+            "acc_test": accuracy(model, data.x_test, data.y_test),
+            "backdoor_asr": attack_success_rate(model, triggered, cfg.backdoor_target),
+            "status": report.status,
+            "clipped": report.clipped_clients,
+            "rejected": len(report.rejected),
+            "missing": report.missing_clients,
+            "direction_norm": report.direction_norm,
+        }
 
     model.load_state_dict(trained.to_torch_state_dict())
     model.eval()
-    before = {"acc_test": accuracy(model, data.x_test, data.y_test), "backdoor_asr": attack_success_rate(model, triggered, cfg.backdoor_target)}
+    before = {
+        "acc_test": accuracy(model, data.x_test, data.y_test),
+        "backdoor_asr": attack_success_rate(model, triggered, cfg.backdoor_target),
+    }
     malicious = FaultPlan(malicious_client=3, malicious_norm=1e6)
     rows = [
         measure("honest (no malicious client)", FaultPlan(), RoundPolicy()),
         measure("client 3 sends norm 1e6, no bound", malicious, RoundPolicy()),
         measure(f"client 3 sends norm 1e6, clip at {bound:g}", malicious, RoundPolicy(norm_bound=bound)),
-        measure(f"client 3 sends norm 1e6, reject over {bound:g} (+renormalise)", malicious,
-                RoundPolicy(retries=0, on_missing="renormalise", norm_bound=bound, norm_action="reject")),
+        measure(
+            f"client 3 sends norm 1e6, reject over {bound:g} (+renormalise)",
+            malicious,
+            RoundPolicy(retries=0, on_missing="renormalise", norm_bound=bound, norm_action="reject"),
+        ),
     ]
     shutil.rmtree(cache, ignore_errors=True)
     return {"preset": preset, "eta": cfg.iau_eta, "step_rule": cfg.iau_step_rule, "before": before, "rows": rows}
@@ -168,24 +230,35 @@ def main(argv: list[str] | None = None) -> int:
     """Run both parts, print the tables, write the JSON."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other setting of simulations.run for both parts (e.g. --set model=mlp for a miniature)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other setting of simulations.run for both parts (e.g. --set model=mlp for a miniature)",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     extra = parse_set(args.set)
     result = envelope("reliability", {"preset": args.preset, "set": extra, "faults": FAULTS}, argv)
     table = fault_table(args.preset, extra)
     norm = norm_bound_effect(args.preset, extra=extra)
-    print(f"\nfault run ({args.preset}, in-process): status {table['status']}, {table['wall_s']:.1f} s, results lost {table['results_lost']}")
+    print(
+        f"\nfault run ({args.preset}, in-process): status {table['status']}, {table['wall_s']:.1f} s, results lost {table['results_lost']}"
+    )
     print("| fault | injected | survived | replies rejected | results lost |\n|---|---|---|---|---|")
     for label, row in table["rows"].items():
         print(f"| {label} | {row['injected']} | {row['survived']} | {row['rejected']} | {table['results_lost']} |")
     print(json.dumps(table["methods"], indent=1))
-    print(f"\nnorm bound ({args.preset}; before unlearning: acc {norm['before']['acc_test']:.3f}, ASR {norm['before']['backdoor_asr']:.3f})")
+    print(
+        f"\nnorm bound ({args.preset}; before unlearning: acc {norm['before']['acc_test']:.3f}, ASR {norm['before']['backdoor_asr']:.3f})"
+    )
     print("| variant | ||theta_new - theta|| | ACC test | ASR | clipped | rejected | status |\n|---|---|---|---|---|---|---|")
     for row in norm["rows"]:
-        print(f"| {row['variant']} | {row['param_change']:.4g} | {row['acc_test']:.3f} | {row['backdoor_asr']:.3f} | {row['clipped']} | "
-              f"{row['rejected']} | {row['status']} |")
+        print(
+            f"| {row['variant']} | {row['param_change']:.4g} | {row['acc_test']:.3f} | {row['backdoor_asr']:.3f} | {row['clipped']} | "
+            f"{row['rejected']} | {row['status']} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {**result, "fault_table": table, "norm_bound": norm})

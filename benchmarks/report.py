@@ -1,9 +1,9 @@
 """Render saved benchmark results as Markdown tables (dates, machines, medians, paths side by side, targets) for BENCHMARKS.md.
 
-    python -m benchmarks.report                       # every JSON under benchmarks/results/, to stdout
-    python -m benchmarks.report --out /tmp/tables.md  # the same into a file
-    python -m benchmarks.report benchmarks/results/training-100x600.json
-    python -m benchmarks.report --console             # each benchmark's own console report instead
+python -m benchmarks.report                       # every JSON under benchmarks/results/, to stdout
+python -m benchmarks.report --out /tmp/tables.md  # the same into a file
+python -m benchmarks.report benchmarks/results/training-100x600.json
+python -m benchmarks.report --console             # each benchmark's own console report instead
 """
 
 from __future__ import annotations

@@ -84,8 +84,13 @@ def _server_app(trips: int, payload: str, pull: float | None, metered: bool, out
         replies = list(grid.send_and_receive([message], timeout=60))
         received = time.time()
         metrics = replies[0].content.metric_records["metrics"]
-        return {"trip": trip, "sent": sent, "received": received, "started": as_float(metrics.get("started", "nan")),
-                "ended": as_float(metrics.get("ended", "nan"))}
+        return {
+            "trip": trip,
+            "sent": sent,
+            "received": received,
+            "started": as_float(metrics.get("started", "nan")),
+            "ended": as_float(metrics.get("ended", "nan")),
+        }
 
     return app
 
@@ -122,9 +127,13 @@ def measure(name: str, engine_pickup: float | None, pull: float | None, payload:
     with tempfile.TemporaryDirectory(prefix="fedunlearn-rt-") as tmp:
         out = os.path.join(tmp, "rows.json")
         with faster_message_pickup(engine_pickup if engine_pickup is not None else 0.1):
-            run_simulation(server_app=_server_app(trips + 1, payload, pull, metered, out),
-                           client_app=_fedunlearn_client_app(tmp) if payload == "app" else _client_app(), num_supernodes=1,
-                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}, verbose_logging=False)
+            run_simulation(
+                server_app=_server_app(trips + 1, payload, pull, metered, out),
+                client_app=_fedunlearn_client_app(tmp) if payload == "app" else _client_app(),
+                num_supernodes=1,
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+                verbose_logging=False,
+            )
         rows = json.loads(Path(out).read_text())[1:]
     stages = {
         "total": [r["received"] - r["sent"] for r in rows],
@@ -132,10 +141,16 @@ def measure(name: str, engine_pickup: float | None, pull: float | None, payload:
         "handler": [r["ended"] - r["started"] for r in rows],
         "back": [r["received"] - r["ended"] for r in rows],
     }
-    return {"setting": name, "engine_pickup_s": engine_pickup if engine_pickup is not None else 0.1, "grid_pull_s": pull,
-            "payload": payload, "metered": metered, "trips": len(rows),
-            "median_ms": {k: _ms(statistics.median(v)) for k, v in stages.items()},
-            "p90_ms": {k: _ms(sorted(v)[int(0.9 * (len(v) - 1))]) for k, v in stages.items()}}
+    return {
+        "setting": name,
+        "engine_pickup_s": engine_pickup if engine_pickup is not None else 0.1,
+        "grid_pull_s": pull,
+        "payload": payload,
+        "metered": metered,
+        "trips": len(rows),
+        "median_ms": {k: _ms(statistics.median(v)) for k, v in stages.items()},
+        "p90_ms": {k: _ms(sorted(v)[int(0.9 * (len(v) - 1))]) for k, v in stages.items()},
+    }
 
 
 def _ms(seconds: float) -> float | None:
@@ -157,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     result["load_average_before"] = list(os.getloadavg())
     result["settings"] = [measure(*setting, trips=args.trips) for setting in SETTINGS]
     result["load_average_after"] = list(os.getloadavg())
-    rows = [[s["setting"], *("-" if s["median_ms"][k] is None else f"{s['median_ms'][k]:.1f}" for k in ("total", "out", "handler", "back"))]
-            for s in result["settings"]]
+    rows = [
+        [s["setting"], *("-" if s["median_ms"][k] is None else f"{s['median_ms'][k]:.1f}" for k in ("total", "out", "handler", "back"))]
+        for s in result["settings"]
+    ]
     print(f"\nOne round trip, median ms over {args.trips} trips ({result['machine']['cpu']}, load {result['load_average_before'][0]:.1f})")
     print(table(["setting", "total", "out (to handler start)", "handler", "back (to server)"], rows))
     out = Path(args.out) if args.out else RESULTS_DIR / "round-trip.json"

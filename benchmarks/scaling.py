@@ -69,11 +69,23 @@ def overrides_for(clients: int, rounds: int, dataset_root: str, args: argparse.N
     """The experiment's settings at one point (CLI keys as `simulations.run` takes them)."""
     cohort = clients >= args.cohort_from
     return {
-        "dataset": "mnist", "data_dir": dataset_root, "model": args.model, "num_clients": clients, "rounds": rounds,
-        "local_epochs": 1, "batch_size": 32, "lr": 0.05, "methods": ",".join(METHODS), "seed": args.seed,
+        "dataset": "mnist",
+        "data_dir": dataset_root,
+        "model": args.model,
+        "num_clients": clients,
+        "rounds": rounds,
+        "local_epochs": 1,
+        "batch_size": 32,
+        "lr": 0.05,
+        "methods": ",".join(METHODS),
+        "seed": args.seed,
         "execution": "cohort" if cohort else "per-node",
         # cheap evaluation: this benchmark is about cost; the removal metrics are other benchmarks' business
-        "shadow_mia": False, "mia_attacks": "loss", "relearn_steps": 0, "eval_every": rounds, "checkpoint_every": 0,
+        "shadow_mia": False,
+        "mia_attacks": "loss",
+        "relearn_steps": 0,
+        "eval_every": rounds,
+        "checkpoint_every": 0,
     }
 
 
@@ -131,24 +143,66 @@ def print_report(result: dict[str, Any]) -> None:
             value = (m.get(method) or {}).get(key)
             return "-" if value is None else fmt(value)
 
-        rows.append([p["clients"], p["rounds"], p["examples"], p["execution"], cell("retrain", "wall_s", format_seconds),
-                     cell("iau", "speedup_wall"), cell("iau", "speedup_rounds"), cell("iau", "speedup_bytes"),
-                     cell("iau-cached", "wall_s", format_seconds), cell("iau-cached", "speedup_wall"),
-                     cell("iau-cached", "speedup_rounds"), cell("iau-cached", "speedup_bytes"), p["status"]])
+        rows.append(
+            [
+                p["clients"],
+                p["rounds"],
+                p["examples"],
+                p["execution"],
+                cell("retrain", "wall_s", format_seconds),
+                cell("iau", "speedup_wall"),
+                cell("iau", "speedup_rounds"),
+                cell("iau", "speedup_bytes"),
+                cell("iau-cached", "wall_s", format_seconds),
+                cell("iau-cached", "speedup_wall"),
+                cell("iau-cached", "speedup_rounds"),
+                cell("iau-cached", "speedup_bytes"),
+                p["status"],
+            ]
+        )
     print(f"\nScaling ({result['machine']['cpu']}, {result['date']})")
-    print(table(["clients", "rounds", "examples", "execution", "retrain s", "iau x s", "iau x rounds", "iau x bytes",
-                 "iau-cached s", "iau-cached x s", "iau-cached x rounds", "iau-cached x bytes", "status"], rows))
+    print(
+        table(
+            [
+                "clients",
+                "rounds",
+                "examples",
+                "execution",
+                "retrain s",
+                "iau x s",
+                "iau x rounds",
+                "iau x bytes",
+                "iau-cached s",
+                "iau-cached x s",
+                "iau-cached x rounds",
+                "iau-cached x bytes",
+                "status",
+            ],
+            rows,
+        )
+    )
     crossing = result["smallest_crossing"]
     if crossing is None:
-        best = max((p for p in result["points"] if (p["methods"].get("iau-cached") or {}).get("speedup_wall")),
-                   key=lambda p: p["methods"]["iau-cached"]["speedup_wall"], default=None)
-        print(f"  iau-cached passes {CACHED_TARGET:g}x in wall-clock at none of the measured points"
-              + ("" if best is None else f" (best: {best['methods']['iau-cached']['speedup_wall']:.0f}x at "
-                                         f"{best['clients']} x {best['rounds']} rounds x {best['examples']})"))
+        best = max(
+            (p for p in result["points"] if (p["methods"].get("iau-cached") or {}).get("speedup_wall")),
+            key=lambda p: p["methods"]["iau-cached"]["speedup_wall"],
+            default=None,
+        )
+        print(
+            f"  iau-cached passes {CACHED_TARGET:g}x in wall-clock at none of the measured points"
+            + (
+                ""
+                if best is None
+                else f" (best: {best['methods']['iau-cached']['speedup_wall']:.0f}x at "
+                f"{best['clients']} x {best['rounds']} rounds x {best['examples']})"
+            )
+        )
     else:
-        print(f"  smallest measured point where iau-cached passes {CACHED_TARGET:g}x: {crossing['clients']} clients, "
-              f"{crossing['rounds']} rounds, {crossing['examples']} examples per client "
-              f"({crossing['methods']['iau-cached']['speedup_wall']:.0f}x)")
+        print(
+            f"  smallest measured point where iau-cached passes {CACHED_TARGET:g}x: {crossing['clients']} clients, "
+            f"{crossing['rounds']} rounds, {crossing['examples']} examples per client "
+            f"({crossing['methods']['iau-cached']['speedup_wall']:.0f}x)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,8 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one point may run")
     parser.add_argument("--memory-cap-gb", type=float, default=None)
-    parser.add_argument("--engine", default="ray", choices=("ray", "local"),
-                        help="ray: Flower's simulation engine (what is benchmarked); local: in-process LocalGrid (miniatures)")
+    parser.add_argument(
+        "--engine",
+        default="ray",
+        choices=("ray", "local"),
+        help="ray: Flower's simulation engine (what is benchmarked); local: in-process LocalGrid (miniatures)",
+    )
     parser.add_argument("--in-process", action="store_true", help="run each point in this process (tests, debugging)")
     parser.add_argument("--data-root", default=None, help="folder for the synthetic MNIST files (default: the system temp dir)")
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/scaling.json; the plot goes beside it)")
@@ -170,24 +228,40 @@ def main(argv: list[str] | None = None) -> int:
     for _, _, examples in grid:
         data.partition_size(examples)  # refuses example counts the held-out split cannot leave exactly, before anything runs
     out = Path(args.out) if args.out else RESULTS_DIR / "scaling.json"
-    result = envelope("scaling", {**{k: v for k, v in vars(args).items() if k != "out"}, "grid": [list(p) for p in grid],
-                                  "methods": list(METHODS)}, argv)
+    result = envelope(
+        "scaling", {**{k: v for k, v in vars(args).items() if k != "out"}, "grid": [list(p) for p in grid], "methods": list(METHODS)}, argv
+    )
     result["points"] = []
     cap = int(args.memory_cap_gb * 1e9) if args.memory_cap_gb else None
     for index, (clients, rounds, examples) in enumerate(grid):
         dataset = data.prepare(clients, examples, seed=args.seed, root=args.data_root)
         overrides = overrides_for(clients, rounds, dataset.root, args)
-        print(f"[{index + 1}/{len(grid)}] {clients} clients x {rounds} rounds x {examples} examples ({overrides['execution']}) ...",
-              flush=True)
+        print(
+            f"[{index + 1}/{len(grid)}] {clients} clients x {rounds} rounds x {examples} examples ({overrides['execution']}) ...",
+            flush=True,
+        )
         with tempfile.TemporaryDirectory(prefix="fedunlearn-bench-scaling-") as tmp:
-            child = run_child("experiment", {"preset": "default", "overrides": overrides, "out_dir": tmp, "engine": args.engine},
-                              args.timeout, cap, in_process=args.in_process)
+            child = run_child(
+                "experiment",
+                {"preset": "default", "overrides": overrides, "out_dir": tmp, "engine": args.engine},
+                args.timeout,
+                cap,
+                in_process=args.in_process,
+            )
             path = Path(tmp) / "results.json"
             results = json.loads(path.read_text()) if path.exists() else None
-        point: dict[str, Any] = {"clients": clients, "rounds": rounds, "examples": examples, "execution": overrides["execution"],
-                                 "methods": {}, "status": (results or {}).get("status", "failed"),
-                                 "error": None if child.get("ok") else child.get("error"), "memory": child.get("memory"),
-                                 "load_average_before": child.get("load_average_before"), "process_wall_s": child.get("process_wall_s")}
+        point: dict[str, Any] = {
+            "clients": clients,
+            "rounds": rounds,
+            "examples": examples,
+            "execution": overrides["execution"],
+            "methods": {},
+            "status": (results or {}).get("status", "failed"),
+            "error": None if child.get("ok") else child.get("error"),
+            "memory": child.get("memory"),
+            "load_average_before": child.get("load_average_before"),
+            "process_wall_s": child.get("process_wall_s"),
+        }
         if results is not None:
             point["methods"] = {name: method_row(model) for name, model in results.get("models", {}).items() if name in METHODS}
             point["training_wall_s"] = (results.get("phases") or {}).get("training", {}).get("wall_s")
@@ -197,14 +271,22 @@ def main(argv: list[str] | None = None) -> int:
         result["points"].append(point)
         write_json(out, result)  # written as produced: a long grid interrupted keeps what it measured
         cached = point["methods"].get("iau-cached") or {}
-        print(f"    retrain {format_seconds((point['methods'].get('retrain') or {}).get('wall_s'))} s, iau-cached "
-              f"{format_ratio(cached.get('speedup_wall'))} in seconds, {format_bytes(cached.get('bytes'))}", flush=True)
+        print(
+            f"    retrain {format_seconds((point['methods'].get('retrain') or {}).get('wall_s'))} s, iau-cached "
+            f"{format_ratio(cached.get('speedup_wall'))} in seconds, {format_bytes(cached.get('bytes'))}",
+            flush=True,
+        )
     crossing = smallest_crossing(result["points"])
     result["smallest_crossing"] = crossing
-    result["target"] = {"target": f"iau-cached at least {CACHED_TARGET:g}x faster than retrain in wall seconds",
-                        "met_at": None if crossing is None else [crossing["clients"], crossing["rounds"], crossing["examples"]]}
-    result["notes"] = [NOISE_NOTE, "One experiment per point (no repeats): the speedup is a ratio of two phases of the same run, "
-                       "measured side by side; rerun a point with --grid to check its spread."]
+    result["target"] = {
+        "target": f"iau-cached at least {CACHED_TARGET:g}x faster than retrain in wall seconds",
+        "met_at": None if crossing is None else [crossing["clients"], crossing["rounds"], crossing["examples"]],
+    }
+    result["notes"] = [
+        NOISE_NOTE,
+        "One experiment per point (no repeats): the speedup is a ratio of two phases of the same run, "
+        "measured side by side; rerun a point with --grid to check its spread.",
+    ]
     if args.engine != "ray":
         result["notes"].insert(0, "engine local: in-process LocalGrid, no Ray and no grid polling: not benchmark figures.")
     write_json(out, result)

@@ -53,15 +53,26 @@ def measure(action: Callable[[MeteredGrid], Any], grid: LocalGrid, repeats: int)
 
 def run(num_clients: int, repeats: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """Plain and secure costs of the correction round and of the caching upload at `num_clients`."""
-    cfg = build_config("default", overrides={"num_clients": num_clients, "gradient_norm_bound": NORM_BOUND, "iau_steps": 1,
-                                             "unlearn_retries": 0, "secure_aggregation": True, **overrides})
+    cfg = build_config(
+        "default",
+        overrides={
+            "num_clients": num_clients,
+            "gradient_norm_bound": NORM_BOUND,
+            "iau_steps": 1,
+            "unlearn_retries": 0,
+            "secure_aggregation": True,
+            **overrides,
+        },
+    )
     spec = app_config.client_spec_for(cfg, tempfile.mkdtemp(prefix="secagg-bench-"))
     grid = LocalGrid(build_client_app(spec), num_clients)
     data = DatasetStore.get(app_config.data_spec_for(cfg))
     model = build_model(app_config.model_name_for(cfg), data.input_shape, data.num_classes)
     arrays = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()))
     secure_policy = app_config.round_policy_for(cfg)
-    strategy = unlearning_strategy(grid, model, num_clients, iau=app_config.iau_settings_for(cfg), policy=replace(secure_policy, secure=None))
+    strategy = unlearning_strategy(
+        grid, model, num_clients, iau=app_config.iau_settings_for(cfg), policy=replace(secure_policy, secure=None)
+    )
     strategy.fill_caches(grid, arrays)
     request = app_config.deletion_request_for(cfg)
     count = strategy.directory.num_train[request.client]
@@ -109,13 +120,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs.append(result)
         for round_name in ("correction", "caching"):
             plain, secure = result[f"{round_name}_plain"], result[f"{round_name}_secure"]
-            rows.append([n, round_name, f"{format_seconds(plain['wall_s'])} / {format_seconds(secure['wall_s'])}",
-                         format_ratio(secure["wall_s"] / plain["wall_s"]), f"{plain['rounds']} / {secure['rounds']}",
-                         f"{format_bytes(plain['bytes_down'] + plain['bytes_up'])} / {format_bytes(secure['bytes_down'] + secure['bytes_up'])}",
-                         format_ratio((secure["bytes_down"] + secure["bytes_up"]) / (plain["bytes_down"] + plain["bytes_up"]))])
+            rows.append(
+                [
+                    n,
+                    round_name,
+                    f"{format_seconds(plain['wall_s'])} / {format_seconds(secure['wall_s'])}",
+                    format_ratio(secure["wall_s"] / plain["wall_s"]),
+                    f"{plain['rounds']} / {secure['rounds']}",
+                    f"{format_bytes(plain['bytes_down'] + plain['bytes_up'])} / {format_bytes(secure['bytes_down'] + secure['bytes_up'])}",
+                    format_ratio((secure["bytes_down"] + secure["bytes_up"]) / (plain["bytes_down"] + plain["bytes_up"])),
+                ]
+            )
     print(table(["clients", "round", "seconds plain / secure", "x", "rounds", "bytes plain / secure", "x"], rows))
-    path = write_json(args.out, {**envelope("secagg_overhead", {"clients": args.clients, "repeats": args.repeats, "set": args.set}, argv),
-                                 "runs": runs})
+    path = write_json(
+        args.out, {**envelope("secagg_overhead", {"clients": args.clients, "repeats": args.repeats, "set": args.set}, argv), "runs": runs}
+    )
     print(f"wrote {path}")
     return 0
 

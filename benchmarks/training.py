@@ -27,15 +27,17 @@ from .common import RESULTS_DIR, envelope, format_bytes, format_ratio, format_se
 from .variants import ENGINES, LABELS, VARIANTS, Scale
 
 # Targets of issue 6 for this benchmark (the H100 ones need the cohort execution mode and a GPU).
-TARGET_VS_FLOWER = 1.0      # 2-core CPU, 100 clients: no slower than the plain Flower app
-TARGET_VS_LOOP = 1.25       # 2-core CPU, 100 clients: within 1.25x of the single-process loop
+TARGET_VS_FLOWER = 1.0  # 2-core CPU, 100 clients: no slower than the plain Flower app
+TARGET_VS_LOOP = 1.25  # 2-core CPU, 100 clients: within 1.25x of the single-process loop
 H100_TARGETS = {100: 5.0, 1000: 10.0}  # H100: steady round at least this many times faster than the plain Flower app
 FEDUNLEARN_PATHS = ("fedunlearn", "fedunlearn-cohort")
 
-NOISE_NOTE = ("The machine is shared with other engineers running tests: timings are noisy. Every path records the mean "
-              "1-minute load average while it ran (memory.load_1min_mean); a benchmark path itself keeps about 2 "
-              "runnable on the 2 cores, so load well above 2 means others' jobs competed and that path's seconds are "
-              "inflated. Compare paths measured at similar load, and repeat (--repeats) where it is cheap.")
+NOISE_NOTE = (
+    "The machine is shared with other engineers running tests: timings are noisy. Every path records the mean "
+    "1-minute load average while it ran (memory.load_1min_mean); a benchmark path itself keeps about 2 "
+    "runnable on the 2 cores, so load well above 2 means others' jobs competed and that path's seconds are "
+    "inflated. Compare paths measured at similar load, and repeat (--repeats) where it is cheap."
+)
 
 
 def add_scale_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
@@ -47,25 +49,52 @@ def add_scale_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--loop-threads", type=int, default=0,
-                        help="torch threads of the single-process loop (0: each round, the faster of 1 and torch's default)")
+    parser.add_argument(
+        "--loop-threads",
+        type=int,
+        default=0,
+        help="torch threads of the single-process loop (0: each round, the faster of 1 and torch's default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=None, help="folder for the synthetic MNIST files (default: the system temp dir)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one path may run before it is stopped")
-    parser.add_argument("--memory-cap-gb", type=float, default=None,
-                        help="stop a path whose processes exceed this RSS (default: 75%% of the memory available)")
-    parser.add_argument("--cohort-size", type=int, default=0,
-                        help="fedunlearn-cohort: virtual clients per SuperNode (default 0: the runner's automatic size)")
-    parser.add_argument("--cohort-train", default="auto", choices=("auto", "vmap", "loop"),
-                        help="fedunlearn-cohort: how a cohort trains (auto: vmap on a GPU, loop on a CPU; as --cohort-train of simulations.run)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="device of the loop and fedunlearn's clients (auto: cuda when visible, as the quickstart app picks)")
-    parser.add_argument("--engine", default="ray", choices=ENGINES,
-                        help="ray: Flower's simulation engine (what is benchmarked); local: every node served in-process by "
-                             "LocalGrid, no Ray (miniatures, profiling; the results say which)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run every path in this process instead of a fresh child each (tests, debugging: no timeout, "
-                             "no memory cap, peak RSS shared between paths)")
+    parser.add_argument(
+        "--memory-cap-gb",
+        type=float,
+        default=None,
+        help="stop a path whose processes exceed this RSS (default: 75%% of the memory available)",
+    )
+    parser.add_argument(
+        "--cohort-size",
+        type=int,
+        default=0,
+        help="fedunlearn-cohort: virtual clients per SuperNode (default 0: the runner's automatic size)",
+    )
+    parser.add_argument(
+        "--cohort-train",
+        default="auto",
+        choices=("auto", "vmap", "loop"),
+        help="fedunlearn-cohort: how a cohort trains (auto: vmap on a GPU, loop on a CPU; as --cohort-train of simulations.run)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="device of the loop and fedunlearn's clients (auto: cuda when visible, as the quickstart app picks)",
+    )
+    parser.add_argument(
+        "--engine",
+        default="ray",
+        choices=ENGINES,
+        help="ray: Flower's simulation engine (what is benchmarked); local: every node served in-process by "
+        "LocalGrid, no Ray (miniatures, profiling; the results say which)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every path in this process instead of a fresh child each (tests, debugging: no timeout, "
+        "no memory cap, peak RSS shared between paths)",
+    )
     parser.add_argument("--out", default=None, help="JSON file to write (default under benchmarks/results/)")
 
 
@@ -78,8 +107,15 @@ def parse_variants(text: str) -> list[str]:
     return names
 
 
-def run_paths(scale: Scale, variants: list[str], repeats: int, timeout: float, memory_cap: int | None,
-              calibrate: bool = False, in_process: bool = False) -> dict[str, list[dict[str, Any]]]:
+def run_paths(
+    scale: Scale,
+    variants: list[str],
+    repeats: int,
+    timeout: float,
+    memory_cap: int | None,
+    calibrate: bool = False,
+    in_process: bool = False,
+) -> dict[str, list[dict[str, Any]]]:
     """Every path `repeats` times, interleaved so slow drifts in machine load hit them alike (and a calibration each time)."""
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in ["calibration", *variants]}
     unavailable: set[str] = set()
@@ -90,8 +126,11 @@ def run_paths(scale: Scale, variants: list[str], repeats: int, timeout: float, m
             if variant in unavailable:  # asked once: the checkout does not change between repeats
                 runs[variant].append(runs[variant][-1])
                 continue
-            print(f"[{repeat + 1}/{repeats}] {LABELS[variant]}: {scale.clients} clients x {scale.examples} examples, "
-                  f"{scale.rounds} round(s) ...", flush=True)
+            print(
+                f"[{repeat + 1}/{repeats}] {LABELS[variant]}: {scale.clients} clients x {scale.examples} examples, "
+                f"{scale.rounds} round(s) ...",
+                flush=True,
+            )
             result = run_child(variant, asdict(scale), timeout, memory_cap, in_process)
             if result.get("available") is False:
                 unavailable.add(variant)
@@ -99,8 +138,11 @@ def run_paths(scale: Scale, variants: list[str], repeats: int, timeout: float, m
             elif not result.get("ok"):
                 print(f"    FAILED: {result.get('error', '')[:2000]}", flush=True)
             else:
-                print(f"    steady {format_seconds(result.get('steady_round_s'))} s/round, first {format_seconds(result.get('first_round_s'))} s, "
-                      f"wall {format_seconds(result.get('wall_s'))} s", flush=True)
+                print(
+                    f"    steady {format_seconds(result.get('steady_round_s'))} s/round, first {format_seconds(result.get('first_round_s'))} s, "
+                    f"wall {format_seconds(result.get('wall_s'))} s",
+                    flush=True,
+                )
             runs[variant].append(result)
     return runs
 
@@ -119,17 +161,23 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     steady = [s for r in ok for s in r.get("round_s", [])[1:]]
     return {
-        "ok": True, "runs_ok": len(ok), "runs_failed": len(runs) - len(ok),
+        "ok": True,
+        "runs_ok": len(ok),
+        "runs_failed": len(runs) - len(ok),
         "ray_start_s": median(r.get("ray_start_s") for r in ok),
         "discovery_s": median(r.get("discovery_s") for r in ok),
         "first_round_s": median(r.get("first_round_s") for r in ok),
         "to_first_round_end_s": median(r.get("to_first_round_end_s") for r in ok),
-        "steady_round_s": median(steady), "steady_rounds_pooled": len(steady),
-        "steady_round_min_s": min(steady) if steady else None, "steady_round_max_s": max(steady) if steady else None,
+        "steady_round_s": median(steady),
+        "steady_rounds_pooled": len(steady),
+        "steady_round_min_s": min(steady) if steady else None,
+        "steady_round_max_s": max(steady) if steady else None,
         "wall_s": median(r.get("wall_s") for r in ok),
         "load_1min_mean": median((r.get("memory") or {}).get("load_1min_mean") for r in ok),
-        "driver_peak_rss_bytes": peak("driver_peak_rss_bytes"), "worker_peak_rss_max_bytes": peak("worker_peak_rss_max_bytes"),
-        "workers_peak_rss_sum_bytes": peak("workers_peak_rss_sum_bytes"), "total_rss_peak_bytes": peak("total_rss_peak_bytes"),
+        "driver_peak_rss_bytes": peak("driver_peak_rss_bytes"),
+        "worker_peak_rss_max_bytes": peak("worker_peak_rss_max_bytes"),
+        "workers_peak_rss_sum_bytes": peak("workers_peak_rss_sum_bytes"),
+        "total_rss_peak_bytes": peak("total_rss_peak_bytes"),
         "errors": [r.get("error") for r in runs if not r.get("ok")],
     }
 
@@ -142,9 +190,16 @@ def calibration_summary(runs: list[dict[str, Any]], scale: Scale) -> dict[str, A
     step_1 = median(r["step_s_1_thread"] for r in ok)
     cores = min(os.cpu_count() or 1, scale.clients)
     steps_per_round = scale.clients * math.ceil(scale.examples / scale.batch_size) * scale.epochs
-    return {"ok": True, "step_s_1_thread": step_1, "step_s_default_threads": median(r["step_s_default_threads"] for r in ok),
-            "default_threads": ok[0]["default_threads"], "steps_per_round": steps_per_round, "cores": cores,
-            "ideal_round_s": None if step_1 is None else steps_per_round * step_1 / cores, "runs": runs}
+    return {
+        "ok": True,
+        "step_s_1_thread": step_1,
+        "step_s_default_threads": median(r["step_s_default_threads"] for r in ok),
+        "default_threads": ok[0]["default_threads"],
+        "steps_per_round": steps_per_round,
+        "cores": cores,
+        "ideal_round_s": None if step_1 is None else steps_per_round * step_1 / cores,
+        "runs": runs,
+    }
 
 
 def compare(summaries: dict[str, dict[str, Any]], clients: int, gpu: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -163,24 +218,50 @@ def compare(summaries: dict[str, dict[str, Any]], clients: int, gpu: str | None 
         comparison[f"{key}_speedup_vs_flower"], comparison[f"{key}_slowdown_vs_loop"] = speedup, slowdown
         absent = _absent(summaries[path], path)
         met = None if speedup is None else speedup >= TARGET_VS_FLOWER
-        targets.append({
-            "target": f"2-core CPU, 100 clients: {path} no slower than the plain Flower app (steady round)", "path": path,
-            "measured": speedup, "required": TARGET_VS_FLOWER, "better": "higher", "met": met,
-            "note": (absent if speedup is None else
-                     f"{path}'s round is {speedup:.2f}x as fast as the plain Flower app's" + applies +
-                     ("" if met else f"; missed by {TARGET_VS_FLOWER / speedup:.2f}x")),
-        })
+        targets.append(
+            {
+                "target": f"2-core CPU, 100 clients: {path} no slower than the plain Flower app (steady round)",
+                "path": path,
+                "measured": speedup,
+                "required": TARGET_VS_FLOWER,
+                "better": "higher",
+                "met": met,
+                "note": (
+                    absent
+                    if speedup is None
+                    else f"{path}'s round is {speedup:.2f}x as fast as the plain Flower app's"
+                    + applies
+                    + ("" if met else f"; missed by {TARGET_VS_FLOWER / speedup:.2f}x")
+                ),
+            }
+        )
         met = None if slowdown is None else slowdown <= TARGET_VS_LOOP
-        targets.append({
-            "target": f"2-core CPU, 100 clients: {path} within 1.25x of the single-process loop (steady round)", "path": path,
-            "measured": slowdown, "required": TARGET_VS_LOOP, "better": "lower", "met": met,
-            "note": (absent if slowdown is None else
-                     f"{path}'s round takes {slowdown:.2f}x the loop's" + applies +
-                     ("" if met else f"; missed by {slowdown / TARGET_VS_LOOP:.2f}x")),
-        })
+        targets.append(
+            {
+                "target": f"2-core CPU, 100 clients: {path} within 1.25x of the single-process loop (steady round)",
+                "path": path,
+                "measured": slowdown,
+                "required": TARGET_VS_LOOP,
+                "better": "lower",
+                "met": met,
+                "note": (
+                    absent
+                    if slowdown is None
+                    else f"{path}'s round takes {slowdown:.2f}x the loop's"
+                    + applies
+                    + ("" if met else f"; missed by {slowdown / TARGET_VS_LOOP:.2f}x")
+                ),
+            }
+        )
         for at, required in H100_TARGETS.items():
-            entry = {"target": f"H100, {at} clients: {path}'s steady round at least {required:g}x faster than the plain Flower app",
-                     "path": path, "measured": None, "required": required, "better": "higher", "met": None}
+            entry = {
+                "target": f"H100, {at} clients: {path}'s steady round at least {required:g}x faster than the plain Flower app",
+                "path": path,
+                "measured": None,
+                "required": required,
+                "better": "higher",
+                "met": None,
+            }
             if not gpu or "H100" not in gpu:
                 entry["note"] = f"not measured: needs an H100 (this machine: {gpu or 'no GPU'})"
             elif clients != at:
@@ -188,9 +269,12 @@ def compare(summaries: dict[str, dict[str, Any]], clients: int, gpu: str | None 
             elif speedup is None:
                 entry["note"] = absent
             else:
-                entry.update(measured=speedup, met=speedup >= required,
-                             note=f"{path}'s round is {speedup:.2f}x as fast as the plain Flower app's"
-                                  + ("" if speedup >= required else f"; missed by {required / speedup:.2f}x"))
+                entry.update(
+                    measured=speedup,
+                    met=speedup >= required,
+                    note=f"{path}'s round is {speedup:.2f}x as fast as the plain Flower app's"
+                    + ("" if speedup >= required else f"; missed by {required / speedup:.2f}x"),
+                )
             targets.append(entry)
     return comparison, targets
 
@@ -217,32 +301,66 @@ def print_report(result: dict[str, Any]) -> None:
     for variant, summary in result["variants"].items():
         s = summary["summary"]
         if not s.get("ok"):
-            rows.append([summary["label"], "not available" if s.get("available") is False else "FAILED", "", "", "", "", "", "", "", "", ""])
+            rows.append(
+                [summary["label"], "not available" if s.get("available") is False else "FAILED", "", "", "", "", "", "", "", "", ""]
+            )
             continue
-        rows.append([summary["label"], format_seconds(s["steady_round_s"]), format_ratio(over_ideal.get(variant)),
-                     format_seconds(s["first_round_s"]),
-                     format_seconds(s["ray_start_s"]), format_seconds(s["to_first_round_end_s"]), format_seconds(s["wall_s"]),
-                     format_bytes(s["driver_peak_rss_bytes"]), format_bytes(s["worker_peak_rss_max_bytes"]),
-                     format_bytes(s["total_rss_peak_bytes"]), _load(s)])
+        rows.append(
+            [
+                summary["label"],
+                format_seconds(s["steady_round_s"]),
+                format_ratio(over_ideal.get(variant)),
+                format_seconds(s["first_round_s"]),
+                format_seconds(s["ray_start_s"]),
+                format_seconds(s["to_first_round_end_s"]),
+                format_seconds(s["wall_s"]),
+                format_bytes(s["driver_peak_rss_bytes"]),
+                format_bytes(s["worker_peak_rss_max_bytes"]),
+                format_bytes(s["total_rss_peak_bytes"]),
+                _load(s),
+            ]
+        )
     settings = result["settings"]
     engine = settings.get("engine", "ray")
-    print(f"\nTraining, {settings['clients']} clients x {settings['examples']} examples, {settings['rounds']} rounds x "
-          f"{settings['repeats']} repeat(s) ({result['machine']['cpu']}, {result['machine']['cpus']} CPUs, {result['date']})"
-          + ("" if engine == "ray" else f" [engine {engine}: in-process LocalGrid, no Ray; not a benchmark figure]"))
-    print(table(["path", "steady s/round (median)", "x ideal", "first round s", "Ray start s", "start to end of round 1 s", "wall s",
-                 "driver peak RSS", "worker peak RSS (max)", "total RSS peak", "mean load (1 min)"], rows))
+    print(
+        f"\nTraining, {settings['clients']} clients x {settings['examples']} examples, {settings['rounds']} rounds x "
+        f"{settings['repeats']} repeat(s) ({result['machine']['cpu']}, {result['machine']['cpus']} CPUs, {result['date']})"
+        + ("" if engine == "ray" else f" [engine {engine}: in-process LocalGrid, no Ray; not a benchmark figure]")
+    )
+    print(
+        table(
+            [
+                "path",
+                "steady s/round (median)",
+                "x ideal",
+                "first round s",
+                "Ray start s",
+                "start to end of round 1 s",
+                "wall s",
+                "driver peak RSS",
+                "worker peak RSS (max)",
+                "total RSS peak",
+                "mean load (1 min)",
+            ],
+            rows,
+        )
+    )
     cal = result.get("calibration", {})
     if cal.get("ok"):
-        print(f"\ncalibration: one SGD step (batch {settings['batch_size']}) {cal['step_s_1_thread'] * 1e3:.1f} ms on 1 thread, "
-              f"{cal['step_s_default_threads'] * 1e3:.1f} ms on {cal['default_threads']} threads; {cal['steps_per_round']} steps "
-              f"per round on {cal['cores']} cores in perfect parallel: {format_seconds(cal['ideal_round_s'])} s per round")
+        print(
+            f"\ncalibration: one SGD step (batch {settings['batch_size']}) {cal['step_s_1_thread'] * 1e3:.1f} ms on 1 thread, "
+            f"{cal['step_s_default_threads'] * 1e3:.1f} ms on {cal['default_threads']} threads; {cal['steps_per_round']} steps "
+            f"per round on {cal['cores']} cores in perfect parallel: {format_seconds(cal['ideal_round_s'])} s per round"
+        )
     c = result["comparison"]
     print()
     for path in FEDUNLEARN_PATHS:
         key = path.replace("-", "_")
         if f"{key}_speedup_vs_flower" in c:
-            print(f"{path} vs plain Flower: {format_ratio(c[f'{key}_speedup_vs_flower'])} faster; {path} / loop: "
-                  f"{format_ratio(c[f'{key}_slowdown_vs_loop'])}")
+            print(
+                f"{path} vs plain Flower: {format_ratio(c[f'{key}_speedup_vs_flower'])} faster; {path} / loop: "
+                f"{format_ratio(c[f'{key}_slowdown_vs_loop'])}"
+            )
     print(f"plain Flower / loop: {format_ratio(c.get('flower_slowdown_vs_loop'))}")
     for target in result["targets"]:
         status = {True: "MET", False: "MISSED", None: "NOT MEASURED"}[target["met"]]
@@ -260,32 +378,65 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = parse_variants(args.variants)
     dataset = data.prepare(args.clients, args.examples, seed=args.seed, root=args.data_root)
-    scale = Scale(clients=args.clients, examples=args.examples, rounds=args.rounds, data_dir=dataset.root, batch_size=args.batch_size,
-                  epochs=args.epochs, lr=args.lr, momentum=args.momentum, seed=args.seed, timeout=args.timeout,
-                  loop_threads=args.loop_threads, engine=args.engine, cohort_size=args.cohort_size, cohort_train=args.cohort_train, device=args.device)
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "data_root")}, "model": "mcmahan-cnn",
-                "input_shape": [1, 28, 28], "optimizer": "sgd", "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    scale = Scale(
+        clients=args.clients,
+        examples=args.examples,
+        rounds=args.rounds,
+        data_dir=dataset.root,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        lr=args.lr,
+        momentum=args.momentum,
+        seed=args.seed,
+        timeout=args.timeout,
+        loop_threads=args.loop_threads,
+        engine=args.engine,
+        cohort_size=args.cohort_size,
+        cohort_train=args.cohort_train,
+        device=args.device,
+    )
+    settings = {
+        **{k: v for k, v in vars(args).items() if k not in ("out", "data_root")},
+        "model": "mcmahan-cnn",
+        "input_shape": [1, 28, 28],
+        "optimizer": "sgd",
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    }
     result = envelope("training", settings, argv)
     result["data"] = dataset.to_dict()
-    runs = run_paths(scale, variants, args.repeats, args.timeout,
-                     int(args.memory_cap_gb * 1e9) if args.memory_cap_gb else None, calibrate=True, in_process=args.in_process)
+    runs = run_paths(
+        scale,
+        variants,
+        args.repeats,
+        args.timeout,
+        int(args.memory_cap_gb * 1e9) if args.memory_cap_gb else None,
+        calibrate=True,
+        in_process=args.in_process,
+    )
     result["calibration"] = calibration_summary(runs["calibration"], scale)
     result["variants"] = {v: {"label": LABELS[v], "summary": summarise(runs[v]), "runs": runs[v]} for v in variants}
-    result["comparison"], result["targets"] = compare({v: r["summary"] for v, r in result["variants"].items()}, args.clients,
-                                                      result["machine"].get("gpu"))
-    result["comparison"]["steady_over_ideal"] = {v: ratio(r["summary"].get("steady_round_s"), result["calibration"].get("ideal_round_s"))
-                                                 for v, r in result["variants"].items()}
-    result["notes"] = [NOISE_NOTE,
-                       "Round 1 is measured from when Ray is up (or the strategy starts, if later) to the end of its "
-                       "aggregation; later rounds from the previous round's end, so every driver-side step counts.",
-                       "(c) and (d) first ask every client for its partition id (discovery_s; node ids are random per run): "
-                       "worker start-up and data loading fall there, which (a) pays inside round 1.",
-                       "fedunlearn's paths poll the grid for replies every grid-poll-interval seconds (the runner's setting, "
-                       "grid_poll_interval_s in their runs); the plain Flower app keeps Flower's default (0.1 s), as a user "
-                       "of the quickstart would."]
+    result["comparison"], result["targets"] = compare(
+        {v: r["summary"] for v, r in result["variants"].items()}, args.clients, result["machine"].get("gpu")
+    )
+    result["comparison"]["steady_over_ideal"] = {
+        v: ratio(r["summary"].get("steady_round_s"), result["calibration"].get("ideal_round_s")) for v, r in result["variants"].items()
+    }
+    result["notes"] = [
+        NOISE_NOTE,
+        "Round 1 is measured from when Ray is up (or the strategy starts, if later) to the end of its "
+        "aggregation; later rounds from the previous round's end, so every driver-side step counts.",
+        "(c) and (d) first ask every client for its partition id (discovery_s; node ids are random per run): "
+        "worker start-up and data loading fall there, which (a) pays inside round 1.",
+        "fedunlearn's paths poll the grid for replies every grid-poll-interval seconds (the runner's setting, "
+        "grid_poll_interval_s in their runs); the plain Flower app keeps Flower's default (0.1 s), as a user "
+        "of the quickstart would.",
+    ]
     if args.engine != "ray":
-        result["notes"].insert(0, f"engine {args.engine}: every node was served in-process by LocalGrid (no Ray, no worker "
-                                  "processes); these are not benchmark figures, only a check that every path runs.")
+        result["notes"].insert(
+            0,
+            f"engine {args.engine}: every node was served in-process by LocalGrid (no Ray, no worker "
+            "processes); these are not benchmark figures, only a check that every path runs.",
+        )
     out = Path(args.out) if args.out else RESULTS_DIR / f"training-{args.clients}x{args.examples}.json"
     write_json(out, result)
     print_report(result)

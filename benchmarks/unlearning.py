@@ -72,10 +72,18 @@ def method_row(model: dict[str, Any]) -> dict[str, Any]:
     """Cost, speedup and status of one method in one results.json."""
     cost = model.get("cost") or {}
     speed = model.get("speedup") or {}
-    return {"wall_s": cost.get("wall_s"), "client_compute_s": cost.get("client_compute_s"), "rounds": cost.get("rounds"),
-            "participations": cost.get("participations"), "bytes": (cost.get("bytes_down") or 0) + (cost.get("bytes_up") or 0),
-            "speedup_wall": speed.get("wall"), "speedup_rounds": speed.get("rounds"), "speedup_bytes": speed.get("bytes"),
-            "status": model.get("status", "complete"), "error": model.get("error")}
+    return {
+        "wall_s": cost.get("wall_s"),
+        "client_compute_s": cost.get("client_compute_s"),
+        "rounds": cost.get("rounds"),
+        "participations": cost.get("participations"),
+        "bytes": (cost.get("bytes_down") or 0) + (cost.get("bytes_up") or 0),
+        "speedup_wall": speed.get("wall"),
+        "speedup_rounds": speed.get("rounds"),
+        "speedup_bytes": speed.get("bytes"),
+        "status": model.get("status", "complete"),
+        "error": model.get("error"),
+    }
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -84,8 +92,12 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     finished = [r for r in rows if r.get("status", "complete") in FINISHED]
     unfinished = [f"{r.get('status')}: {r.get('error') or 'no unlearned model'}" for r in rows if r not in finished]
     return {k: median(r.get(k) for r in finished) for k in keys} | {
-        "repeats": len(rows), "repeats_finished": len(finished), "statuses": sorted({str(r.get("status", "complete")) for r in rows}),
-        "unfinished": unfinished, "wall_s_each": [r.get("wall_s") for r in rows]}
+        "repeats": len(rows),
+        "repeats_finished": len(finished),
+        "statuses": sorted({str(r.get("status", "complete")) for r in rows}),
+        "unfinished": unfinished,
+        "wall_s_each": [r.get("wall_s") for r in rows],
+    }
 
 
 def targets_for(methods: dict[str, dict[str, Any]], training_rounds: int, pull: float | None) -> list[dict[str, Any]]:
@@ -93,31 +105,44 @@ def targets_for(methods: dict[str, dict[str, Any]], training_rounds: int, pull: 
     retrain_wall = methods.get(REFERENCE, {}).get("wall_s")
     out = []
     for name, required in (("iau-cached", CACHED_TARGET), ("iau", training_rounds / 2)):
-        entry: dict[str, Any] = {"target": f"{name} at least {required:g}x faster than retrain in wall seconds", "method": name,
-                                 "required": required, "better": "higher"}
+        entry: dict[str, Any] = {
+            "target": f"{name} at least {required:g}x faster than retrain in wall seconds",
+            "method": name,
+            "required": required,
+            "better": "higher",
+        }
         summary = methods.get(name)
         measured = None if summary is None else summary.get("speedup_wall")
         if summary is None or measured is None or retrain_wall is None:
-            why = (f"{name} did not finish in any repeat: {'; '.join(summary['unfinished'])[:500]}"
-                   if summary is not None and summary.get("unfinished") and not summary.get("repeats_finished")
-                   else f"{name} or retrain did not run")
+            why = (
+                f"{name} did not finish in any repeat: {'; '.join(summary['unfinished'])[:500]}"
+                if summary is not None and summary.get("unfinished") and not summary.get("repeats_finished")
+                else f"{name} or retrain did not run"
+            )
             out.append({**entry, "measured": None, "met": None, "note": f"not measured ({why})"})
             continue
         met = measured >= required
         wall, rounds, compute = summary["wall_s"], summary["rounds"] or 0, summary["client_compute_s"] or 0.0
-        note = (f"measured {measured:.1f}x: {name} took {format_seconds(wall)} s for {rounds:g} round(s) (client compute "
-                f"{format_seconds(compute)} s), retrain {format_seconds(retrain_wall)} s")
+        note = (
+            f"measured {measured:.1f}x: {name} took {format_seconds(wall)} s for {rounds:g} round(s) (client compute "
+            f"{format_seconds(compute)} s), retrain {format_seconds(retrain_wall)} s"
+        )
         ceiling = retrain_wall / (rounds * pull) if pull and rounds else None
         if not met:
             note += f"; missed by {required / measured:.1f}x."
             if rounds:
                 overhead = (wall - compute) / rounds
-                note += (f" Why: the clients computed {format_seconds(compute)} s; the rest, about {format_seconds(overhead)} s per "
-                         "round, is the simulation's fixed cost of one round trip (the server's and the engine's polls"
-                         + (f", {pull:g} s each" if pull else "") + ", the Ray actor call, (de)serialising the messages), which no "
-                         "method can go below;")
-            note += (f" {required:g}x would need retraining to take at least {format_seconds(required * wall)} s at the measured "
-                     f"{format_seconds(wall)} s (a longer training run, more or larger clients)")
+                note += (
+                    f" Why: the clients computed {format_seconds(compute)} s; the rest, about {format_seconds(overhead)} s per "
+                    "round, is the simulation's fixed cost of one round trip (the server's and the engine's polls"
+                    + (f", {pull:g} s each" if pull else "")
+                    + ", the Ray actor call, (de)serialising the messages), which no "
+                    "method can go below;"
+                )
+            note += (
+                f" {required:g}x would need retraining to take at least {format_seconds(required * wall)} s at the measured "
+                f"{format_seconds(wall)} s (a longer training run, more or larger clients)"
+            )
         out.append({**entry, "measured": measured, "met": met, "ceiling_from_poll_interval": ceiling, "note": note})
     return out
 
@@ -127,14 +152,26 @@ def print_report(result: dict[str, Any]) -> None:
     rows = []
     for name, s in result["methods"].items():
         finished = s.get("repeats_finished", s.get("repeats"))
-        rows.append([name, format_seconds(s["wall_s"]), format_seconds(s["client_compute_s"]),
-                     "-" if s["rounds"] is None else f"{s['rounds']:g}", format_bytes(s["bytes"]), format_ratio(s["speedup_wall"]),
-                     format_ratio(s["speedup_rounds"]), format_ratio(s["speedup_bytes"]), f"{finished}/{s.get('repeats')}"])
+        rows.append(
+            [
+                name,
+                format_seconds(s["wall_s"]),
+                format_seconds(s["client_compute_s"]),
+                "-" if s["rounds"] is None else f"{s['rounds']:g}",
+                format_bytes(s["bytes"]),
+                format_ratio(s["speedup_wall"]),
+                format_ratio(s["speedup_rounds"]),
+                format_ratio(s["speedup_bytes"]),
+                f"{finished}/{s.get('repeats')}",
+            ]
+        )
     cfg = result["scenario"]
     engine = result["settings"].get("engine", "ray")
-    print(f"\nUnlearning, preset {result['settings']['preset']}: {cfg.get('dataset')}, {cfg.get('num-clients')} clients, "
-          f"{cfg.get('rounds')} rounds, {result['settings']['repeats']} repeat(s) ({result['machine']['cpu']}, {result['date']})"
-          + ("" if engine == "ray" else f" [engine {engine}: in-process LocalGrid, no Ray]"))
+    print(
+        f"\nUnlearning, preset {result['settings']['preset']}: {cfg.get('dataset')}, {cfg.get('num-clients')} clients, "
+        f"{cfg.get('rounds')} rounds, {result['settings']['repeats']} repeat(s) ({result['machine']['cpu']}, {result['date']})"
+        + ("" if engine == "ray" else f" [engine {engine}: in-process LocalGrid, no Ray]")
+    )
     print(table(["method", "wall s", "client compute s", "rounds", "bytes", "x wall", "x rounds", "x bytes", "finished"], rows))
     for target in result["targets"]:
         status = {True: "MET", False: "MISSED", None: "NOT MEASURED"}[target["met"]]
@@ -154,15 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="override the training rounds")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: every registered method)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other setting of simulations.run")
-    parser.add_argument("--shadow-mia", action="store_true", help="keep the shadow-model attack (off: it costs minutes and no method's cost)")
+    parser.add_argument(
+        "--shadow-mia", action="store_true", help="keep the shadow-model attack (off: it costs minutes and no method's cost)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one experiment may run")
     parser.add_argument("--memory-cap-gb", type=float, default=None)
-    parser.add_argument("--engine", default="ray", choices=ENGINES,
-                        help="ray: simulations.runner on Flower's simulation engine (what is benchmarked); local: the same "
-                             "Experiment driven in-process through LocalGrid (miniatures; no Ray, no grid polling)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run the experiments in this process instead of a fresh child each (tests, debugging)")
+    parser.add_argument(
+        "--engine",
+        default="ray",
+        choices=ENGINES,
+        help="ray: simulations.runner on Flower's simulation engine (what is benchmarked); local: the same "
+        "Experiment driven in-process through LocalGrid (miniatures; no Ray, no grid polling)",
+    )
+    parser.add_argument(
+        "--in-process", action="store_true", help="run the experiments in this process instead of a fresh child each (tests, debugging)"
+    )
     parser.add_argument("--out", default=None, help="JSON file to write (default under benchmarks/results/)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else registered_methods()
@@ -181,8 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="fedunlearn-bench-exp-") as tmp:
             print(f"[{repeat + 1}/{args.repeats}] experiment (preset {args.preset}, methods {','.join(methods)}) ...", flush=True)
-            child = run_child("experiment", {"preset": args.preset, "overrides": overrides, "out_dir": tmp, "engine": args.engine},
-                              args.timeout, cap, in_process=args.in_process)
+            child = run_child(
+                "experiment",
+                {"preset": args.preset, "overrides": overrides, "out_dir": tmp, "engine": args.engine},
+                args.timeout,
+                cap,
+                in_process=args.in_process,
+            )
             path = Path(tmp) / "results.json"
             results = json.loads(path.read_text()) if path.exists() else None
         if not child.get("ok") or results is None or results.get("status") != "complete":
@@ -194,12 +243,25 @@ def main(argv: list[str] | None = None) -> int:
         rows = {name: method_row(model) for name, model in results.get("models", {}).items() if name != "original"}
         for name, row in rows.items():
             per_method.setdefault(name, []).append(row)
-        runs.append({"status": results.get("status"), "total_wall_s": results.get("total_wall_s"), "methods": rows,
-                     "phases": results.get("phases"), "forget_count": results.get("forget_count"),
-                     "memory": child.get("memory"), "load_average_before": child.get("load_average_before"),
-                     "process_wall_s": child.get("process_wall_s")})
-        print("    " + ", ".join(f"{n} {format_seconds(r['wall_s'])} s" + ("" if r["status"] in FINISHED else f" ({r['status']})")
-                                  for n, r in rows.items()), flush=True)
+        runs.append(
+            {
+                "status": results.get("status"),
+                "total_wall_s": results.get("total_wall_s"),
+                "methods": rows,
+                "phases": results.get("phases"),
+                "forget_count": results.get("forget_count"),
+                "memory": child.get("memory"),
+                "load_average_before": child.get("load_average_before"),
+                "process_wall_s": child.get("process_wall_s"),
+            }
+        )
+        print(
+            "    "
+            + ", ".join(
+                f"{n} {format_seconds(r['wall_s'])} s" + ("" if r["status"] in FINISHED else f" ({r['status']})") for n, r in rows.items()
+            ),
+            flush=True,
+        )
     result["scenario"] = scenario
     result["methods"] = {name: summarise(rows) for name, rows in per_method.items() if rows}
     pull = grid_pull_interval(scenario, args.engine)
@@ -207,14 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = targets_for(result["methods"], int(scenario.get("rounds") or 0), pull)
     result["runs"] = runs
     result["errors"] = errors
-    result["notes"] = [NOISE_NOTE,
-                       "Costs are those of results.json: wall seconds of each method's own phase (driver-side evaluation "
-                       "excluded), rounds and bytes metered on the real messages; speedups are retrain's cost over the "
-                       "method's, per repeat, then the median, over the repeats in which the method finished (status "
-                       "complete, renormalised or fallback); a method that aborted or failed is listed under 'unfinished'."]
+    result["notes"] = [
+        NOISE_NOTE,
+        "Costs are those of results.json: wall seconds of each method's own phase (driver-side evaluation "
+        "excluded), rounds and bytes metered on the real messages; speedups are retrain's cost over the "
+        "method's, per repeat, then the median, over the repeats in which the method finished (status "
+        "complete, renormalised or fallback); a method that aborted or failed is listed under 'unfinished'.",
+    ]
     if args.engine != "ray":
-        result["notes"].insert(0, f"engine {args.engine}: the experiments ran in-process through LocalGrid (no Ray, no grid "
-                                  "polling); these are not benchmark figures, only a check that every method runs.")
+        result["notes"].insert(
+            0,
+            f"engine {args.engine}: the experiments ran in-process through LocalGrid (no Ray, no grid "
+            "polling); these are not benchmark figures, only a check that every method runs.",
+        )
     out = Path(args.out) if args.out else RESULTS_DIR / f"unlearning-{args.preset}.json"
     write_json(out, result)
     print_report(result)

@@ -35,8 +35,12 @@ from typing import Any
 from .common import QUIET_ENV, PeakMonitor, median, write_json
 
 VARIANTS = ("flower-quickstart", "single-process-loop", "fedunlearn", "fedunlearn-cohort")
-LABELS = {"flower-quickstart": "(a) plain Flower app (quickstart style)", "single-process-loop": "(b) single-process loop",
-          "fedunlearn": "(c) fedunlearn, per-node", "fedunlearn-cohort": "(d) fedunlearn, cohort"}
+LABELS = {
+    "flower-quickstart": "(a) plain Flower app (quickstart style)",
+    "single-process-loop": "(b) single-process loop",
+    "fedunlearn": "(c) fedunlearn, per-node",
+    "fedunlearn-cohort": "(d) fedunlearn, cohort",
+}
 ENGINES = ("ray", "local")
 
 
@@ -51,21 +55,22 @@ class Scale:
     batch_size: int = 32
     epochs: int = 1
     lr: float = 0.01
-    momentum: float = 0.9          # the quickstart's SGD(momentum=0.9); every path uses the same optimiser
+    momentum: float = 0.9  # the quickstart's SGD(momentum=0.9); every path uses the same optimiser
     seed: int = 0
     timeout: float = 3600.0
-    caches: bool = False           # fedunlearn: fill caches and run the IAU corrections after training
+    caches: bool = False  # fedunlearn: fill caches and run the IAU corrections after training
     cache_dtype: str = "float32"
-    loop_threads: int = 0          # single-process loop: torch threads (0: per round, the faster of 1 and torch's default)
-    engine: str = "ray"            # ray: Flower's simulation engine; local: LocalGrid in-process (miniatures, profiling)
-    cohort_size: int = 0           # fedunlearn-cohort: virtual clients per SuperNode (0: the runner's automatic size)
-    cohort_train: str = "auto"     # fedunlearn-cohort: vmap, loop or auto (vmap on a GPU, loop on a CPU)
-    device: str = "auto"           # loop and fedunlearn: auto (cuda when visible, as the quickstart app picks), cpu, cuda
+    loop_threads: int = 0  # single-process loop: torch threads (0: per round, the faster of 1 and torch's default)
+    engine: str = "ray"  # ray: Flower's simulation engine; local: LocalGrid in-process (miniatures, profiling)
+    cohort_size: int = 0  # fedunlearn-cohort: virtual clients per SuperNode (0: the runner's automatic size)
+    cohort_train: str = "auto"  # fedunlearn-cohort: vmap, loop or auto (vmap on a GPU, loop on a CPU)
+    device: str = "auto"  # loop and fedunlearn: auto (cuda when visible, as the quickstart app picks), cpu, cuda
 
     def __post_init__(self) -> None:
         if self.clients < 2 or self.examples < 1 or self.rounds < 1:
-            raise ValueError(f"clients={self.clients}, examples={self.examples}, rounds={self.rounds}: need clients >= 2, "
-                             "examples >= 1 and rounds >= 1")
+            raise ValueError(
+                f"clients={self.clients}, examples={self.examples}, rounds={self.rounds}: need clients >= 2, examples >= 1 and rounds >= 1"
+            )
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r}: must be one of {', '.join(ENGINES)}")
         if not 0 <= self.cohort_size <= self.clients:
@@ -82,6 +87,7 @@ def resolve_device(device: str) -> str:
 
 
 # ----- timing -----------------------------------------------------------------------------------------
+
 
 class RoundClock:
     """When each training round started and ended (driver clock), and how many clients answered."""
@@ -163,8 +169,9 @@ def quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def simulate(body: Callable[[Any], None], client_app: Any, num_nodes: int, timeout: float, engine: str = "ray",
-             pickup_interval: float | None = None) -> dict[str, float | None]:
+def simulate(
+    body: Callable[[Any], None], client_app: Any, num_nodes: int, timeout: float, engine: str = "ray", pickup_interval: float | None = None
+) -> dict[str, float | None]:
     """Run `body(grid)` as a ServerApp's main against `num_nodes` nodes serving `client_app`; returns when it was called, Ray ready, returned.
 
     engine "ray": Flower's simulation engine (Ray, num_cpus=1 per client actor); "local": a LocalGrid
@@ -188,8 +195,9 @@ def simulate(body: Callable[[Any], None], client_app: Any, num_nodes: int, timeo
     from strategies.engine_tuning import faster_message_pickup
 
     with RayWatcher() as watcher, faster_message_pickup(pickup_interval if pickup_interval is not None else 0.1):
-        run_simulation(server_app=_server_main(body, errors), client_app=client_app, num_supernodes=num_nodes,
-                       backend_config=backend_config)
+        run_simulation(
+            server_app=_server_main(body, errors), client_app=client_app, num_supernodes=num_nodes, backend_config=backend_config
+        )
     if errors:
         raise errors[0]
     return {"called": called, "ray_ready": watcher.ready_at, "returned": time.perf_counter()}
@@ -205,8 +213,12 @@ def startup_times(times: dict[str, float | None], first_round_end: float, engine
 
 def round_summary(rounds: list[float]) -> dict[str, Any]:
     """First round, steady-state median (rounds 2..R) and the list."""
-    return {"first_round_s": rounds[0] if rounds else None, "steady_round_s": median(rounds[1:]) if len(rounds) > 1 else None,
-            "round_s": rounds, "rounds_measured": len(rounds)}
+    return {
+        "first_round_s": rounds[0] if rounds else None,
+        "steady_round_s": median(rounds[1:]) if len(rounds) > 1 else None,
+        "round_s": rounds,
+        "rounds_measured": len(rounds),
+    }
 
 
 def _server_main(body: Callable[[Any], None], errors: list[BaseException]) -> Any:
@@ -228,6 +240,7 @@ def _server_main(body: Callable[[Any], None], errors: list[BaseException]) -> An
 
 # ----- (a) the plain Flower app -----------------------------------------------------------------------
 
+
 def run_flower_quickstart(scale: Scale) -> dict[str, Any]:
     """Baseline (a): the quickstart-style ClientApp with Flower's FedAvg on run_simulation."""
     from flwr.serverapp.strategy import FedAvg
@@ -243,8 +256,9 @@ def run_flower_quickstart(scale: Scale) -> dict[str, Any]:
     def body(grid: Any) -> None:
         marks["main"] = time.perf_counter()
         poll["grid_poll_interval_s"] = getattr(grid, "pull_interval", None)  # Flower's default: what a plain app gets
-        strategy = ClockedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=scale.clients,
-                                 min_available_nodes=scale.clients)
+        strategy = ClockedFedAvg(
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=scale.clients, min_available_nodes=scale.clients
+        )
         strategy.clock = clock
         config = qs.train_config(scale.batch_size, scale.epochs, scale.lr, scale.momentum, scale.data_dir)
         qs.run_rounds(strategy, grid, qs.initial_arrays(scale.seed), config, scale.rounds, scale.timeout)
@@ -254,13 +268,21 @@ def run_flower_quickstart(scale: Scale) -> dict[str, Any]:
     called, returned = times["called"], times["returned"]
     assert called is not None and returned is not None  # simulate() always sets both; only ray_ready may be None
     rounds = clock.round_seconds(times["ray_ready"] or called)
-    return {"ok": True, "engine": scale.engine, **startup_times(times, clock.ended[1], scale.engine),
-            **round_summary(rounds), "replies_per_round": [clock.replies[r] for r in sorted(clock.replies)],
-            "worker_torch_threads": sorted(clock.torch_threads), "wall_s": returned - called, **poll,
-            "memory": monitor.report()}
+    return {
+        "ok": True,
+        "engine": scale.engine,
+        **startup_times(times, clock.ended[1], scale.engine),
+        **round_summary(rounds),
+        "replies_per_round": [clock.replies[r] for r in sorted(clock.replies)],
+        "worker_torch_threads": sorted(clock.torch_threads),
+        "wall_s": returned - called,
+        **poll,
+        "memory": monitor.report(),
+    }
 
 
 # ----- (b) the single-process loop ----------------------------------------------------------------------
+
 
 def client_train_indices(num_train: int, clients: int) -> list[Any]:
     """Each client's training indices: contiguous shards, 80/20 split with seed 42 (as the quickstart app)."""
@@ -274,7 +296,7 @@ def client_train_indices(num_train: int, clients: int) -> list[Any]:
     out = []
     for client in range(clients):
         order = torch.arange(client * size, (client + 1) * size)[torch.randperm(size, generator=torch.Generator().manual_seed(42))]
-        out.append(order[math.ceil(HELDOUT_FRACTION * size):])
+        out.append(order[math.ceil(HELDOUT_FRACTION * size) :])
     return out
 
 
@@ -347,7 +369,7 @@ def run_single_process_loop(scale: Scale) -> dict[str, Any]:
                 for _ in range(scale.epochs):
                     order = torch.randperm(len(yk), generator=generator).to(device)
                     for start in range(0, len(yk), scale.batch_size):
-                        batch = order[start:start + scale.batch_size]
+                        batch = order[start : start + scale.batch_size]
                         optimizer.zero_grad()
                         loss = F.cross_entropy(model(xk[batch]), yk[batch])
                         loss.backward()
@@ -359,23 +381,48 @@ def run_single_process_loop(scale: Scale) -> dict[str, Any]:
             global_state = {k: (v / examples_per_round).to(global_state[k].dtype) for k, v in total.items()}
             rounds.append(time.perf_counter() - begin)
     torch.set_num_threads(default_threads)  # in-process runs (--in-process) share this process with what comes next
-    return {"ok": True, "engine": None, "device": device.type, "ray_start_s": None, "data_load_s": data_s,
-            "to_first_round_end_s": data_s + rounds[0], **round_summary(rounds), "examples_per_round": examples_per_round,
-            "torch_threads_per_round": threads_used, "default_torch_threads": default_threads,
-            "wall_s": time.perf_counter() - started, "memory": monitor.report()}
+    return {
+        "ok": True,
+        "engine": None,
+        "device": device.type,
+        "ray_start_s": None,
+        "data_load_s": data_s,
+        "to_first_round_end_s": data_s + rounds[0],
+        **round_summary(rounds),
+        "examples_per_round": examples_per_round,
+        "torch_threads_per_round": threads_used,
+        "default_torch_threads": default_threads,
+        "wall_s": time.perf_counter() - started,
+        "memory": monitor.report(),
+    }
 
 
 # ----- (c) fedunlearn's own path ------------------------------------------------------------------------
+
 
 def fedunlearn_config(scale: Scale, execution: str = "per-node") -> Any:
     """The ExperimentConfig fedunlearn's path is built from: MNIST-shaped data, the McMahan CNN, no backdoor."""
     from fedunlearn.config import ExperimentConfig
 
     settings: dict[str, Any] = dict(
-        dataset="mnist", data_dir=scale.data_dir, num_clients=scale.clients, model="mcmahan-cnn", backdoor=False,
-        rounds=scale.rounds, local_epochs=scale.epochs, batch_size=scale.batch_size, lr=scale.lr, momentum=scale.momentum,
-        heldout_fraction=0.2, seed=scale.seed, cache_dtype=scale.cache_dtype, round_timeout=scale.timeout, shadow_mia=False,
-        device=resolve_device(scale.device), execution=execution)
+        dataset="mnist",
+        data_dir=scale.data_dir,
+        num_clients=scale.clients,
+        model="mcmahan-cnn",
+        backdoor=False,
+        rounds=scale.rounds,
+        local_epochs=scale.epochs,
+        batch_size=scale.batch_size,
+        lr=scale.lr,
+        momentum=scale.momentum,
+        heldout_fraction=0.2,
+        seed=scale.seed,
+        cache_dtype=scale.cache_dtype,
+        round_timeout=scale.timeout,
+        shadow_mia=False,
+        device=resolve_device(scale.device),
+        execution=execution,
+    )
     if execution == "cohort":  # the cohort settings are refused with per-node execution (they would have no effect)
         settings.update(cohort_size=scale.cohort_size, cohort_train=scale.cohort_train)
     return ExperimentConfig(**settings)
@@ -435,8 +482,11 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
     def phase_done(name: str, started: float, cost: Any = None) -> None:
         monitor.sample()
         report = monitor.report()
-        phases[name] = {"wall_s": time.perf_counter() - started, "driver_peak_rss_bytes_so_far": report["driver_peak_rss_bytes"],
-                        "total_rss_peak_bytes_so_far": report["total_rss_peak_bytes"]}
+        phases[name] = {
+            "wall_s": time.perf_counter() - started,
+            "driver_peak_rss_bytes_so_far": report["driver_peak_rss_bytes"],
+            "total_rss_peak_bytes_so_far": report["total_rss_peak_bytes"],
+        }
         if cost is not None:
             phases[name].update({"rounds": cost.rounds, "bytes": cost.bytes_down + cost.bytes_up})
 
@@ -452,9 +502,15 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
         model = build_model("mcmahan-cnn", (1, 28, 28), 10)
         initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()))
         layout = ParamLayout.of(model)
-        strategy = ClockedIAUFed(layout=layout, iau=app_config.iau_settings_for(cfg), round_timeout=cfg.round_timeout,
-                                 directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
-                                 fraction_train=cfg.fraction_fit)
+        strategy = ClockedIAUFed(
+            layout=layout,
+            iau=app_config.iau_settings_for(cfg),
+            round_timeout=cfg.round_timeout,
+            directory=directory,
+            train=app_config.train_settings_for(cfg),
+            seed=cfg.seed,
+            fraction_train=cfg.fraction_fit,
+        )
         strategy.clock = clock
         started = time.perf_counter()
         with meter.phase("training"):
@@ -494,13 +550,24 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
     called, returned = times["called"], times["returned"]
     assert called is not None and returned is not None  # simulate() always sets both; only ray_ready may be None
     rounds = clock.round_seconds(times["ray_ready"] or called)
-    return {"ok": True, "engine": scale.engine, "device": cfg.device, **execution_info,
-            **startup_times(times, clock.ended[1], scale.engine), "discovery_s": marks["discovered"] - marks["main"],
-            **round_summary(rounds), "replies_per_round": [clock.replies[r] for r in sorted(clock.replies)],
-            "wall_s": returned - called, "phases": phases, **extra, "memory": monitor.report()}
+    return {
+        "ok": True,
+        "engine": scale.engine,
+        "device": cfg.device,
+        **execution_info,
+        **startup_times(times, clock.ended[1], scale.engine),
+        "discovery_s": marks["discovered"] - marks["main"],
+        **round_summary(rounds),
+        "replies_per_round": [clock.replies[r] for r in sorted(clock.replies)],
+        "wall_s": returned - called,
+        "phases": phases,
+        **extra,
+        "memory": monitor.report(),
+    }
 
 
 # ----- calibration: how fast one training step is on this machine right now -----------------------------
+
 
 def run_calibration(scale: Scale, steps: int = 20) -> dict[str, Any]:
     """Seconds per SGD step of the model (batch `scale.batch_size`) with 1 torch thread and with torch's default.
@@ -537,6 +604,7 @@ def run_calibration(scale: Scale, steps: int = 20) -> dict[str, Any]:
 
 # ----- the whole experiment (unlearning benchmark) ------------------------------------------------------
 
+
 def drive_in_process(cfg: Any, out_dir: str | Path) -> None:
     """One Experiment driven through a LocalGrid in this process: the runner's phases without Ray (engine "local")."""
     import shutil
@@ -571,13 +639,21 @@ def run_experiment(spec: dict[str, Any]) -> dict[str, Any]:
             drive_in_process(cfg, spec["out_dir"])
         else:
             Experiment(cfg, out_dir=spec["out_dir"], show_progress=False).run()
-    return {"ok": True, "engine": engine, "results_path": str(Path(spec["out_dir"]) / "results.json"),
-            "wall_s": time.perf_counter() - started, "memory": monitor.report()}
+    return {
+        "ok": True,
+        "engine": engine,
+        "results_path": str(Path(spec["out_dir"]) / "results.json"),
+        "wall_s": time.perf_counter() - started,
+        "memory": monitor.report(),
+    }
 
 
 RUNNERS: dict[str, Callable[[Scale], dict[str, Any]]] = {
-    "flower-quickstart": run_flower_quickstart, "single-process-loop": run_single_process_loop, "fedunlearn": run_fedunlearn,
-    "fedunlearn-cohort": run_fedunlearn_cohort, "calibration": run_calibration,
+    "flower-quickstart": run_flower_quickstart,
+    "single-process-loop": run_single_process_loop,
+    "fedunlearn": run_fedunlearn,
+    "fedunlearn-cohort": run_fedunlearn_cohort,
+    "calibration": run_calibration,
 }
 
 

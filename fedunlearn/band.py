@@ -27,8 +27,9 @@ def band_stats(samples: Iterable[Mapping[str, float | None]], keys: Iterable[str
     return out
 
 
-def versus_band(values: Mapping[str, float | None], band: Mapping[str, Mapping[str, float]],
-                distances: Iterable[str] = ()) -> dict[str, dict[str, float | bool | None]]:
+def versus_band(
+    values: Mapping[str, float | None], band: Mapping[str, Mapping[str, float]], distances: Iterable[str] = ()
+) -> dict[str, dict[str, float | bool | None]]:
     """Per band key: the value, its distance from the band mean in band-std units (z), and whether it lies in [min, max].
 
     For the `distances` keys (distances to the reference retrain) only the upper end counts: a model closer to

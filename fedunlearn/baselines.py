@@ -131,7 +131,9 @@ class UpdateHistory:
     @property
     def nbytes(self) -> int:
         """Bytes held by the stored update tensors."""
-        return sum(t.numel() * t.element_size() for stored in self._rounds.values() for update in stored.updates.values() for t in update.values())
+        return sum(
+            t.numel() * t.element_size() for stored in self._rounds.values() for update in stored.updates.values() for t in update.values()
+        )
 
     @property
     def num_updates(self) -> int:
@@ -154,13 +156,17 @@ def rescale_update(old_update: StateDict, calibration_update: StateDict) -> dict
 def federaser_step(theta: StateDict, old_update: StateDict, calibration_update: StateDict) -> dict[str, torch.Tensor]:
     """theta_next = theta_cal + ||u_old|| * u_cal / ||u_cal|| per layer; dtypes and non-float entries kept."""
     step = rescale_update(old_update, calibration_update)
-    return {name: (value.to(torch.float64) + step[name]).to(value.dtype) if name in step else value.clone() for name, value in theta.items()}
+    return {
+        name: (value.to(torch.float64) + step[name]).to(value.dtype) if name in step else value.clone() for name, value in theta.items()
+    }
 
 
 def apply_update(theta: StateDict, update: StateDict) -> dict[str, torch.Tensor]:
     """theta + update over the floating entries (the uncalibrated first replayed round)."""
-    return {name: (value.to(torch.float64) + update[name].to(torch.float64)).to(value.dtype) if name in update else value.clone()
-            for name, value in theta.items()}
+    return {
+        name: (value.to(torch.float64) + update[name].to(torch.float64)).to(value.dtype) if name in update else value.clone()
+        for name, value in theta.items()
+    }
 
 
 # ----- PGA (projected gradient ascent) ----------------------------------------------------------
@@ -175,7 +181,7 @@ class PGASettings:
     batch_size: int = 32
     momentum: float = 0.9
     clip_grad: float = 5.0
-    radius: float = 0.0          # <= 0: the authors' rule, sqrt(radius_fraction * mean ||w_ref - w_random||^2)
+    radius: float = 0.0  # <= 0: the authors' rule, sqrt(radius_fraction * mean ||w_ref - w_random||^2)
     radius_fraction: float = 1 / 3
     random_models: int = 10
     # The authors' early stop (IBM federated_unlearning.ipynb, `distance_threshold = 2.2`): the ascent ends after the first
@@ -230,8 +236,16 @@ class PGAStats:
     local_distance_sq: float = float("nan")
 
 
-def projected_gradient_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reference: torch.Tensor, radius: float,
-                              settings: PGASettings, generator: torch.Generator, local: torch.Tensor | None = None) -> PGAStats:
+def projected_gradient_ascent(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    reference: torch.Tensor,
+    radius: float,
+    settings: PGASettings,
+    generator: torch.Generator,
+    local: torch.Tensor | None = None,
+) -> PGAStats:
     """Start `model` at w_ref, maximise its CE on (x, y) with SGD, projecting onto the ball after every step (in place).
 
     With `local` (client u's last local model w_u, flat like `reference`) and `settings.stop_distance > 0`, the

@@ -70,8 +70,9 @@ def cohort_local_train(
 ) -> CohortResult:
     """Train one client per (x, y, generator) from `model`'s current parameters; `model` itself is left unchanged."""
     if not len(xs) == len(ys) == len(generators):
-        raise ValueError(f"cohort_local_train: {len(xs)} inputs, {len(ys)} label sets and {len(generators)} generators: "
-                         "give one of each per client")
+        raise ValueError(
+            f"cohort_local_train: {len(xs)} inputs, {len(ys)} label sets and {len(generators)} generators: give one of each per client"
+        )
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1 (clients trained in one vectorised call)")
     if not is_vectorisable(model):
@@ -86,8 +87,9 @@ def cohort_local_train(
     return CohortResult(states, losses, vectorised=True)
 
 
-def _sequential(model: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], settings: TrainSettings,
-                generators: Sequence[torch.Generator]) -> CohortResult:
+def _sequential(
+    model: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], settings: TrainSettings, generators: Sequence[torch.Generator]
+) -> CohortResult:
     """local_train for each client in turn, each from the same starting parameters."""
     initial = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     states, losses = [], []
@@ -110,8 +112,9 @@ def _schedule(n: int, settings: TrainSettings, generator: torch.Generator) -> li
     return batches
 
 
-def _train_chunk(model: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], settings: TrainSettings,
-                 generators: Sequence[torch.Generator]) -> tuple[list[OrderedDict[str, torch.Tensor]], list[float]]:
+def _train_chunk(
+    model: nn.Module, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], settings: TrainSettings, generators: Sequence[torch.Generator]
+) -> tuple[list[OrderedDict[str, torch.Tensor]], list[float]]:
     device = next(model.parameters()).device
     k_clients = len(xs)
     batch = settings.batch_size

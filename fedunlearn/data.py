@@ -40,8 +40,10 @@ DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "pathological", "shard")
 CLASS_ASSIGNMENTS: tuple[str, ...] = ("random", "deterministic", "first-deterministic")
 FORGET_SAMPLES: tuple[str, ...] = ("poisoned", "random")
-LOADER_CONTRACT = ("a function LOADER(data_dir: str | None, download: bool, seed: int) -> (train, test, num_classes), "
-                   "each split a pair (x float (N, C, H, W), y int (N,)) or a torch Dataset of (x, y) items")
+LOADER_CONTRACT = (
+    "a function LOADER(data_dir: str | None, download: bool, seed: int) -> (train, test, num_classes), "
+    "each split a pair (x float (N, C, H, W), y int (N,)) or a torch Dataset of (x, y) items"
+)
 # Every client needs one example to train on and one held out.
 MIN_CLIENT_EXAMPLES = 2
 
@@ -64,11 +66,7 @@ def _is_int(value: object) -> bool:
 
 def _is_real(value: object) -> bool:
     """Whether value is a finite real number (bool excluded)."""
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 @dataclass(frozen=True)
@@ -122,25 +120,16 @@ class DataSpec:
             raise ValueError(f"alpha={self.alpha!r}: alpha must be > 0 (finite; smaller = more label skew)")
         self._check_partitioner()
         if not _is_real(self.heldout_fraction) or not 0 < self.heldout_fraction < 1:
-            raise ValueError(
-                f"heldout_fraction={self.heldout_fraction!r}: must be strictly between 0 and 1"
-            )
+            raise ValueError(f"heldout_fraction={self.heldout_fraction!r}: must be strictly between 0 and 1")
         if not _is_real(self.test_fraction) or not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction={self.test_fraction!r}: must be strictly between 0 and 1")
         # Every client needs at least one train and one held-out example.
-        if self.train_limit is not None and (
-            not _is_int(self.train_limit) or self.train_limit < 2 * self.num_clients
-        ):
-            raise ValueError(
-                f"train_limit={self.train_limit!r}: must be None or an integer >= 2 * num_clients "
-                f"(= {2 * self.num_clients})"
-            )
+        if self.train_limit is not None and (not _is_int(self.train_limit) or self.train_limit < 2 * self.num_clients):
+            raise ValueError(f"train_limit={self.train_limit!r}: must be None or an integer >= 2 * num_clients (= {2 * self.num_clients})")
         # numpy's SeedSequence and sklearn's random_state both accept this range.
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed={self.seed!r}: must be an integer in [0, 2**32)")
-        if self.backdoor_client is not None and (
-            not _is_int(self.backdoor_client) or not 0 <= self.backdoor_client < self.num_clients
-        ):
+        if self.backdoor_client is not None and (not _is_int(self.backdoor_client) or not 0 <= self.backdoor_client < self.num_clients):
             raise ValueError(
                 f"backdoor_client={self.backdoor_client!r}: must be None (no backdoor) or an integer "
                 f"in [0, num_clients) = [0, {self.num_clients})"
@@ -164,8 +153,10 @@ class DataSpec:
             allowed = ", ".join(repr(p) for p in PARTITIONS)
             raise ValueError(f"partition={self.partition!r}: must be one of {allowed}")
         if not _is_int(self.min_partition_size) or self.min_partition_size < MIN_CLIENT_EXAMPLES:
-            raise ValueError(f"min_partition_size={self.min_partition_size!r}: must be an integer >= {MIN_CLIENT_EXAMPLES} "
-                             "(every client trains on one example and holds one out)")
+            raise ValueError(
+                f"min_partition_size={self.min_partition_size!r}: must be an integer >= {MIN_CLIENT_EXAMPLES} "
+                "(every client trains on one example and holds one out)"
+            )
         if not isinstance(self.self_balancing, bool):
             raise ValueError(f"self_balancing={self.self_balancing!r}: must be True or False")
         if not _is_int(self.classes_per_client) or self.classes_per_client < 1:
@@ -176,37 +167,45 @@ class DataSpec:
         if not _is_int(self.shards_per_client) or self.shards_per_client < 1:
             raise ValueError(f"shards_per_client={self.shards_per_client!r}: must be an integer >= 1")
         if not _is_int(self.shard_size) or self.shard_size < 0:
-            raise ValueError(f"shard_size={self.shard_size!r}: must be an integer >= 0 (0 = the train split cut into "
-                             "num_clients * shards_per_client equal shards)")
+            raise ValueError(
+                f"shard_size={self.shard_size!r}: must be an integer >= 0 (0 = the train split cut into "
+                "num_clients * shards_per_client equal shards)"
+            )
 
     def check_fits(self, num_classes: int, input_shape: tuple[int, ...]) -> None:
         """The settings that depend on the dataset's classes and image size (for a plug-in dataset: once loaded)."""
         if self.backdoor_target >= num_classes:
-            raise ConfigError(f"backdoor_target={self.backdoor_target!r}: must be a class index in [0, {num_classes}) "
-                              f"for dataset {self.dataset!r}")
+            raise ConfigError(
+                f"backdoor_target={self.backdoor_target!r}: must be a class index in [0, {num_classes}) for dataset {self.dataset!r}"
+            )
         height, width = input_shape[-2], input_shape[-1]
         side = min(height, width)
         if self.trigger_size > side:
-            raise ConfigError(f"trigger_size={self.trigger_size!r}: must be an integer in [1, {side}] "
-                              f"for {self.dataset!r} ({height}x{width} images)")
+            raise ConfigError(
+                f"trigger_size={self.trigger_size!r}: must be an integer in [1, {side}] for {self.dataset!r} ({height}x{width} images)"
+            )
         if self.partition == "pathological" and self.classes_per_client > num_classes:
-            raise ConfigError(f"classes_per_client={self.classes_per_client}: dataset {self.dataset!r} has {num_classes} "
-                              f"classes; use at most {num_classes}")
+            raise ConfigError(
+                f"classes_per_client={self.classes_per_client}: dataset {self.dataset!r} has {num_classes} "
+                f"classes; use at most {num_classes}"
+            )
 
     @property
     def num_classes(self) -> int:
         """Number of classes of a built-in dataset (a plug-in dataset's: `FederatedData.num_classes`, once loaded)."""
         if self.dataset not in _NUM_CLASSES:
-            raise ValueError(f"dataset={self.dataset!r}: a plug-in dataset's classes are known once it is loaded "
-                             "(FederatedData.num_classes)")
+            raise ValueError(
+                f"dataset={self.dataset!r}: a plug-in dataset's classes are known once it is loaded (FederatedData.num_classes)"
+            )
         return _NUM_CLASSES[self.dataset]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """Shape (C, H, W) of one input of a built-in dataset (a plug-in dataset's: `FederatedData.input_shape`)."""
         if self.dataset not in _INPUT_SHAPES:
-            raise ValueError(f"dataset={self.dataset!r}: a plug-in dataset's input shape is known once it is loaded "
-                             "(FederatedData.input_shape)")
+            raise ValueError(
+                f"dataset={self.dataset!r}: a plug-in dataset's input shape is known once it is loaded (FederatedData.input_shape)"
+            )
         return _INPUT_SHAPES[self.dataset]
 
 
@@ -283,14 +282,33 @@ def _partitioner(spec: DataSpec, seed: int) -> Any:
     if spec.partition == "iid":
         return fp.IidPartitioner(num_partitions=n)
     if spec.partition == "dirichlet":
-        return fp.DirichletPartitioner(num_partitions=n, partition_by="label", alpha=float(spec.alpha),
-                                       min_partition_size=spec.min_partition_size, self_balancing=spec.self_balancing,
-                                       shuffle=True, seed=seed)
+        return fp.DirichletPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            alpha=float(spec.alpha),
+            min_partition_size=spec.min_partition_size,
+            self_balancing=spec.self_balancing,
+            shuffle=True,
+            seed=seed,
+        )
     if spec.partition == "pathological":
-        return fp.PathologicalPartitioner(num_partitions=n, partition_by="label", num_classes_per_partition=spec.classes_per_client,
-                                          class_assignment_mode=spec.class_assignment, shuffle=True, seed=seed)
-    return fp.ShardPartitioner(num_partitions=n, partition_by="label", num_shards_per_partition=spec.shards_per_client,
-                               shard_size=spec.shard_size or None, keep_incomplete_shard=False, shuffle=True, seed=seed)
+        return fp.PathologicalPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            num_classes_per_partition=spec.classes_per_client,
+            class_assignment_mode=spec.class_assignment,
+            shuffle=True,
+            seed=seed,
+        )
+    return fp.ShardPartitioner(
+        num_partitions=n,
+        partition_by="label",
+        num_shards_per_partition=spec.shards_per_client,
+        shard_size=spec.shard_size or None,
+        keep_incomplete_shard=False,
+        shuffle=True,
+        seed=seed,
+    )
 
 
 def _partition_settings(spec: DataSpec) -> str:
@@ -321,8 +339,10 @@ def partition_labels(labels: np.ndarray, spec: DataSpec, seed: int | None = None
     if labels.ndim != 1:
         raise ValueError(f"labels has shape {labels.shape}: must be 1-D")
     if labels.size < MIN_CLIENT_EXAMPLES * spec.num_clients:
-        raise ConfigError(f"num_clients={spec.num_clients}: {labels.size} training examples cannot give every client "
-                          f"{MIN_CLIENT_EXAMPLES} (one to train on, one held out); use fewer clients")
+        raise ConfigError(
+            f"num_clients={spec.num_clients}: {labels.size} training examples cannot give every client "
+            f"{MIN_CLIENT_EXAMPLES} (one to train on, one held out); use fewer clients"
+        )
     shuffle_seed, partitioner_seed = (int(s) for s in np.random.SeedSequence(spec.seed if seed is None else seed).generate_state(2))
     # The permutation is applied here rather than by Dataset.shuffle: the same order, without an indices mapping
     # that every partition's select would compose (2x slower at 100 clients).
@@ -338,11 +358,14 @@ def partition_labels(labels: np.ndarray, spec: DataSpec, seed: int | None = None
             warnings.filterwarnings("ignore", message=".*null_placement.*", category=FutureWarning)
             # `[:]` in numpy format reads the column as one array; np.asarray over a `datasets` Column formats it
             # row by row (60,000 rows: 40 s against 0.1 s, measured under load).
-            parts = [np.sort(np.asarray(partitioner.load_partition(i).with_format("numpy")[:]["index"], dtype=np.int64).reshape(-1))
-                     for i in range(spec.num_clients)]
+            parts = [
+                np.sort(np.asarray(partitioner.load_partition(i).with_format("numpy")[:]["index"], dtype=np.int64).reshape(-1))
+                for i in range(spec.num_clients)
+            ]
     except (ValueError, IndexError) as err:
-        raise ConfigError(f"{_partition_settings(spec)} cannot split {labels.size} examples: flwr-datasets says: "
-                          f"{' '.join(str(err).split())}") from None
+        raise ConfigError(
+            f"{_partition_settings(spec)} cannot split {labels.size} examples: flwr-datasets says: {' '.join(str(err).split())}"
+        ) from None
     sizes = [p.size for p in parts]
     if min(sizes) < MIN_CLIENT_EXAMPLES:
         fix = {
@@ -351,8 +374,10 @@ def partition_labels(labels: np.ndarray, spec: DataSpec, seed: int | None = None
             "pathological": "raise --classes-per-client, try --class-assignment deterministic, or use fewer clients",
             "shard": "lower --shards-per-client or --shard-size, or use fewer clients",
         }[spec.partition]
-        raise ConfigError(f"{_partition_settings(spec)}: client {int(np.argmin(sizes))} got {min(sizes)} examples, every client "
-                          f"needs at least {MIN_CLIENT_EXAMPLES} (one to train on, one held out); {fix}")
+        raise ConfigError(
+            f"{_partition_settings(spec)}: client {int(np.argmin(sizes))} got {min(sizes)} examples, every client "
+            f"needs at least {MIN_CLIENT_EXAMPLES} (one to train on, one held out); {fix}"
+        )
     return parts
 
 
@@ -410,13 +435,17 @@ def _split_arrays(split: Any, prefix: str, num_classes: int) -> tuple[np.ndarray
     if x.dtype.kind != "f":
         raise ConfigError(f"{prefix}: x has dtype {x.dtype}: inputs must be floating point, e.g. x.float() / 255 for 8-bit images")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ConfigError(f"{prefix}: y has shape {y.shape}, x has {x.shape[0]} examples: y must be one label per example, shape ({x.shape[0]},)")
+        raise ConfigError(
+            f"{prefix}: y has shape {y.shape}, x has {x.shape[0]} examples: y must be one label per example, shape ({x.shape[0]},)"
+        )
     if y.dtype.kind not in "iu":
         raise ConfigError(f"{prefix}: y has dtype {y.dtype}: labels must be integers (class indices), e.g. y.long()")
     bad = (y < 0) | (y >= num_classes)
     if bad.any():
-        raise ConfigError(f"{prefix}: {int(bad.sum())} labels outside [0, {num_classes}) (min {int(y.min())}, max {int(y.max())}): "
-                          "labels must be class indices 0 .. num_classes - 1; remap them or return the right num_classes")
+        raise ConfigError(
+            f"{prefix}: {int(bad.sum())} labels outside [0, {num_classes}) (min {int(y.min())}, max {int(y.max())}): "
+            "labels must be class indices 0 .. num_classes - 1; remap them or return the right num_classes"
+        )
     finite = np.isfinite(x)
     if not finite.all():
         raise ConfigError(f"{prefix}: x holds {int(x.size - finite.sum())} NaN or infinite values: clean or drop those examples")
@@ -432,8 +461,10 @@ def _load_plugin(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     except ConfigError:
         raise
     except Exception as err:  # the user's loader failed: one line, with the arguments it was given
-        raise ConfigError(f"{prefix}: LOADER(data_dir={spec.data_dir!r}, download={spec.download}, seed={spec.seed}) raised "
-                          f"{type(err).__name__}: {' '.join(str(err).split())}; it must be {LOADER_CONTRACT}") from None
+        raise ConfigError(
+            f"{prefix}: LOADER(data_dir={spec.data_dir!r}, download={spec.download}, seed={spec.seed}) raised "
+            f"{type(err).__name__}: {' '.join(str(err).split())}; it must be {LOADER_CONTRACT}"
+        ) from None
     if not isinstance(result, Sequence) or isinstance(result, (str, bytes)) or len(result) != 3:
         got = f"{len(result)} items" if isinstance(result, Sequence) else f"a {type(result).__name__}"
         raise ConfigError(f"{prefix}: the loader returned {got}; return (train, test, num_classes)")
@@ -443,8 +474,10 @@ def _load_plugin(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     x_train, y_train = _split_arrays(train, f"{prefix} train split", int(num_classes))
     x_test, y_test = _split_arrays(test, f"{prefix} test split", int(num_classes))
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise ConfigError(f"{prefix}: train inputs have shape {x_train.shape[1:]}, test inputs {x_test.shape[1:]}: both splits "
-                          "must hold inputs of the same (C, H, W)")
+        raise ConfigError(
+            f"{prefix}: train inputs have shape {x_train.shape[1:]}, test inputs {x_test.shape[1:]}: both splits "
+            "must hold inputs of the same (C, H, W)"
+        )
     return x_train, y_train, x_test, y_test, int(num_classes)
 
 
@@ -456,9 +489,7 @@ def _load_digits(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = bunch.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(
-        np.arange(y.size), test_size=spec.test_fraction, stratify=y, random_state=spec.seed
-    )
+    train_idx, test_idx = train_test_split(np.arange(y.size), test_size=spec.test_fraction, stratify=y, random_state=spec.seed)
     # Sorting gives a canonical order that does not depend on sklearn's internal shuffling.
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
@@ -517,9 +548,7 @@ def load_federated_data(spec: DataSpec) -> FederatedData:
         x_test = (x_test + noise.normal(0.0, spec.input_noise, x_test.shape)).astype(np.float32)
 
     if spec.train_limit is not None and spec.train_limit < y_train.size:
-        keep = np.sort(
-            np.random.default_rng(limit_ss).choice(y_train.size, size=spec.train_limit, replace=False)
-        )
+        keep = np.sort(np.random.default_rng(limit_ss).choice(y_train.size, size=spec.train_limit, replace=False))
         x_train, y_train = x_train[keep], y_train[keep]
 
     if y_train.size < MIN_CLIENT_EXAMPLES * spec.num_clients:
@@ -584,8 +613,9 @@ def load_federated_data(spec: DataSpec) -> FederatedData:
     )
 
 
-def _swap_shadow_pool(client_train: list[np.ndarray], client_heldout: list[np.ndarray], spec: DataSpec,
-                      poisoned: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _swap_shadow_pool(
+    client_train: list[np.ndarray], client_heldout: list[np.ndarray], spec: DataSpec, poisoned: np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Each client trains on its examples outside the shadow pool plus the pool examples it holds that are in `shadow_in`."""
     pool = np.asarray(spec.shadow_pool, dtype=np.int64)
     inside = np.asarray(spec.shadow_in, dtype=np.int64)
@@ -599,9 +629,7 @@ def _swap_shadow_pool(client_train: list[np.ndarray], client_heldout: list[np.nd
     return trains, helds
 
 
-def select_forget_subset(
-    data: FederatedData, client: int, samples: str, fraction: float, seed: int
-) -> torch.Tensor:
+def select_forget_subset(data: FederatedData, client: int, samples: str, fraction: float, seed: int) -> torch.Tensor:
     """Sorted int64 global indices of a client's forget set for sample-level deletion."""
     data._check_client(client)
     own = data.client_train[client]

@@ -29,12 +29,28 @@ class RelearnResult:
 
     def to_dict(self) -> dict[str, object]:
         """The JSON form (the curve is kept short: it is the evidence behind `steps`)."""
-        return {"steps": self.steps, "threshold": self.threshold, "max_steps": self.max_steps, "reached": self.steps is not None,
-                "curve": list(self.curve)}
+        return {
+            "steps": self.steps,
+            "threshold": self.threshold,
+            "max_steps": self.max_steps,
+            "reached": self.steps is not None,
+            "curve": list(self.curve),
+        }
 
 
-def relearn_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, measure: Callable[[nn.Module], float], threshold: float,
-                  lr: float, batch_size: int, max_steps: int, momentum: float = 0.0, seed: int = 0) -> RelearnResult:
+def relearn_steps(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    measure: Callable[[nn.Module], float],
+    threshold: float,
+    lr: float,
+    batch_size: int,
+    max_steps: int,
+    momentum: float = 0.0,
+    seed: int = 0,
+) -> RelearnResult:
     """SGD on (x, y) from a copy of `model`, measuring after every step; 0 steps if it is already at the threshold.
 
     The batches are drawn from a generator seeded by `seed` alone, so every model sees the same batches.

@@ -65,9 +65,7 @@ def load_model_vector(model: nn.Module, flat: torch.Tensor) -> None:
             params[name].copy_(value.to(params[name].dtype))
 
 
-def gradient_sum(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
-) -> tuple[torch.Tensor, float, int]:
+def gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, float, int]:
     """SUM over examples of grad CE(z, theta), as a flat float64 CPU vector, plus (summed loss, correct count).
 
     Computed in eval mode with no augmentation, as the caches are defined (ALGORITHMS.md section 3).

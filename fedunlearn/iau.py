@@ -74,11 +74,13 @@ STEP_RULES: dict[str, type[StepRule]] = {}
 
 def register_step_rule(name: str) -> Callable[[type[StepRule]], type[StepRule]]:
     """Class decorator adding a step rule under `name` (what --iau-step-rule accepts)."""
+
     def add(cls: type[StepRule]) -> type[StepRule]:
         if name in STEP_RULES:
             raise ValueError(f"step rule {name!r} is registered twice")
         STEP_RULES[name] = cls
         return cls
+
     return add
 
 
@@ -206,7 +208,9 @@ def iau_update(theta: torch.Tensor, direction: torch.Tensor, settings: IAUSettin
     return out.to(theta.dtype)
 
 
-def choose_radius(loss_after: Callable[[float], tuple[float, float]], grid: tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08)) -> tuple[float, list[dict[str, float]]]:
+def choose_radius(
+    loss_after: Callable[[float], tuple[float, float]], grid: tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08)
+) -> tuple[float, list[dict[str, float]]]:
     """The withdrawing client's rule: the shortest step of the grid after which its forget set looks unseen.
 
     `loss_after(radius)` returns (mean loss on S, mean loss on the client's held-out data) at the model one

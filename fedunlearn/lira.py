@@ -57,9 +57,7 @@ def logit_confidence(logits: Tensor, labels: Tensor) -> Tensor:
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
     if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}")
     if logits.shape[1] < 2:
         raise ValueError(f"logit_confidence needs >= 2 classes, got {logits.shape[1]}")
     z = logits.detach().cpu().double()
@@ -100,9 +98,7 @@ def _check_phi_mask(phi: Tensor, in_mask: Tensor) -> tuple[Tensor, Tensor]:
     if phi.dim() != 2:
         raise ValueError(f"phi must be 2-D (shadows K, examples N), got shape {tuple(phi.shape)}")
     if in_mask.shape != phi.shape:
-        raise ValueError(
-            f"in_mask has shape {tuple(in_mask.shape)} but phi has {tuple(phi.shape)}"
-        )
+        raise ValueError(f"in_mask has shape {tuple(in_mask.shape)} but phi has {tuple(phi.shape)}")
     if in_mask.dtype != torch.bool:
         raise ValueError(f"in_mask must be a bool tensor, got {in_mask.dtype}")
     return phi.detach().cpu().double(), in_mask.detach().cpu()
@@ -131,9 +127,7 @@ def _masked_std(values: Tensor, mask: Tensor) -> Tensor:
     return (sq / count).sqrt()
 
 
-def fit_gaussians(
-    phi: Tensor, in_mask: Tensor, global_variance: bool, *, location: str = "mean"
-) -> GaussianFits:
+def fit_gaussians(phi: Tensor, in_mask: Tensor, global_variance: bool, *, location: str = "mean") -> GaussianFits:
     """Return each example's IN and OUT Gaussian of phi (K, N) over the shadows in in_mask (K, N).
 
     global_variance=True is plot.py's ``fix_variance``: one std over every IN value of every
@@ -177,10 +171,7 @@ def fit_gaussians(
 def _check_target(phi_target: Tensor, fits: GaussianFits) -> Tensor:
     """Return phi_target as float64 (N,) on CPU after checking it matches the fits."""
     if phi_target.dim() != 1 or phi_target.shape != fits.mean_in.shape:
-        raise ValueError(
-            f"phi_target must have shape {tuple(fits.mean_in.shape)}, "
-            f"got {tuple(phi_target.shape)}"
-        )
+        raise ValueError(f"phi_target must have shape {tuple(fits.mean_in.shape)}, got {tuple(phi_target.shape)}")
     return phi_target.detach().cpu().double()
 
 
@@ -243,14 +234,10 @@ def attack_summary(member_scores: Tensor, nonmember_scores: Tensor) -> dict[str,
 # --------------------------------------------------------------------------- shadow splits
 
 
-def split_halves(
-    num_shadows: int, num_examples: int, generator: torch.Generator | None = None
-) -> Tensor:
+def split_halves(num_shadows: int, num_examples: int, generator: torch.Generator | None = None) -> Tensor:
     """Return IN masks (K, N): each example IN in exactly K // 2 shadows, drawn at random."""
     if num_shadows < 2:
-        raise ValueError(
-            f"split_halves needs num_shadows >= 2 (one IN, one OUT), got {num_shadows}"
-        )
+        raise ValueError(f"split_halves needs num_shadows >= 2 (one IN, one OUT), got {num_shadows}")
     if num_examples < 0:
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
     # train.py's scheme: independent draws would leave some examples IN (or OUT) everywhere
@@ -261,9 +248,7 @@ def split_halves(
     return order < num_shadows // 2
 
 
-def leave_one_out_scores(
-    phi: Tensor, in_mask: Tensor, global_variance: bool, *, location: str = "mean"
-) -> Tensor:
+def leave_one_out_scores(phi: Tensor, in_mask: Tensor, global_variance: bool, *, location: str = "mean") -> Tensor:
     """Return online LiRA scores (K, N) of each shadow k as target, fitted on the other K - 1."""
     values, mask = _check_phi_mask(phi, in_mask)
     n_in = mask.sum(dim=0)
@@ -283,9 +268,7 @@ def leave_one_out_scores(
     return scores
 
 
-def loo_attack_summary(
-    phi: Tensor, in_mask: Tensor, global_variance: bool, *, location: str = "mean"
-) -> dict[str, float]:
+def loo_attack_summary(phi: Tensor, in_mask: Tensor, global_variance: bool, *, location: str = "mean") -> dict[str, float]:
     """Return attack_summary over all (shadow, example) pairs scored leave-one-out."""
     scores = leave_one_out_scores(phi, in_mask, global_variance, location=location)
     mask = in_mask.detach().cpu()

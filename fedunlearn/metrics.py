@@ -85,9 +85,7 @@ def _logits(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
         if n == 0:
             # One forward pass on the empty batch gives the right (0, C) shape.
             return model(x.to(device)).float().cpu()
-        chunks = [
-            model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, n, batch_size)
-        ]
+        chunks = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, n, batch_size)]
     return torch.cat(chunks, dim=0)
 
 
@@ -120,9 +118,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
     return (preds == y.cpu().long()).double().mean().item()
 
 
-def attack_success_rate(
-    model: nn.Module, x_triggered: Tensor, target: int, batch_size: int = 512
-) -> float:
+def attack_success_rate(model: nn.Module, x_triggered: Tensor, target: int, batch_size: int = 512) -> float:
     """Return the fraction of triggered inputs classified as the backdoor target (nan if empty)."""
     # The caller has already dropped examples whose true label is the target, so every
     # hit here is attributable to the trigger rather than to ordinary accuracy.
@@ -149,9 +145,7 @@ def parameter_distance(a: ParamLike, b: ParamLike) -> tuple[float, float]:
                 raise ValueError(f"key {key!r} is in the first state but not the second")
             ta, tb = a[key], b[key]
             if ta.shape != tb.shape:
-                raise ValueError(
-                    f"shape mismatch at key {key!r}: {tuple(ta.shape)} vs {tuple(tb.shape)}"
-                )
+                raise ValueError(f"shape mismatch at key {key!r}: {tuple(ta.shape)} vs {tuple(tb.shape)}")
             fa, fb = torch.is_floating_point(ta), torch.is_floating_point(tb)
             if fa != fb:
                 raise ValueError(f"dtype mismatch at key {key!r}: {ta.dtype} vs {tb.dtype}")
@@ -162,10 +156,7 @@ def parameter_distance(a: ParamLike, b: ParamLike) -> tuple[float, float]:
             if key not in a:
                 raise ValueError(f"key {key!r} is in the second state but not the first")
     else:
-        raise TypeError(
-            "parameter_distance needs two tensors or two state dicts, "
-            f"got {type(a).__name__} and {type(b).__name__}"
-        )
+        raise TypeError(f"parameter_distance needs two tensors or two state dicts, got {type(a).__name__} and {type(b).__name__}")
 
     # float64 on CPU: the sum of squares over millions of weights loses precision in float32.
     sq = 0.0
@@ -195,9 +186,7 @@ def js_divergence(p: Tensor, q: Tensor) -> Tensor:
     return js.to(out_dtype)
 
 
-def output_distance(
-    model_a: nn.Module, model_b: nn.Module, x: Tensor, batch_size: int = 512
-) -> float:
+def output_distance(model_a: nn.Module, model_b: nn.Module, x: Tensor, batch_size: int = 512) -> float:
     """Return the mean JS divergence between two models' output distributions over x."""
     if x.shape[0] == 0:
         return float("nan")
@@ -263,11 +252,7 @@ def evaluate_model(
         "acc_test": accuracy(model, *test, batch_size=batch_size),
         "acc_remained": accuracy(model, *remained, batch_size=batch_size),
         "acc_deleted": accuracy(model, *deleted, batch_size=batch_size),
-        "backdoor_asr": (
-            float("nan")
-            if triggered is None
-            else attack_success_rate(model, triggered, target, batch_size=batch_size)
-        ),
+        "backdoor_asr": (float("nan") if triggered is None else attack_success_rate(model, triggered, target, batch_size=batch_size)),
         # Deleted vs never-seen held-out data: after unlearning the deleted set should look
         # like held-out data to the attacker, as it does for the retrained model.
         "mia_auc": loss_threshold_mia_auc(model, *(members if members is not None else deleted), *heldout, batch_size=batch_size),

@@ -54,9 +54,11 @@ def membership_sets(data: FederatedData, requests: tuple[DeletionRequest, ...] |
     clients = sorted({r.client for r in requests})
     held = torch.sort(torch.cat([data.client_heldout[c] for c in clients])).values
     poisoned = int(deleted.numel() - clean.numel())
-    which = (f"members: the {clean.numel()} clean examples of the forget set (untriggered, true labels"
-             + (f"; its {poisoned} poisoned examples are left to the backdoor metric" if poisoned else "")
-             + f"); non-members: the {held.numel()} held-out examples of client(s) {', '.join(map(str, clients))}")
+    which = (
+        f"members: the {clean.numel()} clean examples of the forget set (untriggered, true labels"
+        + (f"; its {poisoned} poisoned examples are left to the backdoor metric" if poisoned else "")
+        + f"); non-members: the {held.numel()} held-out examples of client(s) {', '.join(map(str, clients))}"
+    )
     return MembershipSets(clean, held, which)
 
 
@@ -76,14 +78,17 @@ def loss_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarra
 class ShadowAttack:
     """ART's black-box membership attack classifier, fitted on shadow models' outputs on their members and non-members."""
 
-    def __init__(self, template: nn.Module, input_shape: tuple[int, ...], num_classes: int, attack_model: str = "rf", seed: int = 0) -> None:
+    def __init__(
+        self, template: nn.Module, input_shape: tuple[int, ...], num_classes: int, attack_model: str = "rf", seed: int = 0
+    ) -> None:
         from art.attacks.inference.membership_inference import MembershipInferenceBlackBox
         from art.estimators.classification import PyTorchClassifier
 
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
-        estimator = PyTorchClassifier(model=template, loss=nn.CrossEntropyLoss(), input_shape=self.input_shape,
-                                      nb_classes=num_classes, device_type="cpu")
+        estimator = PyTorchClassifier(
+            model=template, loss=nn.CrossEntropyLoss(), input_shape=self.input_shape, nb_classes=num_classes, device_type="cpu"
+        )
         self.attack = MembershipInferenceBlackBox(estimator, attack_model_type=attack_model)
         if "random_state" in self.attack.attack_model.get_params():  # ART leaves sklearn's forest unseeded
             self.attack.attack_model.set_params(random_state=seed)
@@ -91,7 +96,9 @@ class ShadowAttack:
         self._labels: dict[bool, list[np.ndarray]] = {True: [], False: []}
         self.fitted = False
 
-    def add_shadow(self, shadow: nn.Module, members: tuple[torch.Tensor, torch.Tensor], non_members: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def add_shadow(
+        self, shadow: nn.Module, members: tuple[torch.Tensor, torch.Tensor], non_members: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
         """Record one shadow model's output distributions on examples it trained on and examples it did not."""
         for member, (x, y) in ((True, members), (False, non_members)):
             self._features[member].append(predict_proba(shadow, x).numpy().astype(np.float32))

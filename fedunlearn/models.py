@@ -15,8 +15,16 @@ from torch import nn
 from .errors import ConfigError
 from .plugins import is_plugin_path, load_callable
 
-__all__ = ["MODEL_NAMES", "ModelFactory", "build_model", "check_model_fits", "default_model_for", "model_factory",
-           "register_model", "registered_models"]
+__all__ = [
+    "MODEL_NAMES",
+    "ModelFactory",
+    "build_model",
+    "check_model_fits",
+    "default_model_for",
+    "model_factory",
+    "register_model",
+    "registered_models",
+]
 
 ModelFactory = Callable[[tuple[int, int, int], int], nn.Module]
 FACTORY_CONTRACT = "a function FACTORY(input_shape: (C, H, W), num_classes: int) -> torch.nn.Module"
@@ -155,26 +163,34 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
     channels, height, width = shape
     min_side = _REGISTRY[name].min_side if name in _REGISTRY else 1
     if min(height, width) < min_side:
-        raise ConfigError(f"model={name!r} needs height and width >= {min_side}, the data has input_shape={input_shape!r}; "
-                          "pick another --model (mlp fits any shape)")
+        raise ConfigError(
+            f"model={name!r} needs height and width >= {min_side}, the data has input_shape={input_shape!r}; "
+            "pick another --model (mlp fits any shape)"
+        )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 1")
     try:
         model = factory((channels, height, width), num_classes)
     except Exception as err:  # a user factory's own error, on one line, with the arguments it was given
         text = " ".join(str(err).split())
-        raise ConfigError(f"model={name!r}: FACTORY(input_shape={shape}, num_classes={num_classes}) raised "
-                          f"{type(err).__name__}: {text}; it must accept (C, H, W) and the number of classes") from None
+        raise ConfigError(
+            f"model={name!r}: FACTORY(input_shape={shape}, num_classes={num_classes}) raised "
+            f"{type(err).__name__}: {text}; it must accept (C, H, W) and the number of classes"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model={name!r}: the factory returned a {type(model).__name__}, not a torch.nn.Module; "
-                          f"return the network, e.g. `return MyNet(...)`")
+        raise ConfigError(
+            f"model={name!r}: the factory returned a {type(model).__name__}, not a torch.nn.Module; "
+            f"return the network, e.g. `return MyNet(...)`"
+        )
     params = list(model.parameters())
     if not params:
         raise ConfigError(f"model={name!r}: the module has no parameters, so there is nothing to train or unlearn")
     wrong = sorted({str(p.dtype) for p in params if not p.dtype.is_floating_point})
     if wrong:
-        raise ConfigError(f"model={name!r}: parameters of dtype {', '.join(wrong)}; every parameter must be floating point "
-                          "(e.g. call .float() on the module)")
+        raise ConfigError(
+            f"model={name!r}: parameters of dtype {', '.join(wrong)}; every parameter must be floating point "
+            "(e.g. call .float() on the module)"
+        )
     return model
 
 
@@ -196,13 +212,17 @@ def check_model_fits(name: str, x: torch.Tensor, num_classes: int) -> None:
                 out = model(x.float())
         except Exception as err:  # a shape mismatch inside the user's forward, reported on one line
             text = " ".join(str(err).split())
-            raise ConfigError(f"model={name!r}: forward on a batch of the data, shape {tuple(x.shape)}, raised "
-                              f"{type(err).__name__}: {text}; build the network for input_shape={shape}") from None
+            raise ConfigError(
+                f"model={name!r}: forward on a batch of the data, shape {tuple(x.shape)}, raised "
+                f"{type(err).__name__}: {text}; build the network for input_shape={shape}"
+            ) from None
     expected = (int(x.shape[0]), num_classes)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"model={name!r}: output on a batch of shape {tuple(x.shape)} is {got}, expected {expected} "
-                          f"(batch, num_classes={num_classes}): end the network with num_classes logits")
+        raise ConfigError(
+            f"model={name!r}: output on a batch of shape {tuple(x.shape)} is {got}, expected {expected} "
+            f"(batch, num_classes={num_classes}): end the network with num_classes logits"
+        )
 
 
 def default_model_for(dataset: str) -> str:

@@ -51,10 +51,11 @@ def load_callable(key: str, value: str, contract: str) -> Callable[..., Any]:
     except ModuleNotFoundError as err:
         missing = err.name or ""
         if missing == module_name or module_name.startswith(missing + "."):
-            raise ConfigError(f"{key}={value!r}: module {module_name!r} not found; put the folder that holds it on PYTHONPATH "
-                              "(Ray's workers inherit it) or pip install its package") from None
-        raise ConfigError(f"{key}={value!r}: importing module {module_name!r} failed ({_one_line(err)}); install what it "
-                          "imports") from None
+            raise ConfigError(
+                f"{key}={value!r}: module {module_name!r} not found; put the folder that holds it on PYTHONPATH "
+                "(Ray's workers inherit it) or pip install its package"
+            ) from None
+        raise ConfigError(f"{key}={value!r}: importing module {module_name!r} failed ({_one_line(err)}); install what it imports") from None
     except Exception as err:  # any error of the user's module at import time, reported on one line
         raise ConfigError(f"{key}={value!r}: importing module {module_name!r} raised {_one_line(err)}; fix the module") from None
     obj: Any = module

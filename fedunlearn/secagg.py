@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 FIELD_BITS = 32
-FIELD = 1 << FIELD_BITS          # the modulus; numpy uint32 arithmetic wraps at it
+FIELD = 1 << FIELD_BITS  # the modulus; numpy uint32 arithmetic wraps at it
 FIELD_DTYPE = np.uint32
 
 
@@ -43,8 +43,8 @@ FIELD_DTYPE = np.uint32
 class Quantiser:
     """Maps a client's float vector, clipped to L2 norm `bound`, to integers in [0, levels], and a sum of n' back."""
 
-    bound: float      # B (already times the round's scale): the clipping norm and the per-coordinate range [-B, B]
-    levels: int       # L
+    bound: float  # B (already times the round's scale): the clipping norm and the per-coordinate range [-B, B]
+    levels: int  # L
 
     @classmethod
     def for_clients(cls, bound: float, num_clients: int) -> Quantiser:
@@ -122,7 +122,7 @@ def unmask(masked_sum: np.ndarray, own_seeds: list[bytes], dropped_pairs: list[t
     for seed in own_seeds:
         out -= mask(seed, len(out))
     for survivor, dropped, seed in dropped_pairs:
-        if dropped > survivor:    # the survivor added it
+        if dropped > survivor:  # the survivor added it
             out -= mask(seed, len(out))
         else:
             out += mask(seed, len(out))
@@ -164,11 +164,14 @@ class SecAggSettings:
 # X25519, not Flower's SECP384R1 PEM keys: a raw private key is 32 bytes, so its Shamir sharing takes 3 chunks of 16
 # bytes instead of ~20 for a PEM key, which is what the share and unmask stages cost at 100 clients.
 
+
 def key_pair() -> tuple[bytes, bytes]:
     """A fresh (private, public) X25519 key pair as 32 raw bytes each."""
     private = X25519PrivateKey.generate()
-    return (private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
-            private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    return (
+        private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+        private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+    )
 
 
 def agree(private: bytes, public: bytes) -> bytes:

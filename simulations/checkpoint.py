@@ -51,8 +51,9 @@ class Checkpoints:
         try:
             return ArrayRecord(OrderedDict(load_file(str(path))))
         except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
-            raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); start again with --overwrite "
-                              "or another --out") from None
+            raise ConfigError(
+                f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); start again with --overwrite or another --out"
+            ) from None
 
     def save_state(self, state: dict[str, Any]) -> None:
         """Store the JSON state."""
@@ -70,11 +71,13 @@ class Checkpoints:
         try:
             state = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); start again with --overwrite "
-                              "or another --out") from None
+            raise ConfigError(
+                f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); start again with --overwrite or another --out"
+            ) from None
         if not isinstance(state, dict) or not isinstance(state.get("round"), int) or not isinstance(state.get("config"), dict):
-            raise ConfigError(f"checkpoint {path} is not a fedunlearn checkpoint (no 'round' and 'config'); start again with "
-                              "--overwrite or another --out")
+            raise ConfigError(
+                f"checkpoint {path} is not a fedunlearn checkpoint (no 'round' and 'config'); start again with --overwrite or another --out"
+            )
         return state
 
 

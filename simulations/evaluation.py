@@ -37,7 +37,9 @@ def attacks_of(cfg: ExperimentConfig) -> tuple[str, ...]:
 class Evaluator:
     """Scores global models on the experiment's data for the requests served so far (deleted data: their union)."""
 
-    def __init__(self, cfg: ExperimentConfig, data: FederatedData, requests: tuple[DeletionRequest, ...], bank: ShadowBank | None = None) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, data: FederatedData, requests: tuple[DeletionRequest, ...], bank: ShadowBank | None = None
+    ) -> None:
         self.cfg = cfg
         self.data = data
         self.device = torch.device(app_config.device_for(cfg))
@@ -73,11 +75,19 @@ class Evaluator:
     def full(self, arrays: ArrayRecord, reference: ArrayRecord | None, method: str | None = None) -> dict[str, Any]:
         """Every removal-quality metric and membership attack, distances against the retrained model when it exists."""
         model = self.model(arrays)
-        metrics: dict[str, Any] = dict(evaluate_model(
-            model, test=self.test, remained=self.remained, deleted=self.deleted, triggered=self.triggered,
-            target=self.cfg.backdoor_target, heldout=self.non_members, members=self.members,
-            reference=self.model(reference) if reference is not None else None,
-        ))
+        metrics: dict[str, Any] = dict(
+            evaluate_model(
+                model,
+                test=self.test,
+                remained=self.remained,
+                deleted=self.deleted,
+                triggered=self.triggered,
+                target=self.cfg.backdoor_target,
+                heldout=self.non_members,
+                members=self.members,
+                reference=self.model(reference) if reference is not None else None,
+            )
+        )
         for key in ("dist_para", "dist_output"):
             metrics.setdefault(key, None)
         metrics["mia"] = self.membership(model, method)
@@ -97,8 +107,13 @@ class Evaluator:
                     out[attack] = self._ulira(method)
                 continue
             if self.sets.too_small:
-                out[attack] = {"auc": None, "tpr_at_1pct_fpr": None, "tpr_at_0_1pct_fpr": None, "scored": scored,
-                               "skipped": "too few members or non-members to score (see scored)"}
+                out[attack] = {
+                    "auc": None,
+                    "tpr_at_1pct_fpr": None,
+                    "tpr_at_0_1pct_fpr": None,
+                    "scored": scored,
+                    "skipped": "too few members or non-members to score (see scored)",
+                }
                 continue
             if attack == "loss":
                 members, others = loss_scores(model, *self.members), loss_scores(model, *self.non_members)
@@ -106,7 +121,9 @@ class Evaluator:
                 members = self.bank.shadow_attack.member_scores(model, *self.members)
                 others = self.bank.shadow_attack.member_scores(model, *self.non_members)
             elif attack == "lira" and self.bank is not None:
-                scores = self.bank.lira_scores(model_logit_confidence(model, self.data.x_train[self.bank.pool], self.data.y_train[self.bank.pool]))
+                scores = self.bank.lira_scores(
+                    model_logit_confidence(model, self.data.x_train[self.bank.pool], self.data.y_train[self.bank.pool])
+                )
                 members = scores[self.bank.positions(self.sets.members)].numpy()
                 others = scores[self.bank.positions(self.sets.non_members)].numpy()
             else:
@@ -122,7 +139,13 @@ class Evaluator:
         valid = torch.isfinite(scores)
         summary = score_summary(scores[mask & valid].numpy(), scores[~mask & valid].numpy())
         shadows = int(mask.shape[0])
-        return {**summary, "scored": {"members": int((mask & valid).sum()), "non_members": int((~mask & valid).sum()),
-                                      "which": f"(shadow, example) pairs over {shadows} shadows x {mask.shape[1]} pool examples: members were "
-                                               f"trained on, then unlearned with {method}; non-members were never trained on"},
-                "cost": self.bank.cost.get("unlearn", {}).get(method)}
+        return {
+            **summary,
+            "scored": {
+                "members": int((mask & valid).sum()),
+                "non_members": int((~mask & valid).sum()),
+                "which": f"(shadow, example) pairs over {shadows} shadows x {mask.shape[1]} pool examples: members were "
+                f"trained on, then unlearned with {method}; non-members were never trained on",
+            },
+            "cost": self.bank.cost.get("unlearn", {}).get(method),
+        }

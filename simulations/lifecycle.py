@@ -80,9 +80,14 @@ def _start_reaper(token: str, temp_dir: str) -> subprocess.Popen[bytes] | None:
     if not os.path.isdir("/proc"):
         return None
     # Its own session: a Ctrl-C or a kill of the driver's process group does not reach it before it did its job.
-    return subprocess.Popen([sys.executable, "-m", "simulations.reaper", token, str(os.getpid()), temp_dir],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=dict(os.environ, **{RUN_TOKEN: token}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "simulations.reaper", token, str(os.getpid()), temp_dir],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=dict(os.environ, **{RUN_TOKEN: token}),
+    )
 
 
 def _stop_reaper(reaper: subprocess.Popen[bytes] | None) -> None:
@@ -103,8 +108,13 @@ def ray_init_args(cfg_address: str, verbose: bool, temp_dir: str | None) -> dict
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath  # what Flower does: workers import what the driver imports
-    args: dict[str, Any] = {"address": cfg_address, "include_dashboard": False, "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}},
-                            "logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose}
+    args: dict[str, Any] = {
+        "address": cfg_address,
+        "include_dashboard": False,
+        "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}},
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+        "log_to_driver": verbose,
+    }
     if temp_dir is not None:
         args["_temp_dir"] = temp_dir
     return args
@@ -133,8 +143,10 @@ def private_ray(address: str, verbose: bool) -> Iterator[None]:
             ray.init(**ray_init_args(address, verbose, temp_dir))
         except (ConnectionError, ValueError, RuntimeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"ray-address={address!r}: Ray did not start or connect ({first}); use 'local' for a private "
-                              "instance, or start the cluster first (ray start --head)") from None
+            raise ConfigError(
+                f"ray-address={address!r}: Ray did not start or connect ({first}); use 'local' for a private "
+                "instance, or start the cluster first (ray start --head)"
+            ) from None
         if _handling:  # ray.init sets a SIGTERM handler of its own (sys.exit), which skips the cleanup below
             install_signal_handlers()
         yield

@@ -22,10 +22,14 @@ from fedunlearn.errors import ConfigError
 # The files torchvision reads for each dataset, relative to --data-dir (torchvision's own layout: what --download writes).
 TORCHVISION_FILES = {
     "mnist": ("MNIST/raw", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
-    "fashion-mnist": ("FashionMNIST/raw", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                                           "t10k-labels-idx1-ubyte")),
-    "cifar10": ("cifar-10-batches-py", ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
-                                        "test_batch", "batches.meta")),
+    "fashion-mnist": (
+        "FashionMNIST/raw",
+        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    ),
+    "cifar10": (
+        "cifar-10-batches-py",
+        ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta"),
+    ),
 }
 # What a reader of garbage files raises (torchvision asserts on the MNIST header; pickle fails on CIFAR's batches).
 _UNREADABLE = (AssertionError, ValueError, RuntimeError, OSError, EOFError, IndexError, KeyError, TypeError, pickle.UnpicklingError)
@@ -63,7 +67,7 @@ def idx_file_problem(path: Path) -> str | None:
     magic = int.from_bytes(header[:4], "big")
     if magic != expected_magic:
         return f"starts with 0x{magic:08x}, not the IDX {'image' if images else 'label'} magic number 0x{expected_magic:08x}"
-    dims = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(3 if images else 1)]
+    dims = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(3 if images else 1)]
     size = len(header) + (dims[0] * dims[1] * dims[2] if images else dims[0])
     actual = path.stat().st_size
     if actual != size:
@@ -80,18 +84,24 @@ def check_data(spec: DataSpec) -> FederatedData:
     """
     key = f"--dataset {spec.dataset} --data-dir {spec.data_dir}" if spec.data_dir is not None else f"--dataset {spec.dataset}"
     if spec.data_dir is not None and Path(spec.data_dir).exists() and not Path(spec.data_dir).is_dir():
-        raise ConfigError(f"data-dir={spec.data_dir!r}: is a file, not a folder; point --data-dir at the folder that holds "
-                          f"{TORCHVISION_FILES.get(spec.dataset, ('',))[0] or 'the dataset'}")
+        raise ConfigError(
+            f"data-dir={spec.data_dir!r}: is a file, not a folder; point --data-dir at the folder that holds "
+            f"{TORCHVISION_FILES.get(spec.dataset, ('',))[0] or 'the dataset'}"
+        )
     folder, missing = missing_dataset_files(spec)
     if missing and not spec.download:
-        raise ConfigError(f"{key}: {folder} lacks {', '.join(missing)}; add --download to fetch the dataset there "
-                          f"(torchvision, needs the internet once), or copy torchvision's files into {folder}")
+        raise ConfigError(
+            f"{key}: {folder} lacks {', '.join(missing)}; add --download to fetch the dataset there "
+            f"(torchvision, needs the internet once), or copy torchvision's files into {folder}"
+        )
     if not missing and spec.dataset in ("mnist", "fashion-mnist"):
         for name in TORCHVISION_FILES[spec.dataset][1]:
             problem = idx_file_problem(folder / name)
             if problem:
-                raise ConfigError(f"{key}: {folder / name} {problem}: it is not {spec.dataset}'s file (truncated or another "
-                                  f"format); delete {folder} and fetch it again with --download")
+                raise ConfigError(
+                    f"{key}: {folder / name} {problem}: it is not {spec.dataset}'s file (truncated or another "
+                    f"format); delete {folder} and fetch it again with --download"
+                )
     try:
         return DatasetStore.get(spec)
     except ConfigError as err:  # the data layer's own refusals (e.g. a plug-in loader's data): keys as the CLI spells them
@@ -108,8 +118,11 @@ def check_data(spec: DataSpec) -> FederatedData:
 
 def _unreadable(key: str, folder: Path, spec: DataSpec, err: BaseException) -> ConfigError:
     detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-    return ConfigError(f"{key}: the files in {folder} could not be read ({detail}); they are not {spec.dataset}'s "
-                       f"files (truncated or another format): delete {folder} and fetch it again with --download")
+    return ConfigError(
+        f"{key}: the files in {folder} could not be read ({detail}); they are not {spec.dataset}'s "
+        f"files (truncated or another format): delete {folder} and fetch it again with --download"
+    )
+
 
 def check_devices(cfg: ExperimentConfig) -> None:
     """The devices and Ray resources asked for exist here (a private Ray instance only sees this machine)."""
@@ -117,19 +130,27 @@ def check_devices(cfg: ExperimentConfig) -> None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = int(cfg.device.split(":", 1)[1]) if ":" in cfg.device else 0
         if index >= count:
-            raise ConfigError(f"device={cfg.device!r}: this machine has {count} CUDA device{'s' if count != 1 else ''} visible to torch; "
-                              "use --device cpu or auto" + (f", or cuda:0 to cuda:{count - 1}" if count else ""))
+            raise ConfigError(
+                f"device={cfg.device!r}: this machine has {count} CUDA device{'s' if count != 1 else ''} visible to torch; "
+                "use --device cpu or auto" + (f", or cuda:0 to cuda:{count - 1}" if count else "")
+            )
     if cfg.ray_address != "local":
         return  # a cluster's resources are the cluster's: Flower reports an actor pool that does not fit
     cpus = os.cpu_count() or 1
     if cfg.num_cpus_per_client > cpus:
-        raise ConfigError(f"num-cpus-per-client={cfg.num_cpus_per_client}: this machine has {cpus} CPUs, so no client actor "
-                          f"would fit; use at most {cpus} (1 is the default)")
+        raise ConfigError(
+            f"num-cpus-per-client={cfg.num_cpus_per_client}: this machine has {cpus} CPUs, so no client actor "
+            f"would fit; use at most {cpus} (1 is the default)"
+        )
     if cfg.num_gpus_per_client > 0:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if gpus == 0:
-            raise ConfigError(f"num-gpus-per-client={cfg.num_gpus_per_client}: no GPU visible here, so no client actor would fit; "
-                              "use 0 (the default) or run on a GPU machine")
+            raise ConfigError(
+                f"num-gpus-per-client={cfg.num_gpus_per_client}: no GPU visible here, so no client actor would fit; "
+                "use 0 (the default) or run on a GPU machine"
+            )
         if cfg.num_gpus_per_client > gpus:
-            raise ConfigError(f"num-gpus-per-client={cfg.num_gpus_per_client}: this machine has {gpus} GPU{'s' if gpus != 1 else ''}; "
-                              "use a share of at most that (0.25 = four actors per GPU)")
+            raise ConfigError(
+                f"num-gpus-per-client={cfg.num_gpus_per_client}: this machine has {gpus} GPU{'s' if gpus != 1 else ''}; "
+                "use a share of at most that (0.25 = four actors per GPU)"
+            )

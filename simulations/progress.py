@@ -25,8 +25,14 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self.live:
-            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=self.console)
+            self._bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=self.console,
+            )
             self._bar.__enter__()
         return self
 

@@ -7,9 +7,17 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-HEADERS = {"acc_test": "ACC test", "acc_remained": "ACC rem", "acc_deleted": "ACC del", "backdoor_asr": "ASR",
-           "dist_para": "DIST para", "dist_output_deleted": "DIST del", "dist_output_triggered": "DIST trig",
-           "dist_output": "DIST test", "mia_auc": "MIA loss"}
+HEADERS = {
+    "acc_test": "ACC test",
+    "acc_remained": "ACC rem",
+    "acc_deleted": "ACC del",
+    "backdoor_asr": "ASR",
+    "dist_para": "DIST para",
+    "dist_output_deleted": "DIST del",
+    "dist_output_triggered": "DIST trig",
+    "dist_output": "DIST test",
+    "mia_auc": "MIA loss",
+}
 # The output distance leads on the deleted set and triggered inputs (on the clean test set the original is closest).
 COLUMNS = tuple(HEADERS)
 
@@ -39,8 +47,10 @@ def _speed(value: Any) -> str:
 def results_table(results: dict[str, Any]) -> Table:
     """A rich Table with one row per model (original, retrain, then the methods)."""
     cfg = results["config"]
-    title = (f"{cfg['dataset']}, {cfg['num-clients']} clients ({cfg['partition']}), {cfg['rounds']} rounds; "
-             f"client {cfg['forget-client']} forgets '{cfg['forget-samples']}' (|S| = {results.get('forget_count', '?')})")
+    title = (
+        f"{cfg['dataset']}, {cfg['num-clients']} clients ({cfg['partition']}), {cfg['rounds']} rounds; "
+        f"client {cfg['forget-client']} forgets '{cfg['forget-samples']}' (|S| = {results.get('forget_count', '?')})"
+    )
     table = Table(title=title, title_justify="left")
     table.add_column("model")
     for key in COLUMNS:
@@ -54,18 +64,28 @@ def results_table(results: dict[str, Any]) -> Table:
         stored = model.get("storage")
         stored_text = f"{_bytes(stored.get('server_bytes'))} / {_bytes(stored.get('client_bytes'))}" if isinstance(stored, dict) else "-"
         table.add_row(
-            name, *(_fmt(model.get(k)) for k in COLUMNS),
-            _fmt(cost.get("wall_s"), 2) if cost else "-", _fmt(cost.get("rounds")) if cost else "-", _bytes(total_bytes),
-            _speed(spd.get("wall")), _speed(spd.get("rounds")), _speed(spd.get("bytes")), stored_text,
+            name,
+            *(_fmt(model.get(k)) for k in COLUMNS),
+            _fmt(cost.get("wall_s"), 2) if cost else "-",
+            _fmt(cost.get("rounds")) if cost else "-",
+            _bytes(total_bytes),
+            _speed(spd.get("wall")),
+            _speed(spd.get("rounds")),
+            _speed(spd.get("bytes")),
+            stored_text,
         )
     return table
 
 
 def print_report(results: dict[str, Any], console: Console | None = None) -> None:
     """Print the comparison table and the phase costs."""
-    console = console or Console(width=200) 
+    console = console or Console(width=200)
     console.print(results_table(results))
     phases = results.get("phases", {})
     if phases:
-        parts = [f"{name} {cost['wall_s']:.2f} s / {cost['rounds']} rounds" for name, cost in phases.items() if not name.startswith(("unlearn:", "continue:"))]
+        parts = [
+            f"{name} {cost['wall_s']:.2f} s / {cost['rounds']} rounds"
+            for name, cost in phases.items()
+            if not name.startswith(("unlearn:", "continue:"))
+        ]
         console.print("phases: " + "; ".join(parts), highlight=False)

@@ -86,11 +86,14 @@ def read_results(out_dir: str | Path) -> dict[str, Any]:
     try:
         results = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is not valid JSON ({err}; truncated?): move it away, or use --overwrite to replace "
-                          "it, or another --out DIR") from None
+        raise ConfigError(
+            f"{path} is not valid JSON ({err}; truncated?): move it away, or use --overwrite to replace it, or another --out DIR"
+        ) from None
     if not isinstance(results, dict):
-        raise ConfigError(f"{path} holds a {type(results).__name__}, not fedunlearn results: move it away, or use "
-                          "--overwrite to replace it, or another --out DIR")
+        raise ConfigError(
+            f"{path} holds a {type(results).__name__}, not fedunlearn results: move it away, or use "
+            "--overwrite to replace it, or another --out DIR"
+        )
     return results
 
 
@@ -121,11 +124,14 @@ def check_writable(out_dir: str | Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"out={str(out)!r}: cannot be used as the results folder ({existing} is a file): give a folder "
-                          "(created if missing)")
+        raise ConfigError(
+            f"out={str(out)!r}: cannot be used as the results folder ({existing} is a file): give a folder (created if missing)"
+        )
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".fedunlearn-write-test-"):
             pass
     except OSError as err:
-        raise ConfigError(f"out={str(out)!r}: cannot be used as the results folder ({existing}: {err.strerror or err}): give a "
-                          "writable folder (created if missing)") from None
+        raise ConfigError(
+            f"out={str(out)!r}: cannot be used as the results folder ({existing}: {err.strerror or err}): give a "
+            "writable folder (created if missing)"
+        ) from None

@@ -44,21 +44,31 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one flag per ExperimentConfig field, plus --preset, --config, --out, --print-config."""
     parser = _Parser(
-        prog="python -m simulations.run", allow_abbrev=False,  # a typo such as --round is an error, not --rounds
+        prog="python -m simulations.run",
+        allow_abbrev=False,  # a typo such as --round is an error, not --rounds
         description="Federated unlearning experiment on Flower + Ray: train with FedAvg, let a client withdraw, "
-                    "unlearn it with each method, retrain from scratch as the gold standard, and compare.",
-        epilog="methods: " + "; ".join(f"{m.name} ({m.summary})" for m in REGISTRY.values())
-               + ". retrain always runs: it is the reference of every distance and speedup.",
+        "unlearn it with each method, retrain from scratch as the gold standard, and compare.",
+        epilog="methods: "
+        + "; ".join(f"{m.name} ({m.summary})" for m in REGISTRY.values())
+        + ". retrain always runs: it is the reference of every distance and speedup.",
     )
     parser.add_argument("--preset", default="default", help=f"named scenario: {', '.join(PRESETS)} (default: default)")
     parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings; keys are the flags without '--'")
     parser.add_argument("--out", metavar="DIR", default="results", help="where results.json and results.csv go (default: results)")
     parser.add_argument("--print-config", action="store_true", help="print the effective configuration as JSON and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out DIR from its last checkpoint (same settings)")
-    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out DIR (otherwise a new run refuses to touch them)")
-    parser.add_argument("--seeds", metavar="LIST", help="repeat the scenario for each seed (e.g. 0,1,2) into DIR/seed-N/, "
-                        "then report mean and std per metric and method in DIR/report.md and DIR/summary.json")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run in --out DIR from its last checkpoint (same settings)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace results already in --out DIR (otherwise a new run refuses to touch them)"
+    )
+    parser.add_argument(
+        "--seeds",
+        metavar="LIST",
+        help="repeat the scenario for each seed (e.g. 0,1,2) into DIR/seed-N/, "
+        "then report mean and std per metric and method in DIR/report.md and DIR/summary.json",
+    )
     group = parser.add_argument_group("experiment settings (also valid as config-file keys)")
     for f in fields(ExperimentConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -98,9 +108,20 @@ def main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds) if args.seeds else None
         if not str(args.out).strip():  # Path("") is the current folder: never what was meant
             raise ConfigError(f"out={args.out!r}: give the folder results go to, e.g. --out results")
-        experiments = ([Experiment(cfg.replace(seed=s), out_dir=Path(args.out) / f"seed-{s}", show_progress=not args.quiet,
-                                  resume=args.resume, overwrite=args.overwrite) for s in seeds]
-                       if seeds else [Experiment(cfg, out_dir=args.out, show_progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)])
+        experiments = (
+            [
+                Experiment(
+                    cfg.replace(seed=s),
+                    out_dir=Path(args.out) / f"seed-{s}",
+                    show_progress=not args.quiet,
+                    resume=args.resume,
+                    overwrite=args.overwrite,
+                )
+                for s in seeds
+            ]
+            if seeds
+            else [Experiment(cfg, out_dir=args.out, show_progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)]
+        )
         for later in experiments[1:]:  # checked; loaded again when its turn comes, so one seed's data is in memory at a time
             if later.data_spec != experiments[0].data_spec:
                 DatasetStore.drop(later.data_spec)
@@ -146,8 +167,11 @@ def _exit_interrupted(signum: int, experiments: list[Any]) -> None:
     for experiment in experiments:
         if experiment.results.get("status", "").startswith("interrupted") and experiment.checkpoints is not None:
             state = experiment.checkpoints.root / "state.json"
-            where = (f"; the checkpoint in {experiment.checkpoints.root} continues it: the same command with --resume"
-                     if state.exists() else "; no checkpoint was written yet (every --checkpoint-every rounds): rerun with --overwrite")
+            where = (
+                f"; the checkpoint in {experiment.checkpoints.root} continues it: the same command with --resume"
+                if state.exists()
+                else "; no checkpoint was written yet (every --checkpoint-every rounds): rerun with --overwrite"
+            )
     print(f"interrupted by {name}: Ray was shut down{where}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -73,8 +73,11 @@ def machine_info() -> dict[str, Any]:
     import flwr
 
     return {
-        "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "flwr": flwr.__version__,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
@@ -82,8 +85,14 @@ def machine_info() -> dict[str, Any]:
 class Experiment:
     """Runs one configured experiment and collects its results (`run()` returns the results dict)."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, show_progress: bool = True,
-                 resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        out_dir: str | Path | None = None,
+        show_progress: bool = True,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.methods = check_methods(self._method_names(cfg))
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -96,8 +105,13 @@ class Experiment:
         self.progress = Progress(enabled=show_progress)
         self.meter = CostMeter()
         self.results: dict[str, Any] = {
-            "config": cfg.to_dict(), "machine": machine_info(), "status": "running",
-            "request": asdict(self.request), "models": {}, "phases": {}, "history": {},
+            "config": cfg.to_dict(),
+            "machine": machine_info(),
+            "status": "running",
+            "request": asdict(self.request),
+            "models": {},
+            "phases": {},
+            "history": {},
         }
         if len(self.requests) > 1:
             self.results["requests"] = [asdict(r) for r in self.requests]
@@ -131,9 +145,11 @@ class Experiment:
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"data: {err}") from None
         if sets.too_small:
-            raise ConfigError(f"mia-attacks={','.join(costly)}: {sets.scored()['which']}: too few to score (at least "
-                              f"{MIN_SCORED} each); forget more clean examples (e.g. --forget-samples random --forget-fraction 0.5, "
-                              "or the memorization preset) or drop these attacks")
+            raise ConfigError(
+                f"mia-attacks={','.join(costly)}: {sets.scored()['which']}: too few to score (at least "
+                f"{MIN_SCORED} each); forget more clean examples (e.g. --forget-samples random --forget-fraction 0.5, "
+                "or the memorization preset) or drop these attacks"
+            )
 
     def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
         """--out is a writable folder; finished, failed or interrupted runs there are not overwritten by accident.
@@ -163,8 +179,11 @@ class Experiment:
             self.resume_state = state
             self.results["resumed_from_round"] = state["round"]
         elif (status is not None or state is not None) and not overwrite:
-            held = (f"{out / 'results.json'} already holds results (status: {status})" if status is not None
-                    else f"{self.checkpoints.root} holds the checkpoint of an interrupted run (round {state['round'] if state else '?'})")
+            held = (
+                f"{out / 'results.json'} already holds results (status: {status})"
+                if status is not None
+                else f"{self.checkpoints.root} holds the checkpoint of an interrupted run (round {state['round'] if state else '?'})"
+            )
             advice = "use --resume to continue it, " if blocker is None else ""
             why = f" (--resume cannot: {blocker})" if blocker is not None and state is not None and status != "complete" else ""
             raise ConfigError(f"{held}; {advice}--overwrite to replace it, or another --out DIR{why}")
@@ -176,17 +195,23 @@ class Experiment:
         if status == "complete":
             return f"{self.out_dir / 'results.json'} holds a complete run: nothing to resume"
         if state is None:
-            return (f"{self.out_dir} holds no checkpoint ({self.checkpoints.root / 'state.json'}; checkpoints are written every "
-                    "--checkpoint-every rounds of training): start it again with --overwrite or another --out")
+            return (
+                f"{self.out_dir} holds no checkpoint ({self.checkpoints.root / 'state.json'}; checkpoints are written every "
+                "--checkpoint-every rounds of training): start it again with --overwrite or another --out"
+            )
         differing = differing_settings(state.get("config", {}), self.cfg.to_dict())
         if differing:
             detail = ", ".join(f"{k}: checkpoint {v[0]!r} vs now {v[1]!r}" for k, v in differing.items())
-            return (f"the checkpoint was made with other settings ({detail}); resume with the settings saved under 'config' "
-                    f"in {self.checkpoints.root / 'state.json'}, or start a new run with --overwrite or another --out")
+            return (
+                f"the checkpoint was made with other settings ({detail}); resume with the settings saved under 'config' "
+                f"in {self.checkpoints.root / 'state.json'}, or start a new run with --overwrite or another --out"
+            )
         recording = [m.name for m in self.methods if m.recorder is not None]  # the method says so, not its name
         if state.get("round", 0) > 0 and recording:
-            return (f"{' and '.join(recording)} record client updates during training that are not checkpointed; "
-                    "start again with --overwrite, or drop those methods")
+            return (
+                f"{' and '.join(recording)} record client updates during training that are not checkpointed; "
+                "start again with --overwrite, or drop those methods"
+            )
         return None
 
     @staticmethod
@@ -210,7 +235,9 @@ class Experiment:
                 logging.getLogger(name).setLevel(logging.ERROR)
         cache_dir = tempfile.mkdtemp(prefix="fedunlearn-caches-")
         spec = app_config.client_spec_for(self.cfg, cache_dir)
-        client_app, num_supernodes = app_config.supernode_app(self.cfg, spec, with_faults(build_client_app(spec), app_config.fault_plan_for(self.cfg)))
+        client_app, num_supernodes = app_config.supernode_app(
+            self.cfg, spec, with_faults(build_client_app(spec), app_config.fault_plan_for(self.cfg))
+        )
         server_app = ServerApp()
 
         @server_app.main()
@@ -231,11 +258,20 @@ class Experiment:
         started = time.perf_counter()
         client_errors = ClientErrors(enabled=not self.cfg.verbose)
         try:
-            with self.progress, client_errors, private_ray(self.cfg.ray_address, self.cfg.verbose), \
-                    faster_message_pickup(self.cfg.grid_poll_interval) as tuned:
+            with (
+                self.progress,
+                client_errors,
+                private_ray(self.cfg.ray_address, self.cfg.verbose),
+                faster_message_pickup(self.cfg.grid_poll_interval) as tuned,
+            ):
                 self.results.setdefault("execution", {})["engine_pickup_interval_s"] = self.cfg.grid_poll_interval if tuned else 0.1
-                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
-                               backend_config=backend_config, verbose_logging=self.cfg.verbose)
+                run_simulation(
+                    server_app=server_app,
+                    client_app=client_app,
+                    num_supernodes=num_supernodes,
+                    backend_config=backend_config,
+                    verbose_logging=self.cfg.verbose,
+                )
         except KeyboardInterrupt as err:  # SIGINT or SIGTERM (lifecycle.Interrupted): Ray is down by now; say so on disk
             self.results["status"] = f"interrupted: {err or 'SIGINT'}"
             self._record_client_errors(client_errors)
@@ -260,8 +296,11 @@ class Experiment:
                 raise ClientFailure(client_errors.summary(), None)
             raise RuntimeError(self.results["status"])
         if client_errors.count:  # the run coped (retries, dropouts, injected faults): said once, not per message
-            print(f"[fedunlearn] {client_errors.count} client message{'s' if client_errors.count != 1 else ''} failed during the run "
-                  f"(first: {client_errors.first}); see results.json: client_errors and reliability", file=sys.stderr)
+            print(
+                f"[fedunlearn] {client_errors.count} client message{'s' if client_errors.count != 1 else ''} failed during the run "
+                f"(first: {client_errors.first}); see results.json: client_errors and reliability",
+                file=sys.stderr,
+            )
         self.results["total_wall_s"] = time.perf_counter() - started
         self._write()
         return self.results
@@ -291,7 +330,9 @@ class Experiment:
             forget_count = len(forget_indices(data, self.request))
             # torch.optim's first step() in a process imports torch._dynamo (about 2 s here): pay it during setup,
             # not inside the first unlearning method's measured seconds.
-            CorrectionStepper(torch.zeros(1, dtype=torch.float64), app_config.iau_settings_for(cfg)).step(torch.ones(1, dtype=torch.float64))
+            CorrectionStepper(torch.zeros(1, dtype=torch.float64), app_config.iau_settings_for(cfg)).step(
+                torch.ones(1, dtype=torch.float64)
+            )
             torch.manual_seed(cfg.seed)
             initial_model = build_model(app_config.model_name_for(cfg), data.input_shape, data.num_classes)
             initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in initial_model.state_dict().items()))
@@ -300,19 +341,34 @@ class Experiment:
         self.data_input_shape, self.data_num_classes = data.input_shape, data.num_classes
         self.evaluator = Evaluator(cfg, data, (self.request,), bank=self._shadow_bank(data))
 
-        def fedavg(ledger: tuple[DeletionRequest, ...] = (), round_offset: int = 0, label: str = "original",
-                   seed: int | None = None) -> UnlearningFedAvg:
-            made = UnlearningFedAvg(directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed if seed is None else seed,
-                                    fraction_train=cfg.fraction_fit, ledger=ledger, round_offset=round_offset,
-                                    on_round_end=self._round_hook(label))
+        def fedavg(
+            ledger: tuple[DeletionRequest, ...] = (), round_offset: int = 0, label: str = "original", seed: int | None = None
+        ) -> UnlearningFedAvg:
+            made = UnlearningFedAvg(
+                directory=directory,
+                train=app_config.train_settings_for(cfg),
+                seed=cfg.seed if seed is None else seed,
+                fraction_train=cfg.fraction_fit,
+                ledger=ledger,
+                round_offset=round_offset,
+                on_round_end=self._round_hook(label),
+            )
             self._observed.append((label, made))
             return made
 
-        strategy = IAUFed(layout=ParamLayout.of(initial_model), iau=app_config.iau_settings_for(cfg),
-                          allow_stale=cfg.allow_stale_cache, round_timeout=cfg.round_timeout, directory=directory,
-                          train=app_config.train_settings_for(cfg), seed=cfg.seed, fraction_train=cfg.fraction_fit,
-                          on_round_end=self._round_hook("original"), policy=app_config.round_policy_for(cfg),
-                          keep_client_uploads=cfg.withdrawing_offline)
+        strategy = IAUFed(
+            layout=ParamLayout.of(initial_model),
+            iau=app_config.iau_settings_for(cfg),
+            allow_stale=cfg.allow_stale_cache,
+            round_timeout=cfg.round_timeout,
+            directory=directory,
+            train=app_config.train_settings_for(cfg),
+            seed=cfg.seed,
+            fraction_train=cfg.fraction_fit,
+            on_round_end=self._round_hook("original"),
+            policy=app_config.round_policy_for(cfg),
+            keep_client_uploads=cfg.withdrawing_offline,
+        )
         self._observed.append(("original", strategy))
         # What some methods need from training (FedEraser the client updates of every Delta_t-th round, PGA each
         # client's last local model): each selected method's own recorder (their storage is reported with them).
@@ -332,8 +388,13 @@ class Experiment:
         self._checkpoint_until = request_round
         self.progress.start_phase("training", request_round - start_round)
         with self.meter.phase("training"):
-            trained = start_arrays if start_round == request_round else strategy.start(
-                grid=metered, initial_arrays=start_arrays, num_rounds=request_round - start_round, timeout=cfg.round_timeout).arrays
+            trained = (
+                start_arrays
+                if start_round == request_round
+                else strategy.start(
+                    grid=metered, initial_arrays=start_arrays, num_rounds=request_round - start_round, timeout=cfg.round_timeout
+                ).arrays
+            )
         strategy.round_offset = 0
         self._checkpoint_label = None
         strategy.update_recorder = None
@@ -348,8 +409,11 @@ class Experiment:
         if cfg.withdraw_round is not None:  # what the model would have become had nobody asked
             self.progress.start_phase("original: training on", cfg.rounds - request_round)
             with self.meter.phase("original-continuation"):
-                original = fedavg(ledger=(), round_offset=request_round, label="original").start(
-                    grid=metered, initial_arrays=trained, num_rounds=cfg.rounds - request_round, timeout=cfg.round_timeout).arrays
+                original = (
+                    fedavg(ledger=(), round_offset=request_round, label="original")
+                    .start(grid=metered, initial_arrays=trained, num_rounds=cfg.rounds - request_round, timeout=cfg.round_timeout)
+                    .arrays
+                )
         self.results["phases"] = {name: cost.to_dict() for name, cost in self.meter.phases.items()}
         self.results["models"]["original"] = self.evaluator.full(original, None)
         self._write()
@@ -362,8 +426,9 @@ class Experiment:
         for index, request in enumerate(self.requests):
             evaluator = self.evaluator if index == 0 else Evaluator(cfg, data, self.requests[: index + 1], bank=self.evaluator.bank)
             count = forget_count if index == 0 else len(forget_indices(data, request))
-            step = self._serve(index, request, count, evaluator, states, current, original, initial, metered, fedavg,
-                               request_round, recorded, totals)
+            step = self._serve(
+                index, request, count, evaluator, states, current, original, initial, metered, fedavg, request_round, recorded, totals
+            )
             self.results["models"] = step
             self._write()
             self.tracker.on_method("original", step["original"], step=index + 1)
@@ -380,10 +445,22 @@ class Experiment:
         self._write()
         self.tracker.finish(self.results)
 
-    def _serve(self, index: int, request: DeletionRequest, forget_count: int, evaluator: Evaluator, states: dict[str, IAUFed],
-               current: dict[str, ArrayRecord], original: ArrayRecord, initial: ArrayRecord, metered: Grid,
-               fedavg: Callable[..., UnlearningFedAvg], request_round: int, recorded: dict[str, Any],
-               totals: dict[str, PhaseCost]) -> dict[str, Any]:
+    def _serve(
+        self,
+        index: int,
+        request: DeletionRequest,
+        forget_count: int,
+        evaluator: Evaluator,
+        states: dict[str, IAUFed],
+        current: dict[str, ArrayRecord],
+        original: ArrayRecord,
+        initial: ArrayRecord,
+        metered: Grid,
+        fedavg: Callable[..., UnlearningFedAvg],
+        request_round: int,
+        recorded: dict[str, Any],
+        totals: dict[str, PhaseCost],
+    ) -> dict[str, Any]:
         """Every method serves one request; returns the models' entries (original, retrain, methods) after it."""
         cfg = self.cfg
         stream = len(self.requests) > 1
@@ -397,9 +474,19 @@ class Experiment:
             label = f"{method.name} (request {index + 1}/{len(self.requests)})" if stream else method.name
             self.progress.start_phase(f"unlearning: {label}", cfg.rounds if method.name == REFERENCE else 1)
             state = states[method.name]
-            context = MethodContext(cfg=cfg, grid=metered, strategy=state, initial_arrays=initial, arrays=current[method.name],
-                                    request=request, forget_count=forget_count, fedavg=fedavg, request_round=request_round,
-                                    recorded=recorded.get(method.name), round_hook=self._round_hook)
+            context = MethodContext(
+                cfg=cfg,
+                grid=metered,
+                strategy=state,
+                initial_arrays=initial,
+                arrays=current[method.name],
+                request=request,
+                forget_count=forget_count,
+                fedavg=fedavg,
+                request_round=request_round,
+                recorded=recorded.get(method.name),
+                round_hook=self._round_hook,
+            )
             phase = f"unlearn:{method.name}{suffix}"
             with self.meter.phase(phase):
                 try:
@@ -417,9 +504,15 @@ class Experiment:
                 remaining = cfg.rounds - request_round
                 self.progress.start_phase(f"{method.name}: training on without the forgotten data", remaining)
                 with self.meter.phase(f"continue:{method.name}"):
-                    arrays = fedavg(ledger=(*state.ledger, request) if request not in state.ledger else state.ledger,
-                                    round_offset=request_round, label=method.name).start(
-                        grid=metered, initial_arrays=arrays, num_rounds=remaining, timeout=cfg.round_timeout).arrays
+                    arrays = (
+                        fedavg(
+                            ledger=(*state.ledger, request) if request not in state.ledger else state.ledger,
+                            round_offset=request_round,
+                            label=method.name,
+                        )
+                        .start(grid=metered, initial_arrays=arrays, num_rounds=remaining, timeout=cfg.round_timeout)
+                        .arrays
+                    )
                 entry["unlearning_cost"] = cost.to_dict()
                 cost = cost + self.meter.get(f"continue:{method.name}")
             if outcome.details.get("status") not in ("aborted", "failed"):
@@ -439,8 +532,9 @@ class Experiment:
             elif "retrain_band" in self.results:
                 entry["vs_retrain_band"] = versus_band(entry, self.results["retrain_band"], BAND_DISTANCES)
             if cfg.relearn_rounds > 0:
-                entry["durability"] = self._durability(method.name, arrays, evaluator, metered, fedavg,
-                                                       ledger=tuple(self.requests[: index + 1]), suffix=suffix)
+                entry["durability"] = self._durability(
+                    method.name, arrays, evaluator, metered, fedavg, ledger=tuple(self.requests[: index + 1]), suffix=suffix
+                )
             if cfg.relearn_steps > 0:
                 entry["relearn_probe"] = self._relearn_probe(evaluator, arrays, original)
                 if method.name == REFERENCE:
@@ -461,8 +555,16 @@ class Experiment:
             self._write()
         return models
 
-    def _retrain_band(self, index: int, evaluator: Evaluator, reference_entry: dict[str, Any], reference: ArrayRecord, grid: Grid,
-                      fedavg: Callable[..., UnlearningFedAvg], suffix: str) -> dict[str, Any]:
+    def _retrain_band(
+        self,
+        index: int,
+        evaluator: Evaluator,
+        reference_entry: dict[str, Any],
+        reference: ArrayRecord,
+        grid: Grid,
+        fedavg: Callable[..., UnlearningFedAvg],
+        suffix: str,
+    ) -> dict[str, Any]:
         """--retrain-seeds more retrainings with other seeds (initial weights, shuffles, sampling); the band over all of them."""
         cfg = self.cfg
         ledger = tuple(self.requests[: index + 1])
@@ -476,18 +578,31 @@ class Experiment:
             self.progress.start_phase(f"retrain band: seed {j} of {cfg.retrain_seeds}{suffix}", cfg.rounds)
             phase = f"{label}{suffix}"
             with self.meter.phase(phase):
-                arrays = fedavg(ledger=ledger, round_offset=0, label=label, seed=seed).start(
-                    grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout).arrays
+                arrays = (
+                    fedavg(ledger=ledger, round_offset=0, label=label, seed=seed)
+                    .start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout)
+                    .arrays
+                )
             metrics = evaluator.full(arrays, reference)
-            runs.append({"seed": seed, **{k: metrics.get(k) for k in (*BAND_METRICS, *BAND_DISTANCES)},
-                         "cost": self.meter.get(phase).to_dict()})
+            runs.append(
+                {"seed": seed, **{k: metrics.get(k) for k in (*BAND_METRICS, *BAND_DISTANCES)}, "cost": self.meter.get(phase).to_dict()}
+            )
         band = {**band_stats([reference_entry, *runs], BAND_METRICS), **band_stats(runs, BAND_DISTANCES)}
         self.results["retrain_band"] = band
         self.results["retrain_band_runs"] = runs
         return band
 
-    def _durability(self, name: str, arrays: ArrayRecord, evaluator: Evaluator, grid: Grid, fedavg: Callable[..., UnlearningFedAvg],
-                    ledger: tuple[DeletionRequest, ...], suffix: str, rounds: int | None = None) -> dict[str, Any]:
+    def _durability(
+        self,
+        name: str,
+        arrays: ArrayRecord,
+        evaluator: Evaluator,
+        grid: Grid,
+        fedavg: Callable[..., UnlearningFedAvg],
+        ledger: tuple[DeletionRequest, ...],
+        suffix: str,
+        rounds: int | None = None,
+    ) -> dict[str, Any]:
         """`rounds` (--relearn-rounds) more FedAvg rounds on the remaining clients from `arrays`, same seeds for every model."""
         cfg = self.cfg
         rounds = cfg.relearn_rounds if rounds is None else rounds
@@ -496,11 +611,19 @@ class Experiment:
         if rounds > 0:
             self.progress.start_phase(f"durability: {name}, {rounds} more rounds{suffix}", rounds)
             with self.meter.phase(f"{label}{suffix}"):
-                continued = fedavg(ledger=ledger, round_offset=cfg.rounds, label=label).start(
-                    grid=grid, initial_arrays=arrays, num_rounds=rounds, timeout=cfg.round_timeout).arrays
+                continued = (
+                    fedavg(ledger=ledger, round_offset=cfg.rounds, label=label)
+                    .start(grid=grid, initial_arrays=arrays, num_rounds=rounds, timeout=cfg.round_timeout)
+                    .arrays
+                )
         after = evaluator.full(continued, None)
-        return {"rounds": rounds, "acc_test": after["acc_test"], "backdoor_asr": after["backdoor_asr"],
-                "mia_auc": after["mia_auc"], "mia": after["mia"]}
+        return {
+            "rounds": rounds,
+            "acc_test": after["acc_test"],
+            "backdoor_asr": after["backdoor_asr"],
+            "mia_auc": after["mia_auc"],
+            "mia": after["mia"],
+        }
 
     def _relearn_probe(self, evaluator: Evaluator, arrays: ArrayRecord, original: ArrayRecord) -> dict[str, Any]:
         """Steps of SGD on the forget set until its ASR (backdoor) or accuracy is back at 90% of the original model's."""
@@ -508,18 +631,29 @@ class Experiment:
         if evaluator.triggered is not None:
             triggered = evaluator.triggered[:1000]
             metric = "backdoor_asr"
+
             def measure(model: torch.nn.Module) -> float:
                 return attack_success_rate(model, triggered, cfg.backdoor_target)
         else:
             metric = "acc_deleted"
+
             def measure(model: torch.nn.Module) -> float:
                 return accuracy(model, *evaluator.deleted)
+
         if evaluator.relearn_threshold is None:  # the original's level, once per request (evaluator), not once per model
             evaluator.relearn_threshold = 0.9 * measure(evaluator.model(original))
         threshold = evaluator.relearn_threshold
-        result = relearn_steps(evaluator.model(arrays), *evaluator.deleted, measure=measure, threshold=threshold,
-                               lr=cfg.relearn_lr or cfg.lr / 10,
-                               batch_size=cfg.batch_size, max_steps=cfg.relearn_steps, momentum=cfg.momentum, seed=cfg.seed)
+        result = relearn_steps(
+            evaluator.model(arrays),
+            *evaluator.deleted,
+            measure=measure,
+            threshold=threshold,
+            lr=cfg.relearn_lr or cfg.lr / 10,
+            batch_size=cfg.batch_size,
+            max_steps=cfg.relearn_steps,
+            momentum=cfg.momentum,
+            seed=cfg.seed,
+        )
         return {"metric": metric, **result.to_dict()}
 
     def _shadow_bank(self, data: FederatedData) -> ShadowBank | None:
@@ -539,10 +673,23 @@ class Experiment:
             ulira = [get_method(name) for name in (cfg.ulira_methods or tuple(m.name for m in self.methods if m.name != REFERENCE))]
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # shadows seed torch themselves; the target's run keeps its own stream
-            bank = train_shadow_bank(cfg, data, pool, self.request, num_shadows=count, with_shadow_attack="shadow" in attacks,
-                                     ulira_methods=ulira, progress=self.progress)
-        self.results["membership"] = {"pool": int(len(pool)), **sets.scored(), "global_variance": bank.global_variance,
-                                      "wall_s": time.perf_counter() - started, **bank.cost}
+            bank = train_shadow_bank(
+                cfg,
+                data,
+                pool,
+                self.request,
+                num_shadows=count,
+                with_shadow_attack="shadow" in attacks,
+                ulira_methods=ulira,
+                progress=self.progress,
+            )
+        self.results["membership"] = {
+            "pool": int(len(pool)),
+            **sets.scored(),
+            "global_variance": bank.global_variance,
+            "wall_s": time.perf_counter() - started,
+            **bank.cost,
+        }
         self._write()
         return bank
 
@@ -570,26 +717,40 @@ class Experiment:
             report = model.get("unlearning") if isinstance(model.get("unlearning"), dict) else {}
             failed.extend({"run": name, **entry} for entry in report.get("failures", []))
             rejected.extend({"run": name, **entry} for entry in report.get("rejected", []))
-            methods[name] = {"status": model.get("status", "complete"), "missing_clients": report.get("missing_clients", []),
-                             "retries": report.get("retries", 0), "clipped_clients": report.get("clipped_clients", []),
-                             "fallback": report.get("fallback", "")}
+            methods[name] = {
+                "status": model.get("status", "complete"),
+                "missing_clients": report.get("missing_clients", []),
+                "retries": report.get("retries", 0),
+                "clipped_clients": report.get("clipped_clients", []),
+                "fallback": report.get("fallback", ""),
+            }
         by_phase: dict[str, int] = {}
         by_cause: dict[str, int] = {}
         for entry in failed:
             by_phase[entry["phase"]] = by_phase.get(entry["phase"], 0) + 1
             reason = str(entry["reason"])
             # Injected faults name their kind in the reason ("fault-injection: dropout of client 3, ...").
-            cause = reason.split(f"{FAULT_PREFIX}: ", 1)[1].split(" ", 1)[0] if f"{FAULT_PREFIX}: " in reason else (
-                "no reply" if reason.startswith("no reply") else "client error")
+            cause = (
+                reason.split(f"{FAULT_PREFIX}: ", 1)[1].split(" ", 1)[0]
+                if f"{FAULT_PREFIX}: " in reason
+                else ("no reply" if reason.startswith("no reply") else "client error")
+            )
             by_cause[cause] = by_cause.get(cause, 0) + 1
         expected = [m.name for m in self.methods]
         done = self.results["status"] == "complete"
-        return {"failed_replies": len(failed), "failed_by_phase": by_phase, "failed_by_cause": by_cause, "rejected_replies": len(rejected),
-                "rejected": rejected[:100], "methods": methods,
-                "results_lost": sum(1 for n in expected if n not in self.results["models"]) if done else None}
+        return {
+            "failed_replies": len(failed),
+            "failed_by_phase": by_phase,
+            "failed_by_cause": by_cause,
+            "rejected_replies": len(rejected),
+            "rejected": rejected[:100],
+            "methods": methods,
+            "results_lost": sum(1 for n in expected if n not in self.results["models"]) if done else None,
+        }
 
     def _round_hook(self, label: str) -> Callable[[int, ArrayRecord, MetricRecord | None], None]:
         """Per-round progress and curves; its evaluation time is taken out of the phase's wall seconds."""
+
         def hook(server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> None:
             start = time.perf_counter()
             point: dict[str, float] = {"round": server_round}
@@ -600,10 +761,22 @@ class Experiment:
             self.results["history"].setdefault(label, []).append(point)
             self.progress.advance(point)
             self.tracker.on_round(label, point)
-            if label == self._checkpoint_label and self.checkpoints is not None and self.cfg.checkpoint_every > 0 \
-                    and server_round % self.cfg.checkpoint_every == 0 and server_round <= self._checkpoint_until:
+            if (
+                label == self._checkpoint_label
+                and self.checkpoints is not None
+                and self.cfg.checkpoint_every > 0
+                and server_round % self.cfg.checkpoint_every == 0
+                and server_round <= self._checkpoint_until
+            ):
                 self.checkpoints.save_arrays("training", arrays)
-                self.checkpoints.save_state({"round": server_round, "config": self.cfg.to_dict(), "history": self.results["history"],
-                                             "training_cost": self.meter.get("training").to_dict()})
+                self.checkpoints.save_state(
+                    {
+                        "round": server_round,
+                        "config": self.cfg.to_dict(),
+                        "history": self.results["history"],
+                        "training_cost": self.meter.get("training").to_dict(),
+                    }
+                )
             self.meter.exclude_wall(time.perf_counter() - start)
+
         return hook

@@ -66,9 +66,9 @@ def _own_task_identity() -> Iterator[None]:
 class ShadowBank:
     """K shadows' logit-scaled confidences on the candidate pool, IN or OUT, and what the attacks fitted on them."""
 
-    pool: torch.Tensor                   # sorted global train indices (members and non-members of every scored set)
-    in_mask: torch.Tensor                # (K, N): pool example i trained in shadow k
-    phi: torch.Tensor                    # (K, N): phi of each trained shadow on the pool
+    pool: torch.Tensor  # sorted global train indices (members and non-members of every scored set)
+    in_mask: torch.Tensor  # (K, N): pool example i trained in shadow k
+    phi: torch.Tensor  # (K, N): phi of each trained shadow on the pool
     unlearned_phi: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> (K, N) after the shadow unlearned
     shadow_attack: ShadowAttack | None = None
     cost: dict[str, Any] = field(default_factory=dict)
@@ -104,8 +104,17 @@ def shadow_request(base: DeletionRequest, members: torch.Tensor) -> DeletionRequ
     return DeletionRequest(client=base.client, samples="listed", indices=tuple(int(i) for i in members))
 
 
-def train_shadow_bank(cfg: ExperimentConfig, data: FederatedData, pool: torch.Tensor, request: DeletionRequest, *, num_shadows: int,
-                      with_shadow_attack: bool, ulira_methods: list[Method], progress: Progress | None = None) -> ShadowBank:
+def train_shadow_bank(
+    cfg: ExperimentConfig,
+    data: FederatedData,
+    pool: torch.Tensor,
+    request: DeletionRequest,
+    *,
+    num_shadows: int,
+    with_shadow_attack: bool,
+    ulira_methods: list[Method],
+    progress: Progress | None = None,
+) -> ShadowBank:
     """Train `num_shadows` federated shadows on random halves of `pool`; unlearn with each of `ulira_methods` too."""
     base_spec = app_config.data_spec_for(cfg)
     model_name = app_config.model_name_for(cfg)
@@ -115,7 +124,9 @@ def train_shadow_bank(cfg: ExperimentConfig, data: FederatedData, pool: torch.Te
     unlearned = {m.name: torch.full((num_shadows, len(pool)), float("nan"), dtype=torch.float64) for m in ulira_methods}
     attack = None
     if with_shadow_attack:
-        attack = ShadowAttack(build_model(model_name, data.input_shape, data.num_classes), data.input_shape, data.num_classes, seed=cfg.seed)
+        attack = ShadowAttack(
+            build_model(model_name, data.input_shape, data.num_classes), data.input_shape, data.num_classes, seed=cfg.seed
+        )
     x_pool, y_pool = data.x_train[pool], data.y_train[pool]
     test_order = torch.randperm(len(data.y_test), generator=generator)
     train_seconds: list[float] = []
@@ -128,7 +139,9 @@ def train_shadow_bank(cfg: ExperimentConfig, data: FederatedData, pool: torch.Te
         spec = dataclasses.replace(base_spec, shadow_pool=tuple(int(i) for i in pool), shadow_in=tuple(int(i) for i in members))
         seed = shadow_seed(cfg.seed, k)
         cache_dir = tempfile.mkdtemp(prefix="fedunlearn-shadow-")
-        client_spec = ClientSpec(data=spec, model=model_name, cache_dir=cache_dir, cache_dtype=cfg.cache_dtype, device=app_config.device_for(cfg))
+        client_spec = ClientSpec(
+            data=spec, model=model_name, cache_dir=cache_dir, cache_dtype=cfg.cache_dtype, device=app_config.device_for(cfg)
+        )
         try:
             with _own_task_identity():
                 started = time.perf_counter()
@@ -159,18 +172,28 @@ def train_shadow_bank(cfg: ExperimentConfig, data: FederatedData, pool: torch.Te
             progress.advance()
     if attack is not None:
         attack.fit()
-    cost: dict[str, Any] = {"shadows": num_shadows, "training": "federated, in-process (LocalGrid): the target's model, optimiser, "
-                            "rounds, local epochs, batch size and client sampling; each candidate with its own client in half of the shadows",
-                            "train_seconds_total": sum(train_seconds), "train_seconds_per_shadow": float(np.median(train_seconds))}
+    cost: dict[str, Any] = {
+        "shadows": num_shadows,
+        "training": "federated, in-process (LocalGrid): the target's model, optimiser, "
+        "rounds, local epochs, batch size and client sampling; each candidate with its own client in half of the shadows",
+        "train_seconds_total": sum(train_seconds),
+        "train_seconds_per_shadow": float(np.median(train_seconds)),
+    }
     if ulira_methods:
-        cost["unlearn"] = {name: {"seconds_total": sum(s), "seconds_per_shadow": float(np.median(s)),
-                                  "failed_shadows": sum(1 for st in statuses[name] if st in ("aborted", "failed"))}
-                           for name, s in method_seconds.items()}
+        cost["unlearn"] = {
+            name: {
+                "seconds_total": sum(s),
+                "seconds_per_shadow": float(np.median(s)),
+                "failed_shadows": sum(1 for st in statuses[name] if st in ("aborted", "failed")),
+            }
+            for name, s in method_seconds.items()
+        }
     return ShadowBank(pool=pool, in_mask=in_mask, phi=phi, unlearned_phi=unlearned, shadow_attack=attack, cost=cost)
 
 
-def _attack_examples(shadow_data: FederatedData, pool: torch.Tensor, members: torch.Tensor, data: FederatedData,
-                     test_order: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def _attack_examples(
+    shadow_data: FederatedData, pool: torch.Tensor, members: torch.Tensor, data: FederatedData, test_order: torch.Tensor
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The shadow attack's training examples: the shadow's pool members and as many other clean training examples,
     against its pool non-members and as many test examples (never trained on by any model)."""
     trained = torch.cat(shadow_data.client_train)
@@ -197,9 +220,17 @@ class _ShadowRun:
         torch.manual_seed(seed)
         model = build_model(spec.model, self.input_shape, self.num_classes)
         self.initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()))
-        self.strategy = IAUFed(layout=ParamLayout.of(model), iau=app_config.iau_settings_for(cfg), allow_stale=cfg.allow_stale_cache,
-                               round_timeout=cfg.round_timeout, directory=self.directory, train=app_config.train_settings_for(cfg),
-                               seed=seed, fraction_train=cfg.fraction_fit, policy=app_config.round_policy_for(cfg))
+        self.strategy = IAUFed(
+            layout=ParamLayout.of(model),
+            iau=app_config.iau_settings_for(cfg),
+            allow_stale=cfg.allow_stale_cache,
+            round_timeout=cfg.round_timeout,
+            directory=self.directory,
+            train=app_config.train_settings_for(cfg),
+            seed=seed,
+            fraction_train=cfg.fraction_fit,
+            policy=app_config.round_policy_for(cfg),
+        )
         # Each method's own training recorder, as the runner installs them for the target.
         self.recorded = {m.name: m.recorder(cfg) for m in methods if m.recorder is not None}
         if self.recorded:
@@ -207,7 +238,9 @@ class _ShadowRun:
 
     def train(self) -> ArrayRecord:
         """FedAvg for the configured rounds from this shadow's initial weights."""
-        arrays = self.strategy.start(grid=self.grid, initial_arrays=self.initial, num_rounds=self.cfg.rounds, timeout=self.cfg.round_timeout).arrays
+        arrays = self.strategy.start(
+            grid=self.grid, initial_arrays=self.initial, num_rounds=self.cfg.rounds, timeout=self.cfg.round_timeout
+        ).arrays
         self.strategy.update_recorder = None
         return arrays
 
@@ -225,14 +258,32 @@ class _ShadowRun:
         """Method `method` serves `request` on this shadow (from its own branch of the strategy)."""
         cfg = self.cfg
 
-        def fedavg(ledger: tuple[DeletionRequest, ...] = (), round_offset: int = 0, label: str = "", seed: int | None = None) -> UnlearningFedAvg:
-            return UnlearningFedAvg(directory=self.directory, train=app_config.train_settings_for(cfg), seed=self.seed if seed is None else seed,
-                                    fraction_train=cfg.fraction_fit, ledger=ledger, round_offset=round_offset)
+        def fedavg(
+            ledger: tuple[DeletionRequest, ...] = (), round_offset: int = 0, label: str = "", seed: int | None = None
+        ) -> UnlearningFedAvg:
+            return UnlearningFedAvg(
+                directory=self.directory,
+                train=app_config.train_settings_for(cfg),
+                seed=self.seed if seed is None else seed,
+                fraction_train=cfg.fraction_fit,
+                ledger=ledger,
+                round_offset=round_offset,
+            )
 
         forget_count = len(forget_indices(DatasetStore.get(self.spec.data), request))
-        context = MethodContext(cfg=cfg, grid=self.grid, strategy=self.strategy.branch(), initial_arrays=self.initial, arrays=arrays,
-                                request=request, forget_count=forget_count, fedavg=fedavg, request_round=cfg.rounds,
-                                recorded=self.recorded.get(method.name), round_hook=None)
+        context = MethodContext(
+            cfg=cfg,
+            grid=self.grid,
+            strategy=self.strategy.branch(),
+            initial_arrays=self.initial,
+            arrays=arrays,
+            request=request,
+            forget_count=forget_count,
+            fedavg=fedavg,
+            request_round=cfg.rounds,
+            recorded=self.recorded.get(method.name),
+            round_hook=None,
+        )
         try:
             outcome = method.run(context)
         except FedUnlearnError:

@@ -89,26 +89,45 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
 def stream_aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For a stream of withdrawals: per request, the request and `aggregate` of the models after it (empty otherwise)."""
     steps = min((len(r.get("stream", [])) for r in runs), default=0)
-    return [{"request": runs[0]["stream"][j]["request"],
-             "models": aggregate([{**run, "models": run["stream"][j]["models"]} for run in runs])} for j in range(steps)]
+    return [
+        {"request": runs[0]["stream"][j]["request"], "models": aggregate([{**run, "models": run["stream"][j]["models"]} for run in runs])}
+        for j in range(steps)
+    ]
 
 
-STREAM_COLUMNS = (("acc_test", "ACC test"), ("acc_deleted", "ACC del"), ("backdoor_asr", "ASR"), ("mia_auc", "MIA loss"),
-                  ("mia_shadow_auc", "MIA shadow"), ("dist_output", "DIST out"), ("wall_s", "seconds"), ("rounds", "rounds"))
+STREAM_COLUMNS = (
+    ("acc_test", "ACC test"),
+    ("acc_deleted", "ACC del"),
+    ("backdoor_asr", "ASR"),
+    ("mia_auc", "MIA loss"),
+    ("mia_shadow_auc", "MIA shadow"),
+    ("dist_output", "DIST out"),
+    ("wall_s", "seconds"),
+    ("rounds", "rounds"),
+)
 
 
 def stream_markdown(stream: list[dict[str, Any]]) -> list[str]:
     """Report lines: one table per request of the stream (metrics after serving it, cost of serving it)."""
     if not stream:
         return []
-    lines = ["", "## After each request of the stream", "",
-             "Each method serves request j from its own model after request j-1; the deleted data is the union of "
-             "requests 1..j; retrain is retrained from scratch without it. The table above holds the final models "
-             "with the cost of the whole stream.", ""]
+    lines = [
+        "",
+        "## After each request of the stream",
+        "",
+        "Each method serves request j from its own model after request j-1; the deleted data is the union of "
+        "requests 1..j; retrain is retrained from scratch without it. The table above holds the final models "
+        "with the cost of the whole stream.",
+        "",
+    ]
     for j, step in enumerate(stream, 1):
         request = step["request"]
-        lines += [f"### Request {j}: client {request['client']} forgets `{request['samples']}`", "",
-                  "| model | " + " | ".join(label for _, label in STREAM_COLUMNS) + " |", "|" + "---|" * (len(STREAM_COLUMNS) + 1)]
+        lines += [
+            f"### Request {j}: client {request['client']} forgets `{request['samples']}`",
+            "",
+            "| model | " + " | ".join(label for _, label in STREAM_COLUMNS) + " |",
+            "|" + "---|" * (len(STREAM_COLUMNS) + 1),
+        ]
         for name, stats in step["models"].items():
             row = [_cell(stats.get(key), CELL_DIGITS.get(key, 3)) for key, _ in STREAM_COLUMNS]
             lines.append(f"| {name} | " + " | ".join(row) + " |")
@@ -151,14 +170,36 @@ def _bytes_cell(stats: dict[str, float] | None) -> str:
     return f"{stats['mean'] / 2**20:.2f} MB"
 
 
-REPORT_COLUMNS = (("acc_test", "ACC test"), ("acc_remained", "ACC rem"), ("acc_deleted", "ACC del"), ("backdoor_asr", "ASR"),
-                  ("asr_gap", "ASR gap"), ("mia_auc", "MIA loss"), ("mia_shadow_auc", "MIA shadow"), ("mia_lira_auc", "MIA LiRA"),
-                  ("mia_lira_tpr_1pct", "LiRA TPR@1%"), ("mia_ulira_auc", "U-LiRA"), ("dist_output_deleted", "DIST del"),
-                  ("dist_output_triggered", "DIST trig"), ("dist_output", "DIST test"), ("dist_para", "DIST para"),
-                  ("durable_backdoor_asr", "ASR after relearn"), ("durable_acc_test", "ACC after relearn"),
-                  ("relearn_steps", "relearn steps"), ("wall_s", "seconds"), ("rounds", "rounds"))
-BAND_COLUMNS = (("acc_test", "ACC test"), ("backdoor_asr", "ASR"), ("mia_auc", "MIA loss"), ("mia_lira_auc", "MIA LiRA"),
-                ("dist_output_deleted", "DIST del"), ("dist_output_triggered", "DIST trig"), ("dist_para", "DIST para"))
+REPORT_COLUMNS = (
+    ("acc_test", "ACC test"),
+    ("acc_remained", "ACC rem"),
+    ("acc_deleted", "ACC del"),
+    ("backdoor_asr", "ASR"),
+    ("asr_gap", "ASR gap"),
+    ("mia_auc", "MIA loss"),
+    ("mia_shadow_auc", "MIA shadow"),
+    ("mia_lira_auc", "MIA LiRA"),
+    ("mia_lira_tpr_1pct", "LiRA TPR@1%"),
+    ("mia_ulira_auc", "U-LiRA"),
+    ("dist_output_deleted", "DIST del"),
+    ("dist_output_triggered", "DIST trig"),
+    ("dist_output", "DIST test"),
+    ("dist_para", "DIST para"),
+    ("durable_backdoor_asr", "ASR after relearn"),
+    ("durable_acc_test", "ACC after relearn"),
+    ("relearn_steps", "relearn steps"),
+    ("wall_s", "seconds"),
+    ("rounds", "rounds"),
+)
+BAND_COLUMNS = (
+    ("acc_test", "ACC test"),
+    ("backdoor_asr", "ASR"),
+    ("mia_auc", "MIA loss"),
+    ("mia_lira_auc", "MIA LiRA"),
+    ("dist_output_deleted", "DIST del"),
+    ("dist_output_triggered", "DIST trig"),
+    ("dist_para", "DIST para"),
+)
 
 
 def chance_bound(members: int, non_members: int) -> float:
@@ -181,10 +222,11 @@ def attack_notes(runs: list[dict[str, Any]]) -> list[str]:
                     lines.append(f"- Seed {seed}, {attack} attack: not scored ({entry['skipped']}).")
                 continue
             bound = chance_bound(int(scored.get("members", 0)), int(scored.get("non_members", 0)))
-            verdict = ("beats chance" if auc > bound else
-                       "does NOT beat chance: its numbers measure nothing in this scenario")
-            lines.append(f"- Seed {seed}, {attack} attack on the original model: AUC {auc:.3f} "
-                         f"({scored.get('members')} members vs {scored.get('non_members')} non-members; chance up to {bound:.3f}): {verdict}.")
+            verdict = "beats chance" if auc > bound else "does NOT beat chance: its numbers measure nothing in this scenario"
+            lines.append(
+                f"- Seed {seed}, {attack} attack on the original model: AUC {auc:.3f} "
+                f"({scored.get('members')} members vs {scored.get('non_members')} non-members; chance up to {bound:.3f}): {verdict}."
+            )
     return lines
 
 
@@ -195,16 +237,24 @@ def band_markdown(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[
         return []
     keys = [(k, label) for k, label in BAND_COLUMNS if any(k in b for b in bands)]
     n = bands[0].get("acc_test", {}).get("n", "?")
-    lines = ["", "## The band of retrained models", "",
-             f"{n} retrainings per seed (the reference and --retrain-seeds more, other initial weights, shuffles and sampling; "
-             "distances are between the extra retrains and the reference). A method is inside the band on a metric when its "
-             "value lies in the band's [min, max]; with several seeds the cell counts the seeds where it does.", "",
-             "| | " + " | ".join(label for _, label in keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    lines = [
+        "",
+        "## The band of retrained models",
+        "",
+        f"{n} retrainings per seed (the reference and --retrain-seeds more, other initial weights, shuffles and sampling; "
+        "distances are between the extra retrains and the reference). A method is inside the band on a metric when its "
+        "value lies in the band's [min, max]; with several seeds the cell counts the seeds where it does.",
+        "",
+        "| | " + " | ".join(label for _, label in keys) + " |",
+        "|" + "---|" * (len(keys) + 1),
+    ]
+
     def band_cell(key: str) -> str:
         having = [b[key] for b in bands if key in b]
         mean = float(np.mean([b["mean"] for b in having]))
         std = float(np.mean([b["std"] for b in having]))
         return f"{mean:.3f} ± {std:.3f} [{min(b['min'] for b in having):.3f}, {max(b['max'] for b in having):.3f}]"
+
     lines.append("| retrain band | " + " | ".join(band_cell(k) for k, _ in keys) + " |")
     for name, stats in summary.items():
         if name == "retrain":
@@ -227,13 +277,18 @@ def markdown_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dic
     cfg = runs[0]["config"]
     seeds = [r["config"]["seed"] for r in runs]
     machine = runs[0].get("machine", {})
-    lines = [f"# {title}", "",
-             f"{cfg['dataset']}, {cfg['num-clients']} clients ({cfg['partition']}"
-             + (f", alpha {cfg['alpha']}" if cfg["partition"] == "dirichlet" else "") + f"), {cfg['rounds']} rounds; "
-             f"client {cfg['forget-client']} forgets `{cfg['forget-samples']}`"
-             + (f" after round {cfg['withdraw-round']}" if cfg.get("withdraw-round") else " after training")
-             + f". Seeds: {', '.join(map(str, seeds))} (mean ± sample std). Machine: {machine.get('cpus', '?')} CPUs, "
-             f"{machine.get('platform', '?')}, GPU: {machine.get('gpu') or 'none'}.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"{cfg['dataset']}, {cfg['num-clients']} clients ({cfg['partition']}"
+        + (f", alpha {cfg['alpha']}" if cfg["partition"] == "dirichlet" else "")
+        + f"), {cfg['rounds']} rounds; "
+        f"client {cfg['forget-client']} forgets `{cfg['forget-samples']}`"
+        + (f" after round {cfg['withdraw-round']}" if cfg.get("withdraw-round") else " after training")
+        + f". Seeds: {', '.join(map(str, seeds))} (mean ± sample std). Machine: {machine.get('cpus', '?')} CPUs, "
+        f"{machine.get('platform', '?')}, GPU: {machine.get('gpu') or 'none'}.",
+        "",
+    ]
     columns = [(key, label) for key, label in REPORT_COLUMNS if any(key in stats for stats in summary.values())]
     lines.append("| model | " + " | ".join(label for _, label in columns) + " | bytes | x seconds |")
     lines.append("|" + "---|" * (len(columns) + 3))
@@ -246,9 +301,12 @@ def markdown_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dic
         row = [_cell(stats.get(key), CELL_DIGITS.get(key, 3)) for key, _ in columns]
         lines.append(f"| {label} | " + " | ".join(row) + f" | {_bytes_cell(stats.get('bytes'))} | {speed} |")
     if runs[0].get("stream"):
-        lines.insert(3, f"A stream of {len(runs[0]['stream'])} withdrawals, one after another: clients "
-                     + ", ".join(str(r["request"]["client"]) for r in runs[0]["stream"])
-                     + ". The table shows the models after the last request and the cost of serving all of them.")
+        lines.insert(
+            3,
+            f"A stream of {len(runs[0]['stream'])} withdrawals, one after another: clients "
+            + ", ".join(str(r["request"]["client"]) for r in runs[0]["stream"])
+            + ". The table shows the models after the last request and the cost of serving all of them.",
+        )
         lines.insert(4, "")
     lines += band_markdown(runs, summary)
     lines += stream_markdown(stream_aggregate(runs))
@@ -260,15 +318,21 @@ def markdown_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dic
     lines += ["", "## Notes", ""]
     lines += attack_notes(runs)
     lines.append("- ASR gap and MIA gap are |method - retrain|: the goal is to behave as the retrained model, not to reach zero.")
-    lines.append("- Membership is scored on the clean part of the forget set (untriggered, true labels) against the same clients' "
-                 "held-out data; the poisoned part is the backdoor metric's (ASR) job. DIST del / DIST trig: output distance "
-                 "to the retrained model on the deleted set and on triggered test inputs (the clean test set, DIST test, "
-                 "favours the original model, which is already close to retraining there).")
+    lines.append(
+        "- Membership is scored on the clean part of the forget set (untriggered, true labels) against the same clients' "
+        "held-out data; the poisoned part is the backdoor metric's (ASR) job. DIST del / DIST trig: output distance "
+        "to the retrained model on the deleted set and on triggered test inputs (the clean test set, DIST test, "
+        "favours the original model, which is already close to retraining there)."
+    )
     if any("relearn_steps" in stats for stats in summary.values()):
-        lines.append("- relearn steps: SGD steps of fine-tuning on the forget set until its ASR (or accuracy) is back at 90% of "
-                     "the original's; fewer than the retrained model needs means the behaviour was hidden, not removed.")
-    lines.append("- Costs are the unlearning phase only (plus the rounds trained afterwards for a mid-training request);"
-                 " training and cache filling are one-time costs listed in each results.json under `phases`.")
+        lines.append(
+            "- relearn steps: SGD steps of fine-tuning on the forget set until its ASR (or accuracy) is back at 90% of "
+            "the original's; fewer than the retrained model needs means the behaviour was hidden, not removed."
+        )
+    lines.append(
+        "- Costs are the unlearning phase only (plus the rounds trained afterwards for a mid-training request);"
+        " training and cache filling are one-time costs listed in each results.json under `phases`."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -286,8 +350,13 @@ def plot_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[st
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6))
     for ax, key in zip(np.atleast_1d(axes), metrics, strict=True):
         having = [n for n in names if key in summary[n]]
-        ax.bar(range(len(having)), [summary[n][key]["mean"] for n in having], yerr=[summary[n][key]["std"] for n in having],
-               capsize=3, color=["#888" if n in ("original", "retrain") else "#3a7" for n in having])
+        ax.bar(
+            range(len(having)),
+            [summary[n][key]["mean"] for n in having],
+            yerr=[summary[n][key]["std"] for n in having],
+            capsize=3,
+            color=["#888" if n in ("original", "retrain") else "#3a7" for n in having],
+        )
         ax.set_xticks(range(len(having)), having, rotation=60, ha="right", fontsize=8)
         ax.set_title(key)
     fig.tight_layout()
@@ -315,7 +384,11 @@ def plot_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[st
 
     stream = stream_aggregate(runs)
     if stream:
-        keys = [k for k in ("acc_test", "backdoor_asr", "acc_deleted", "mia_shadow_auc", "mia_auc") if k in stream[0]["models"].get("retrain", {})][:4]
+        keys = [
+            k
+            for k in ("acc_test", "backdoor_asr", "acc_deleted", "mia_shadow_auc", "mia_auc")
+            if k in stream[0]["models"].get("retrain", {})
+        ][:4]
         fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.6))
         steps = range(1, len(stream) + 1)
         for ax, key in zip(np.atleast_1d(axes), keys, strict=True):
@@ -323,8 +396,15 @@ def plot_report(runs: list[dict[str, Any]], summary: dict[str, dict[str, dict[st
                 points = [step["models"].get(name, {}).get(key) for step in stream]
                 if all(p is not None for p in points):
                     style = {"color": "black", "linestyle": "--"} if name == "retrain" else {}
-                    ax.errorbar(list(steps), [p["mean"] for p in points], yerr=[p["std"] for p in points], marker="o", capsize=3,
-                                label=name, **style)
+                    ax.errorbar(
+                        list(steps),
+                        [p["mean"] for p in points],
+                        yerr=[p["std"] for p in points],
+                        marker="o",
+                        capsize=3,
+                        label=name,
+                        **style,
+                    )
             ax.set_xticks(list(steps), [f"{j}: client {stream[j - 1]['request']['client']}" for j in steps], fontsize=8)
             ax.set_xlabel("after request")
             ax.set_title(key)
@@ -378,4 +458,3 @@ def write_summary(out_dir: str | Path, runs: list[dict[str, Any]], title: str = 
     plots = plot_report(runs, summary, out / "plots")
     document["plots"] = [str(p) for p in plots]
     return document
-

@@ -203,16 +203,21 @@ class MlflowTracker:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
             client = MlflowClient(tracking_uri=self.uri)
             experiment = client.get_experiment_by_name(self.cfg.tracking_experiment)
-            experiment_id = (experiment.experiment_id if experiment is not None else
-                             client.create_experiment(self.cfg.tracking_experiment, artifact_location=self.artifact_root))
+            experiment_id = (
+                experiment.experiment_id
+                if experiment is not None
+                else client.create_experiment(self.cfg.tracking_experiment, artifact_location=self.artifact_root)
+            )
             tags = {"fedunlearn.seed": str(self.cfg.seed)}
             if self.out_dir is not None:
                 tags["fedunlearn.out"] = str(self.out_dir.resolve())
             run = client.create_run(experiment_id, run_name=self.out_dir.name if self.out_dir is not None else None, tags=tags)
-            params = [Param(key, ",".join(map(str, value)) if isinstance(value, list) else str(value))
-                      for key, value in self.cfg.to_dict().items()]
+            params = [
+                Param(key, ",".join(map(str, value)) if isinstance(value, list) else str(value))
+                for key, value in self.cfg.to_dict().items()
+            ]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-                client.log_batch(run.info.run_id, params=params[start:start + 100])
+                client.log_batch(run.info.run_id, params=params[start : start + 100])
             self._client, self.run_id = client, run.info.run_id
         return self._client, self.run_id
 
@@ -223,7 +228,7 @@ class MlflowTracker:
         stamp = int(time.time() * 1000)
         metrics = [Metric(key, value, stamp, step) for key, value in values]
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+            client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
     def on_round(self, run: str, point: Mapping[str, float]) -> None:
         """Each curve value as history/<run>/<metric> at step = round."""
@@ -257,8 +262,7 @@ def check_available(backend: str) -> None:
     """A selected backend whose package is missing: a ConfigError naming the extra to install."""
     package, extra = PACKAGES[backend]
     if importlib.util.find_spec(package) is None:
-        raise ConfigError(f"--tracking {backend} needs the {package} package: pip install 'fedunlearn[{extra}]' "
-                          "(or --tracking off)")
+        raise ConfigError(f"--tracking {backend} needs the {package} package: pip install 'fedunlearn[{extra}]' (or --tracking off)")
 
 
 def tracker_for(cfg: ExperimentConfig, out_dir: Path | None) -> Tracker:

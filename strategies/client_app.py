@@ -26,18 +26,31 @@ from . import keys
 from .methods import client_handlers
 from .runtime import ClientHandler, ClientRuntime, ClientSpec, incoming, partition_of, reply, train_seed, train_settings_from
 
-__all__ = ["Bound", "ClientRuntime", "ClientSpec", "attach_handlers", "build_client_app", "evaluate", "info", "train", "train_seed",
-           "train_settings_from"]
+__all__ = [
+    "Bound",
+    "ClientRuntime",
+    "ClientSpec",
+    "attach_handlers",
+    "build_client_app",
+    "evaluate",
+    "info",
+    "train",
+    "train_seed",
+    "train_settings_from",
+]
 
 
 def info(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     """query.info: which partition this node serves and how many examples it holds (node ids are random per run)."""
     pid = partition_of(context)
-    return reply(msg, {
-        keys.PARTITION_ID: pid,
-        keys.NUM_TRAIN: len(runtime.data.client_train[pid]),
-        keys.NUM_HELDOUT: len(runtime.data.client_heldout[pid]),
-    })
+    return reply(
+        msg,
+        {
+            keys.PARTITION_ID: pid,
+            keys.NUM_TRAIN: len(runtime.data.client_train[pid]),
+            keys.NUM_HELDOUT: len(runtime.data.client_heldout[pid]),
+        },
+    )
 
 
 def train(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
@@ -50,8 +63,9 @@ def train(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     x, y = runtime.arrays_xy(indices)
     loss = local_train(runtime.model, x, y, train_settings_from(config), generator)
     state = OrderedDict((k, v.detach().cpu()) for k, v in runtime.model.state_dict().items())
-    return reply(msg, {keys.NUM_EXAMPLES: len(indices), keys.TRAIN_LOSS: loss, keys.COMPUTE_S: served.elapsed()},
-                 {keys.ARRAYS: ArrayRecord(state)})
+    return reply(
+        msg, {keys.NUM_EXAMPLES: len(indices), keys.TRAIN_LOSS: loss, keys.COMPUTE_S: served.elapsed()}, {keys.ARRAYS: ArrayRecord(state)}
+    )
 
 
 def evaluate(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
@@ -76,8 +90,14 @@ def evaluate(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
         # The forward pass that yields the training loss also yields the cache: one pass, add the backward.
         flat, loss_sum, correct = gradient_sum(model, x, y)
         runtime.store.put(pid, GradientCache(flat, len(indices), str(config[keys.MODEL_VERSION]), scope))
-        metrics.update({keys.TRAIN_LOSS: loss_sum / max(len(indices), 1), keys.TRAIN_ACC: correct / max(len(indices), 1),
-                        keys.GRADIENT_COUNT: len(indices), keys.CACHE_BYTES: runtime.store.client_bytes(pid)})
+        metrics.update(
+            {
+                keys.TRAIN_LOSS: loss_sum / max(len(indices), 1),
+                keys.TRAIN_ACC: correct / max(len(indices), 1),
+                keys.GRADIENT_COUNT: len(indices),
+                keys.CACHE_BYTES: runtime.store.client_bytes(pid),
+            }
+        )
         if bool(config.get(keys.CACHE_UPLOAD, False)):
             arrays[keys.GRADIENT] = runtime.gradient_record(flat, str(config.get(keys.GRADIENT_DTYPE, "float32")))
     metrics[keys.COMPUTE_S] = served.elapsed()

@@ -54,8 +54,19 @@ from .wire import as_int, as_ints
 if TYPE_CHECKING:
     from fedunlearn.config import ExperimentConfig
 
-__all__ = ["CohortClientApp", "CohortGrid", "QUERY_COHORT", "build_cohort_client_app", "cohort_partitions", "cohort_size_for", "cohort_size_of",
-           "num_cohorts", "pack", "unpack", "virtual_node_id"]
+__all__ = [
+    "CohortClientApp",
+    "CohortGrid",
+    "QUERY_COHORT",
+    "build_cohort_client_app",
+    "cohort_partitions",
+    "cohort_size_for",
+    "cohort_size_of",
+    "num_cohorts",
+    "pack",
+    "unpack",
+    "virtual_node_id",
+]
 
 # The wire keys of cohort mode (defined in keys.py with every other one).
 QUERY_COHORT = keys.QUERY_COHORT
@@ -64,7 +75,7 @@ MANIFEST_KEY = keys.COHORT_MANIFEST_KEY
 COHORT_RECORD = keys.COHORT_RECORD
 COHORT_INDEX = keys.COHORT_INDEX
 COHORT_PARTITIONS = keys.COHORT_PARTITIONS
-STATE_PREFIX = "cohort-client-"    # per-virtual-client records in the physical node's context.state
+STATE_PREFIX = "cohort-client-"  # per-virtual-client records in the physical node's context.state
 # Virtual node ids: far above any partition id, nonzero, never the SuperLink's id (1).
 VIRTUAL_NODE_BASE = 1 << 40
 
@@ -91,8 +102,14 @@ def cohort_partitions(index: int, cohort_size: int, num_clients: int) -> range:
 AUTO_COHORT_CAP = 64  # largest cohort the automatic size picks (see cohort_size_for)
 
 
-def cohort_size_for(num_clients: int, requested: int = 0, num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0,
-                    cpus: int | None = None, gpus: int | None = None) -> int:
+def cohort_size_for(
+    num_clients: int,
+    requested: int = 0,
+    num_cpus_per_worker: float = 1.0,
+    num_gpus_per_worker: float = 0.0,
+    cpus: int | None = None,
+    gpus: int | None = None,
+) -> int:
     """`requested`, or for 0 ceil(num_clients / W), at most AUTO_COHORT_CAP, with W the workers that fit here (CPUs, GPUs when asked)."""
     if requested < 0:
         raise ConfigError(f"cohort-size={requested}: must be >= 0 (0 picks one cohort per worker that fits)")
@@ -172,9 +189,9 @@ class CohortGrid(GridWrapper):
         self.num_cohorts = num_cohorts(num_clients, cohort_size)
         self.timeout = timeout
         self._node_of: dict[int, int] | None = None  # partition -> physical node id
-        self._pending: dict[str, list[Message]] = {}    # packed message id -> its virtual messages (push/pull)
-        self._packed_of: dict[str, str] = {}           # virtual message id -> packed message id
-        self._replies: dict[str, Message] = {}          # virtual message id -> its reply, once pulled
+        self._pending: dict[str, list[Message]] = {}  # packed message id -> its virtual messages (push/pull)
+        self._packed_of: dict[str, str] = {}  # virtual message id -> packed message id
+        self._replies: dict[str, Message] = {}  # virtual message id -> its reply, once pulled
 
     def get_node_ids(self) -> Iterable[int]:
         """One virtual node id per client once every physical node has said which cohort it hosts (empty until then)."""
@@ -188,23 +205,29 @@ class CohortGrid(GridWrapper):
         if len(nodes) < self.num_cohorts:
             return False
         if len(nodes) > self.num_cohorts:
-            raise ConfigError(f"the grid has {len(nodes)} nodes, cohort mode expects {self.num_cohorts} (num-clients={self.num_clients}, "
-                              f"cohort-size={self.cohort_size}): start one SuperNode per cohort")
+            raise ConfigError(
+                f"the grid has {len(nodes)} nodes, cohort mode expects {self.num_cohorts} (num-clients={self.num_clients}, "
+                f"cohort-size={self.cohort_size}): start one SuperNode per cohort"
+            )
         queries = [Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=QUERY_COHORT) for node in nodes]
         node_of: dict[int, int] = {}
         answered: set[int] = set()
         for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                raise MissingRepliesError(f"node {node} failed the cohort query: {reply.error.reason} "
-                                          "(cohort mode needs every node to run build_cohort_client_app)")
+                raise MissingRepliesError(
+                    f"node {node} failed the cohort query: {reply.error.reason} "
+                    "(cohort mode needs every node to run build_cohort_client_app)"
+                )
             record = reply.content.config_records[COHORT_RECORD]
             index = as_int(record[COHORT_INDEX])
             hosted = as_ints(record[COHORT_PARTITIONS])
             expected = list(cohort_partitions(index, self.cohort_size, self.num_clients))
             if hosted != expected:
-                raise ConfigError(f"node {node} hosts partitions {hosted}, the grid expects {expected} for cohort {index}: the client app "
-                                  f"and the grid disagree on cohort-size or num-clients (grid: {self.cohort_size}, {self.num_clients})")
+                raise ConfigError(
+                    f"node {node} hosts partitions {hosted}, the grid expects {expected} for cohort {index}: the client app "
+                    f"and the grid disagree on cohort-size or num-clients (grid: {self.cohort_size}, {self.num_clients})"
+                )
             if index in answered:
                 raise ConfigError(f"two nodes claim cohort {index}: each node's partition-id must be a distinct cohort index")
             answered.add(index)
@@ -219,8 +242,10 @@ class CohortGrid(GridWrapper):
         """The virtual client behind a virtual node id."""
         partition = node_id - VIRTUAL_NODE_BASE
         if not 0 <= partition < self.num_clients:
-            raise ValueError(f"node id {node_id} is not a virtual node of this CohortGrid (ids {VIRTUAL_NODE_BASE}.."
-                             f"{VIRTUAL_NODE_BASE + self.num_clients - 1}): address clients through get_node_ids()")
+            raise ValueError(
+                f"node id {node_id} is not a virtual node of this CohortGrid (ids {VIRTUAL_NODE_BASE}.."
+                f"{VIRTUAL_NODE_BASE + self.num_clients - 1}): address clients through get_node_ids()"
+            )
         return partition
 
     def _pack(self, messages: Iterable[Message]) -> list[tuple[Message, list[Message]]]:
@@ -237,7 +262,9 @@ class CohortGrid(GridWrapper):
         for (node, message_type), group in groups.items():
             content = pack([(self.partition_of(m.metadata.dst_node_id), m.content) for m in group])
             ttl = min(m.metadata.ttl for m in group)
-            packed.append((Message(content, dst_node_id=node, message_type=message_type, ttl=ttl, group_id=group[0].metadata.group_id), group))
+            packed.append(
+                (Message(content, dst_node_id=node, message_type=message_type, ttl=ttl, group_id=group[0].metadata.group_id), group)
+            )
         return packed
 
     @staticmethod
@@ -311,8 +338,9 @@ def _error_of(err: Exception) -> Error:
 class CohortClientApp(ClientApp):
     """The ClientApp of a physical node hosting the virtual clients of one cohort (see the module docstring)."""
 
-    def __init__(self, spec: ClientSpec, cohort_size: int, inner: ClientApp, vectorise_train: bool = True,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(
+        self, spec: ClientSpec, cohort_size: int, inner: ClientApp, vectorise_train: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> None:
         super().__init__()
         if cohort_size < 1:
             raise ConfigError(f"cohort_size={cohort_size}: must be >= 1 (virtual clients per node)")
@@ -334,8 +362,10 @@ class CohortClientApp(ClientApp):
         entries = unpack(message.content)
         for partition, _ in entries:
             if partition not in hosted:
-                raise ValueError(f"cohort {index} hosts partitions {list(hosted)}, got a message for partition {partition}: "
-                                 "the grid and the client app disagree on cohort-size")
+                raise ValueError(
+                    f"cohort {index} hosts partitions {list(hosted)}, got a message for partition {partition}: "
+                    "the grid and the client app disagree on cohort-size"
+                )
         contents = [content for _, content in entries if isinstance(content, RecordDict)]
         if message_type == keys.TRAIN and self.vectorise_train and len(contents) == len(entries) and self._shared(contents):
             results = self._train(entries, contents)
@@ -346,8 +376,11 @@ class CohortClientApp(ClientApp):
     @staticmethod
     def _shared(contents: list[RecordDict]) -> bool:
         """Every virtual message carries the same model and the same config (what FedAvg sends)."""
-        return all(keys.ARRAYS in c.array_records and keys.CONFIG in c.config_records for c in contents) and \
-            len({id(c[keys.ARRAYS]) for c in contents}) == 1 and len({id(c[keys.CONFIG]) for c in contents}) == 1
+        return (
+            all(keys.ARRAYS in c.array_records and keys.CONFIG in c.config_records for c in contents)
+            and len({id(c[keys.ARRAYS]) for c in contents}) == 1
+            and len({id(c[keys.CONFIG]) for c in contents}) == 1
+        )
 
     def _train(self, entries: list[Entry], contents: list[RecordDict]) -> list[Entry]:
         """Train every virtual client of the message at once; replies as the per-client train handler writes them."""
@@ -368,8 +401,9 @@ class CohortClientApp(ClientApp):
         for partition, idx, state, loss in zip(partitions, indices, result.states, result.losses, strict=True):
             # The vectorised work has no per-client clock: each client is charged its share of the examples.
             share = len(idx) / total if total else 1.0 / len(partitions)
-            content = RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: len(idx), keys.TRAIN_LOSS: loss,
-                                                              keys.COMPUTE_S: elapsed * share})})
+            content = RecordDict(
+                {keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: len(idx), keys.TRAIN_LOSS: loss, keys.COMPUTE_S: elapsed * share})}
+            )
             content[keys.ARRAYS] = ArrayRecord(OrderedDict((k, v.detach().cpu()) for k, v in state.items()))
             results.append((partition, content))
         return results
@@ -379,10 +413,14 @@ class CohortClientApp(ClientApp):
         # Flower's overloads leave out `metadata=`, the internal way (kept at runtime) to copy a message's metadata as is.
         sub = Message(metadata=copy.copy(message.metadata), content=content)  # type: ignore[call-overload]
         prefix = f"{STATE_PREFIX}{partition}/"
-        state = RecordDict({name[len(prefix):]: record for name, record in context.state.items() if name.startswith(prefix)})
-        virtual = Context(run_id=context.run_id, node_id=virtual_node_id(partition),
-                          node_config={"partition-id": partition, "num-partitions": self.num_clients}, state=state,
-                          run_config=context.run_config)
+        state = RecordDict({name[len(prefix) :]: record for name, record in context.state.items() if name.startswith(prefix)})
+        virtual = Context(
+            run_id=context.run_id,
+            node_id=virtual_node_id(partition),
+            node_config={"partition-id": partition, "num-partitions": self.num_clients},
+            state=state,
+            run_config=context.run_config,
+        )
         try:
             reply = self.inner(sub, virtual)
         except Exception as err:  # noqa: BLE001 - the engine turns a per-node exception into that node's error reply
@@ -396,8 +434,9 @@ class CohortClientApp(ClientApp):
         return reply.error if reply.has_error() else reply.content
 
 
-def build_cohort_client_app(spec: ClientSpec, cohort_size: int, inner: ClientApp, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                            vectorise: bool | None = None) -> ClientApp:
+def build_cohort_client_app(
+    spec: ClientSpec, cohort_size: int, inner: ClientApp, chunk_size: int = DEFAULT_CHUNK_SIZE, vectorise: bool | None = None
+) -> ClientApp:
     """The ClientApp of a node hosting `cohort_size` virtual clients; `inner` (the per-client app) serves all but vectorised training.
 
     `vectorise`: train the selected clients as one vmap computation (True) or one after another
@@ -409,7 +448,9 @@ def build_cohort_client_app(spec: ClientSpec, cohort_size: int, inner: ClientApp
     app = inner
     if vectorise is None:
         vectorise = spec.device.startswith("cuda")
-    return CohortClientApp(spec, cohort_size, app, vectorise_train=vectorise and not isinstance(app, FaultyClientApp), chunk_size=chunk_size)
+    return CohortClientApp(
+        spec, cohort_size, app, vectorise_train=vectorise and not isinstance(app, FaultyClientApp), chunk_size=chunk_size
+    )
 
 
 def cohort_size_of(cfg: ExperimentConfig) -> int:

@@ -34,6 +34,7 @@ EXPECTED_WAIT = "f_stop.wait(0.1)"
 
 def pickup_loop(interval: float) -> Callable[..., None]:
     """Flower's `add_messages_to_queue` with a wait of max(interval, 4 x the scan) instead of 0.1 s."""
+
     def add_messages_to_queue(state: LinkState, queue: Queue[Message], nodes_mapping: dict[int, int], f_stop: threading.Event) -> None:
         """Put Messages in the queue from the LinkState (as Flower's own loop does)."""
         while not f_stop.is_set():
@@ -42,6 +43,7 @@ def pickup_loop(interval: float) -> Callable[..., None]:
                 for msg in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(msg)
             f_stop.wait(max(interval, 4.0 * (time.perf_counter() - started)))
+
     return add_messages_to_queue
 
 
@@ -61,8 +63,11 @@ def faster_message_pickup(interval: float) -> Iterator[bool]:
         source = ""
     if EXPECTED_WAIT not in source or interval >= 0.1:
         if interval < 0.1:
-            logger.warning("flwr's simulation engine changed (no %r in add_messages_to_queue): keeping its message pickup "
-                           "interval; rounds may each wait up to 0.1 s", EXPECTED_WAIT)
+            logger.warning(
+                "flwr's simulation engine changed (no %r in add_messages_to_queue): keeping its message pickup "
+                "interval; rounds may each wait up to 0.1 s",
+                EXPECTED_WAIT,
+            )
         yield False
         return
     vce_api.add_messages_to_queue = pickup_loop(interval)

@@ -40,9 +40,16 @@ from . import keys
 from .wire import as_int
 
 FAULT_PREFIX = "fault-injection"
-STATE_RECORD = "fault-injection"   # context.state record holding the node's message counter
-DROPOUT_TYPES = (keys.TRAIN, keys.EVALUATE, keys.QUERY_GRADIENT, keys.QUERY_SECAGG_SETUP, keys.QUERY_SECAGG_SHARE_KEYS,
-                 keys.QUERY_SECAGG_COLLECT, keys.QUERY_SECAGG_UNMASK)
+STATE_RECORD = "fault-injection"  # context.state record holding the node's message counter
+DROPOUT_TYPES = (
+    keys.TRAIN,
+    keys.EVALUATE,
+    keys.QUERY_GRADIENT,
+    keys.QUERY_SECAGG_SETUP,
+    keys.QUERY_SECAGG_SHARE_KEYS,
+    keys.QUERY_SECAGG_COLLECT,
+    keys.QUERY_SECAGG_UNMASK,
+)
 # Error code of an injected dropout (Flower's ErrorCode.UNKNOWN: nothing more specific fits "did not answer").
 DROPOUT_ERROR_CODE = 0
 
@@ -79,8 +86,13 @@ class FaultPlan:
     @property
     def active(self) -> bool:
         """True when the plan injects anything."""
-        return (self.dropout_prob > 0 or self.crash_client is not None or (bool(self.slow_clients) and self.slow_seconds > 0)
-                or self.offline_client is not None or self.malicious_client is not None)
+        return (
+            self.dropout_prob > 0
+            or self.crash_client is not None
+            or (bool(self.slow_clients) and self.slow_seconds > 0)
+            or self.offline_client is not None
+            or self.malicious_client is not None
+        )
 
 
 def dropout_draw(seed: int, partition: int, counter: int) -> float:
@@ -91,12 +103,14 @@ def dropout_draw(seed: int, partition: int, counter: int) -> float:
 def scaled_gradient(record: ArrayRecord, norm: float) -> ArrayRecord:
     """The same tensors rescaled so their joint L2 norm is `norm` (a zero vector becomes all ones first), dtypes kept."""
     tensors = OrderedDict((name, torch.from_numpy(np.array(array.numpy(), dtype=np.float64))) for name, array in record.items())
-    total = float(torch.sqrt(sum(((t ** 2).sum() for t in tensors.values()), torch.zeros((), dtype=torch.float64))))
+    total = float(torch.sqrt(sum(((t**2).sum() for t in tensors.values()), torch.zeros((), dtype=torch.float64))))
     if total == 0.0:
         tensors = OrderedDict((n, torch.ones_like(t)) for n, t in tensors.items())
-        total = float(torch.sqrt(sum(((t ** 2).sum() for t in tensors.values()), torch.zeros((), dtype=torch.float64))))
+        total = float(torch.sqrt(sum(((t**2).sum() for t in tensors.values()), torch.zeros((), dtype=torch.float64))))
     dtypes = {name: array.numpy().dtype for name, array in record.items()}
-    return ArrayRecord(OrderedDict((n, Array(np.ascontiguousarray((t * (norm / total)).numpy().astype(dtypes[n])))) for n, t in tensors.items()))
+    return ArrayRecord(
+        OrderedDict((n, Array(np.ascontiguousarray((t * (norm / total)).numpy().astype(dtypes[n])))) for n, t in tensors.items())
+    )
 
 
 class FaultyClientApp(ClientApp):

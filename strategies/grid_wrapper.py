@@ -35,8 +35,7 @@ class GridWrapper(Grid):
         """Pass through."""
         return self._inner().run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
         """Build a Message (deprecated in Flower; kept for the interface)."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 

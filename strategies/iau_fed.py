@@ -40,6 +40,7 @@ logger = logging.getLogger("fedunlearn.iau_fed")
 
 __all__ = ["MISSING_POLICIES", "GradientQuery", "IAUFed", "RoundPolicy", "UnlearningReport", "arrays_to_vector", "vector_to_arrays"]
 
+
 @dataclass(frozen=True)
 class GradientQuery(WireSettings):
     """What a `query.gradient` message asks of a client (besides the seed and the ledger every message carries).
@@ -60,9 +61,17 @@ class GradientQuery(WireSettings):
     allow_stale: bool = False
     gradient_dtype: str = "float32"
 
-    WIRE = {"model_version": keys.MODEL_VERSION, "role": keys.ROLE, "request": keys.REQUEST, "remaining_count": keys.REMAINING_COUNT,
-            "forget_count": keys.FORGET_COUNT, "correction": keys.CORRECTION, "correction_weight": keys.CORRECTION_WEIGHT,
-            "allow_stale": keys.ALLOW_STALE, "gradient_dtype": keys.GRADIENT_DTYPE}
+    WIRE = {
+        "model_version": keys.MODEL_VERSION,
+        "role": keys.ROLE,
+        "request": keys.REQUEST,
+        "remaining_count": keys.REMAINING_COUNT,
+        "forget_count": keys.FORGET_COUNT,
+        "correction": keys.CORRECTION,
+        "correction_weight": keys.CORRECTION_WEIGHT,
+        "allow_stale": keys.ALLOW_STALE,
+        "gradient_dtype": keys.GRADIENT_DTYPE,
+    }
 
     @property
     def deletion_request(self) -> DeletionRequest:
@@ -90,22 +99,22 @@ class UnlearningReport:
     stale_caches: list[int] = field(default_factory=list)
     direction_norm: float = 0.0
     # What went wrong and what was done about it (faults and validation).
-    status: str = "complete"        # complete | renormalised | fallback | aborted | repeat
-    missing_clients: list[int] = field(default_factory=list)   # remaining clients left out after the retries
-    retries: int = 0                # extra rounds spent re-asking clients
-    renormalised_count: int = 0     # n_A: examples g_r was normalised by when clients were missing (0: none missing)
+    status: str = "complete"  # complete | renormalised | fallback | aborted | repeat
+    missing_clients: list[int] = field(default_factory=list)  # remaining clients left out after the retries
+    retries: int = 0  # extra rounds spent re-asking clients
+    renormalised_count: int = 0  # n_A: examples g_r was normalised by when clients were missing (0: none missing)
     clipped_clients: list[int] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)   # replies refused by validation, with the reason
-    failures: list[dict[str, Any]] = field(default_factory=list)   # error replies and replies that never came
-    fallback: str = ""              # "uploaded-cache": an offline withdrawing client's uploaded cache stood in for it
-    gradient_version: str = ""      # cached protocol: the model version every gradient of the direction was taken at
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # replies refused by validation, with the reason
+    failures: list[dict[str, Any]] = field(default_factory=list)  # error replies and replies that never came
+    fallback: str = ""  # "uploaded-cache": an offline withdrawing client's uploaded cache stood in for it
+    gradient_version: str = ""  # cached protocol: the model version every gradient of the direction was taken at
     reason: str = ""
-    steps: int = 0                  # steps taken (each a round in the fresh protocol, a message to client u in the cached one)
-    step_norms: list[float] = field(default_factory=list)      # ||theta_j+1 - theta_j|| of each step
-    radius: float = 0.0             # the normalised rule's relative step length used (chosen by client u when calibrated)
+    steps: int = 0  # steps taken (each a round in the fresh protocol, a message to client u in the cached one)
+    step_norms: list[float] = field(default_factory=list)  # ||theta_j+1 - theta_j|| of each step
+    radius: float = 0.0  # the normalised rule's relative step length used (chosen by client u when calibrated)
     calibration: list[dict[str, float]] = field(default_factory=list)  # client u's trail: radii tried, losses seen
-    remaining_term: str = ""        # cached protocol: where g_r of each step came from (the cache, or a refresh round)
-    stale_drift: list[float] = field(default_factory=list)     # cached, K > 1: ||g_r used - g_r at the step's model|| / ||...||
+    remaining_term: str = ""  # cached protocol: where g_r of each step came from (the cache, or a refresh round)
+    stale_drift: list[float] = field(default_factory=list)  # cached, K > 1: ||g_r used - g_r at the step's model|| / ||...||
     secure_aggregation: list[dict[str, Any]] = field(default_factory=list)  # each secure round: stages, survivors, error bound
     # The model before each step (not written to results.json): what the stale-drift measurement needs.
     step_arrays: list[ArrayRecord] = field(default_factory=list, repr=False)
@@ -136,9 +145,18 @@ class IAUFed(UnlearningFedAvg):
     `fill_caches` once after training and `unlearn` for each deletion request.
     """
 
-    def __init__(self, *, layout: ParamLayout, iau: IAUSettings, gradient_dtype: str = "float32",
-                 allow_stale: bool = False, round_timeout: float = 600.0, policy: RoundPolicy | None = None,
-                 keep_client_uploads: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        layout: ParamLayout,
+        iau: IAUSettings,
+        gradient_dtype: str = "float32",
+        allow_stale: bool = False,
+        round_timeout: float = 600.0,
+        policy: RoundPolicy | None = None,
+        keep_client_uploads: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.policy = policy or RoundPolicy()
         # Keep each client's uploaded cache (P floats per client on the server): the ALGORITHMS.md fallback
@@ -177,7 +195,9 @@ class IAUFed(UnlearningFedAvg):
         """
         version = model_version(arrays)
         record = self.base_config()
-        record.update({keys.CACHE_FILL: True, keys.CACHE_UPLOAD: upload, keys.MODEL_VERSION: version, keys.GRADIENT_DTYPE: self.gradient_dtype})
+        record.update(
+            {keys.CACHE_FILL: True, keys.CACHE_UPLOAD: upload, keys.MODEL_VERSION: version, keys.GRADIENT_DTYPE: self.gradient_dtype}
+        )
         content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: record})
         partitions = self.active_partitions()
         messages = [Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.EVALUATE) for p in partitions]
@@ -210,8 +230,10 @@ class IAUFed(UnlearningFedAvg):
         else:
             accepted, missing = self._ask(grid, messages, "caching", parse, None)
         if missing and upload:
-            raise MissingRepliesError(f"clients {missing} did not complete the caching round after {self.policy.retries} retries: "
-                                      "the aggregate cache of the cached protocol needs every client (see the logged reasons)")
+            raise MissingRepliesError(
+                f"clients {missing} did not complete the caching round after {self.policy.retries} retries: "
+                "the aggregate cache of the cached protocol needs every client (see the logged reasons)"
+            )
         self.cache_missing = missing
         if missing:
             logger.warning("clients %s did not fill their caches; they will compute their gradients when asked", missing)
@@ -232,8 +254,16 @@ class IAUFed(UnlearningFedAvg):
         evaluation: dict[str, Any] = {"eval_loss": loss_sum / max(heldout, 1), "eval_acc": acc_sum / max(heldout, 1)}
         return {**evaluation, "secure_aggregation": secure_report} if secure else evaluation
 
-    def unlearn(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int,
-                protocol: str = "fresh", method: str = "iau", requester: int | None = None) -> tuple[ArrayRecord, UnlearningReport]:
+    def unlearn(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        request: DeletionRequest,
+        forget_count: int,
+        protocol: str = "fresh",
+        method: str = "iau",
+        requester: int | None = None,
+    ) -> tuple[ArrayRecord, UnlearningReport]:
         """Apply the IAU correction for `request` (|S| = forget_count) and add it to the ledger.
 
         `requester` is the node the request came from (None: the operator's scenario); only the
@@ -248,8 +278,15 @@ class IAUFed(UnlearningFedAvg):
         n_total = self.current_examples()
         if check_withdrawal(self.directory, self.ledger, request, requester):
             logger.warning("repeated request %s: already served, returning the current model without a second correction", asdict(request))
-            return arrays, UnlearningReport(method, protocol, asdict(request), forget_count, n_total - forget_count, status="repeat",
-                                            reason="repeats a request already served")
+            return arrays, UnlearningReport(
+                method,
+                protocol,
+                asdict(request),
+                forget_count,
+                n_total - forget_count,
+                status="repeat",
+                reason="repeats a request already served",
+            )
         remaining_count = n_total - forget_count
         report = UnlearningReport(method, protocol, asdict(request), forget_count, remaining_count)
         theta = arrays_to_vector(arrays, self.layout)
@@ -292,8 +329,10 @@ class IAUFed(UnlearningFedAvg):
             self.gradient_total, self.gradient_total_count = saved_total
             report.status, report.reason = "aborted", str(abort)
             logger.warning("%s: request of client %s aborted, model left unchanged: %s", method, request.client, abort)
-            raise UnlearningAbortedError(f"{method}: the request of client {request.client} was aborted and the model left "
-                                         f"unchanged: {abort}", report=report.to_dict()) from None
+            raise UnlearningAbortedError(
+                f"{method}: the request of client {request.client} was aborted and the model left unchanged: {abort}",
+                report=report.to_dict(),
+            ) from None
         self.record_request(request, forget_count)
         return current, report
 
@@ -317,21 +356,40 @@ class IAUFed(UnlearningFedAvg):
 
     def _query(self, arrays: ArrayRecord, request: DeletionRequest, role: str, remaining_count: int, forget_count: int) -> RecordDict:
         record = self.base_config()
-        record.update(GradientQuery(model_version=model_version(arrays), role=role, request=json.dumps(asdict(request)),
-                                    remaining_count=remaining_count, forget_count=forget_count, correction=self.iau.correction,
-                                    correction_weight=float(self.iau.correction_weight), allow_stale=self.allow_stale,
-                                    gradient_dtype=self.gradient_dtype).to_record())
+        record.update(
+            GradientQuery(
+                model_version=model_version(arrays),
+                role=role,
+                request=json.dumps(asdict(request)),
+                remaining_count=remaining_count,
+                forget_count=forget_count,
+                correction=self.iau.correction,
+                correction_weight=float(self.iau.correction_weight),
+                allow_stale=self.allow_stale,
+                gradient_dtype=self.gradient_dtype,
+            ).to_record()
+        )
         return RecordDict({keys.ARRAYS: arrays, keys.CONFIG: record})
 
-    def _ask(self, grid: Grid, messages: list[Message], phase: str, parse: Callable[[int, Message], Any],
-             report: UnlearningReport | None) -> tuple[dict[int, Any], list[int]]:
+    def _ask(
+        self, grid: Grid, messages: list[Message], phase: str, parse: Callable[[int, Message], Any], report: UnlearningReport | None
+    ) -> tuple[dict[int, Any], list[int]]:
         """Send `messages`, validate each reply with `parse`, re-ask the clients still missing up to `policy.retries` times.
 
         Returns ({partition: parse's result} for the accepted replies, the partitions still missing).
         A reply `parse` refuses (InvalidReplyError) is logged, recorded and never used.
         """
-        outcome = ask_clients(grid, messages, directory=self.directory, phase=phase, parse=parse, retries=self.policy.retries,
-                              timeout=self.round_timeout, rejected_log=self.rejected, failures_log=self.failures)
+        outcome = ask_clients(
+            grid,
+            messages,
+            directory=self.directory,
+            phase=phase,
+            parse=parse,
+            retries=self.policy.retries,
+            timeout=self.round_timeout,
+            rejected_log=self.rejected,
+            failures_log=self.failures,
+        )
         if report is not None:
             report.rounds += outcome.attempts
             report.retries += outcome.retries
@@ -341,15 +399,26 @@ class IAUFed(UnlearningFedAvg):
             report.clients_answered = sorted(set(report.clients_answered) | set(outcome.accepted))
         return outcome.accepted, outcome.missing
 
-    def _contribution(self, partition: int, reply: Message, version: str, report: UnlearningReport,
-                      count_key: str = keys.NUM_EXAMPLES, bound_scale: float = 1.0) -> tuple[Message, torch.Tensor]:
+    def _contribution(
+        self,
+        partition: int,
+        reply: Message,
+        version: str,
+        report: UnlearningReport,
+        count_key: str = keys.NUM_EXAMPLES,
+        bound_scale: float = 1.0,
+    ) -> tuple[Message, torch.Tensor]:
         """A validated gradient reply of the correction round, within the norm bound (applied to vector / bound_scale)."""
         stale_ok = self.allow_stale and bool(as_int(metrics_of(reply).get(keys.CACHE_STALE, 0)))
         vector = check_gradient_reply(reply, self.layout, version, dtype=self.gradient_dtype, stale_ok=stale_ok, count_key=count_key)
         bounded, clipped = bound_norm(vector / bound_scale, self.policy.norm_bound, self.policy.norm_action, f"client {partition}")
         if clipped:
-            logger.warning("client %s: contribution norm %.4g clipped to the bound %g", partition, float(vector.norm()) / bound_scale,
-                           self.policy.norm_bound)
+            logger.warning(
+                "client %s: contribution norm %.4g clipped to the bound %g",
+                partition,
+                float(vector.norm()) / bound_scale,
+                self.policy.norm_bound,
+            )
             report.clipped_clients.append(partition)
             vector = bounded * bound_scale
         return reply, vector
@@ -367,26 +436,35 @@ class IAUFed(UnlearningFedAvg):
         client = request.client
         upload = self.client_uploads.get(client)
         if upload is None:
-            raise _Abort(f"withdrawing client {client} did not answer and the server holds no cache it uploaded (only a caching "
-                         "round with upload, the cached protocol's, and kept uploads leaves one): retry when the client is back")
+            raise _Abort(
+                f"withdrawing client {client} did not answer and the server holds no cache it uploaded (only a caching "
+                "round with upload, the cached protocol's, and kept uploads leaves one): retry when the client is back"
+            )
         if not request.client_level:
-            raise _Abort(f"withdrawing client {client} did not answer and asked to forget part of its data ({request.samples!r}): "
-                         "its uploaded cache sums all its examples, so G_S cannot be taken from it; retry when the client is back")
+            raise _Abort(
+                f"withdrawing client {client} did not answer and asked to forget part of its data ({request.samples!r}): "
+                "its uploaded cache sums all its examples, so G_S cannot be taken from it; retry when the client is back"
+            )
         vector, count, uploaded_at = upload
         if count != forget_count:
-            raise _Abort(f"client {client}'s uploaded cache covers {count} examples, the request {forget_count} (other deletions "
-                         "came after the upload): retry when the client is back")
+            raise _Abort(
+                f"client {client}'s uploaded cache covers {count} examples, the request {forget_count} (other deletions "
+                "came after the upload): retry when the client is back"
+            )
         if uploaded_at != version and not self.allow_stale:
-            raise _Abort(f"withdrawing client {client} did not answer and its uploaded cache is at model version {uploaded_at}, "
-                         f"the model at {version}: allow stale caches to use it anyway")
+            raise _Abort(
+                f"withdrawing client {client} did not answer and its uploaded cache is at model version {uploaded_at}, "
+                f"the model at {version}: allow stale caches to use it anyway"
+            )
         report.fallback = "uploaded-cache" + (" (stale)" if uploaded_at != version else "")
         if report.status == "complete":
             report.status = "fallback"
         logger.warning("withdrawing client %s is offline: using the cache it uploaded at version %s", client, uploaded_at)
         return vector.to(torch.float64)
 
-    def _fresh_direction(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, remaining_count: int,
-                         report: UnlearningReport) -> torch.Tensor:
+    def _fresh_direction(
+        self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, remaining_count: int, report: UnlearningReport
+    ) -> torch.Tensor:
         """One round: remaining clients send G_k/(n-|S|), client u its pre-scaled difference; the sum is d.
 
         Remaining clients still missing after the retries: with `on_missing='renormalise'` their
@@ -428,8 +506,9 @@ class IAUFed(UnlearningFedAvg):
         self._note_cache_use([reply for reply, _ in accepted.values()], report)
         if client in missing:
             forget_sum = self._offline_withdrawing(request, version, report.forget_count, report)
-            withdrawing["vector"] = withdrawing_contribution(None, forget_sum, remaining_count, report.forget_count, self.iau.correction,
-                                                             self.iau.correction_weight)
+            withdrawing["vector"] = withdrawing_contribution(
+                None, forget_sum, remaining_count, report.forget_count, self.iau.correction, self.iau.correction_weight
+            )
         others_missing = [p for p in missing if p != client]
         if not others_missing:
             direction = remaining_sum + withdrawing["vector"]
@@ -437,8 +516,9 @@ class IAUFed(UnlearningFedAvg):
             return direction
         report.missing_clients = sorted(set(report.missing_clients) | set(others_missing))
         if self.policy.on_missing == "abort":
-            raise _Abort(f"client(s) {others_missing} did not answer the correction round after {self.policy.retries} retries "
-                         "(unlearn-policy=abort)")
+            raise _Abort(
+                f"client(s) {others_missing} did not answer the correction round after {self.policy.retries} retries (unlearn-policy=abort)"
+            )
         answering = sorted(p for p in accepted if p != client)
         withdrawing_kept = 0 if request.client_level else self._kept(client) - report.forget_count
         answered_count = sum(self._kept(p) for p in answering) + withdrawing_kept
@@ -447,8 +527,13 @@ class IAUFed(UnlearningFedAvg):
         withdrawing_vector = withdrawing["vector"]
         if not request.client_level and self.iau.correction:
             content = self._query(arrays, request, keys.ROLE_WITHDRAWING, answered_count, report.forget_count)
-            again, still = self._ask(grid, [Message(content, dst_node_id=self.directory.node_of[client], message_type=keys.QUERY_GRADIENT)],
-                                     "unlearn", parse, report)
+            again, still = self._ask(
+                grid,
+                [Message(content, dst_node_id=self.directory.node_of[client], message_type=keys.QUERY_GRADIENT)],
+                "unlearn",
+                parse,
+                report,
+            )
             if still:
                 raise _Abort(f"withdrawing client {client} did not answer the renormalised request (n_A = {answered_count})")
             withdrawing_vector = withdrawing["vector"]  # parse replaced it with the renormalised reply
@@ -458,8 +543,9 @@ class IAUFed(UnlearningFedAvg):
         report.direction_norm = float(direction.norm())
         return direction
 
-    def _cached_direction(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int,
-                          report: UnlearningReport) -> torch.Tensor:
+    def _cached_direction(
+        self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int, report: UnlearningReport
+    ) -> torch.Tensor:
         """Zero rounds for the others: client u uploads G_S; g_r = (G_tot - G_S)/(n - |S|); G_tot -= G_S."""
         if self.gradient_total is None or self.gradient_total_arrays is None:
             raise RuntimeError("cached protocol needs the aggregate cache: call fill_caches(..., upload=True) after training")
@@ -469,22 +555,32 @@ class IAUFed(UnlearningFedAvg):
         # report.gradient_version says at which model the direction was taken).
         version = self.gradient_total_version
         report.gradient_version = version
-        accepted, missing = self._ask_forget_sum(grid, self.gradient_total_arrays, version, request, forget_count,
-                                                 self.gradient_total_count - forget_count, report)
+        accepted, missing = self._ask_forget_sum(
+            grid, self.gradient_total_arrays, version, request, forget_count, self.gradient_total_count - forget_count, report
+        )
         if missing:
             forget_sum = self._offline_withdrawing(request, version, forget_count, report)
         else:
             reply, forget_sum = accepted[request.client]
             self._note_cache_use([reply], report)
-        direction = direction_from_total(self.gradient_total, self.gradient_total_count, forget_sum, forget_count, self.iau.correction,
-                                         self.iau.correction_weight)
+        direction = direction_from_total(
+            self.gradient_total, self.gradient_total_count, forget_sum, forget_count, self.iau.correction, self.iau.correction_weight
+        )
         self.gradient_total = self.gradient_total - forget_sum
         self.gradient_total_count -= forget_count
         report.direction_norm = float(direction.norm())
         return direction
 
-    def _ask_forget_sum(self, grid: Grid, arrays: ArrayRecord, version: str, request: DeletionRequest, forget_count: int,
-                        remaining_count: int, report: UnlearningReport) -> tuple[dict[int, Any], list[int]]:
+    def _ask_forget_sum(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        version: str,
+        request: DeletionRequest,
+        forget_count: int,
+        remaining_count: int,
+        report: UnlearningReport,
+    ) -> tuple[dict[int, Any], list[int]]:
         """Ask client u alone for G_S at `arrays` (validated: |S|, the version, the norm bound)."""
         content = self._query(arrays, request, keys.ROLE_FORGET_ONLY, remaining_count, forget_count)
         message = Message(content, dst_node_id=self.directory.node_of[request.client], message_type=keys.QUERY_GRADIENT)
@@ -497,29 +593,38 @@ class IAUFed(UnlearningFedAvg):
 
         return self._ask(grid, [message], "unlearn", parse, report)
 
-    def _cached_step_direction(self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int,
-                               report: UnlearningReport) -> torch.Tensor:
+    def _cached_step_direction(
+        self, grid: Grid, arrays: ArrayRecord, request: DeletionRequest, forget_count: int, report: UnlearningReport
+    ) -> torch.Tensor:
         """A later step of the cached protocol: client u sends G_S at the current model; g_r is the cache's (stale)."""
         assert self.gradient_total is not None
-        accepted, missing = self._ask_forget_sum(grid, arrays, model_version(arrays), request, forget_count,
-                                                 self.gradient_total_count, report)
+        accepted, missing = self._ask_forget_sum(
+            grid, arrays, model_version(arrays), request, forget_count, self.gradient_total_count, report
+        )
         if missing:
             raise _Abort(f"withdrawing client {request.client} did not answer step {report.steps + 1} of the cached correction")
         _, forget_sum = accepted[request.client]
         # self.gradient_total already excludes G_S (at the cache's version): it is the remaining data's sum there.
-        direction = direction_from_parts(self.gradient_total, self.gradient_total_count, forget_sum, forget_count, self.iau.correction,
-                                         self.iau.correction_weight)
+        direction = direction_from_parts(
+            self.gradient_total, self.gradient_total_count, forget_sum, forget_count, self.iau.correction, self.iau.correction_weight
+        )
         report.direction_norm = float(direction.norm())
         return direction
 
-    def _calibrate(self, grid: Grid, arrays: ArrayRecord, direction: torch.Tensor, request: DeletionRequest,
-                   report: UnlearningReport) -> float:
+    def _calibrate(
+        self, grid: Grid, arrays: ArrayRecord, direction: torch.Tensor, request: DeletionRequest, report: UnlearningReport
+    ) -> float:
         """Client u chooses the normalised step's relative length from its own data (one message to u alone)."""
         version = model_version(arrays)
         record = self.base_config()
         record.update({keys.MODEL_VERSION: version, keys.REQUEST: json.dumps(asdict(request))})
-        content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: record,
-                              keys.DIRECTION: ArrayRecord(OrderedDict((n, t.to(torch.float32)) for n, t in self.layout.unflatten(direction).items()))})
+        content = RecordDict(
+            {
+                keys.ARRAYS: arrays,
+                keys.CONFIG: record,
+                keys.DIRECTION: ArrayRecord(OrderedDict((n, t.to(torch.float32)) for n, t in self.layout.unflatten(direction).items())),
+            }
+        )
         message = Message(content, dst_node_id=self.directory.node_of[request.client], message_type=keys.QUERY_CALIBRATE)
 
         def parse(partition: int, reply: Message) -> tuple[float, list[dict[str, float]]]:

@@ -64,8 +64,10 @@ def _tensors(split: Split, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         raise TypeError(f"data_fn returned {type(split).__name__} for the {name} split: expected (x, y) tensors or a torch Dataset")
     if y.dtype.is_floating_point or y.dim() != 1 or len(x) != len(y):
-        raise ValueError(f"data_fn: the {name} split must hold one integer label per input (got labels {tuple(y.shape)} "
-                         f"{y.dtype} for inputs {tuple(x.shape)})")
+        raise ValueError(
+            f"data_fn: the {name} split must hold one integer label per input (got labels {tuple(y.shape)} "
+            f"{y.dtype} for inputs {tuple(x.shape)})"
+        )
     return x.float(), y.long()
 
 
@@ -74,8 +76,9 @@ def partition_data(train: Split, heldout: Split, partition: int, num_partitions:
     x_train, y_train = _tensors(train, "train")
     x_held, y_held = _tensors(heldout, "held-out")
     if len(x_train) == 0 or len(x_held) == 0:
-        raise ValueError(f"data_fn: partition {partition} has {len(x_train)} training and {len(x_held)} held-out examples: "
-                         "both must be non-empty")
+        raise ValueError(
+            f"data_fn: partition {partition} has {len(x_train)} training and {len(x_held)} held-out examples: both must be non-empty"
+        )
     x = torch.cat([x_train, x_held])
     y = torch.cat([y_train, y_held])
     empty = torch.empty(0, dtype=torch.int64)
@@ -84,8 +87,15 @@ def partition_data(train: Split, heldout: Split, partition: int, num_partitions:
     client_train[partition] = torch.arange(len(x_train))
     client_heldout[partition] = torch.arange(len(x_train), len(x))
     return FederatedData(
-        x_train=x, y_train=y, y_train_clean=y.clone(), poisoned=torch.zeros(len(x), dtype=torch.bool), x_test=x_held, y_test=y_held,
-        client_train=client_train, client_heldout=client_heldout, num_classes=int(y.max()) + 1,
+        x_train=x,
+        y_train=y,
+        y_train_clean=y.clone(),
+        poisoned=torch.zeros(len(x), dtype=torch.bool),
+        x_test=x_held,
+        y_test=y_held,
+        client_train=client_train,
+        client_heldout=client_heldout,
+        num_classes=int(y.max()) + 1,
         input_shape=tuple(x.shape[1:]),  # type: ignore[arg-type]
         # Only its seed is read (the seeded choice of a sample-level request's random subset).
         spec=DataSpec(num_clients=num_partitions, backdoor_client=None),
@@ -149,12 +159,23 @@ class _Train:
         runtime.load(msg.content.array_records[keys.ARRAYS])
         loss = self.train_fn(runtime.model, *runtime.arrays_xy(indices), config)
         state = OrderedDict((k, v.detach().cpu()) for k, v in runtime.model.state_dict().items())
-        return reply(msg, {keys.NUM_EXAMPLES: len(indices), keys.TRAIN_LOSS: float(loss), keys.COMPUTE_S: time.perf_counter() - start},
-                     {keys.ARRAYS: ArrayRecord(state)})
+        return reply(
+            msg,
+            {keys.NUM_EXAMPLES: len(indices), keys.TRAIN_LOSS: float(loss), keys.COMPUTE_S: time.perf_counter() - start},
+            {keys.ARRAYS: ArrayRecord(state)},
+        )
 
 
-def add_unlearning(app: ClientApp, model_fn: Callable[[], torch.nn.Module], data_fn: DataFn, *, train_fn: TrainFn | None = None,
-                   cache_dir: str | None = None, cache_dtype: str = "float32", device: str = "cpu") -> ClientApp:
+def add_unlearning(
+    app: ClientApp,
+    model_fn: Callable[[], torch.nn.Module],
+    data_fn: DataFn,
+    *,
+    train_fn: TrainFn | None = None,
+    cache_dir: str | None = None,
+    cache_dtype: str = "float32",
+    device: str = "cpu",
+) -> ClientApp:
     """Add the unlearning handlers to your own ClientApp (and return it).
 
     `model_fn()` builds your model (the same architecture the server aggregates); `data_fn(partition_id,
@@ -165,10 +186,13 @@ def add_unlearning(app: ClientApp, model_fn: Callable[[], torch.nn.Module], data
     """
     funcs: dict[str, Any] = app._registered_funcs  # Flower's ClientApp keeps its handlers here (flwr 1.41)
     if train_fn is not None and "train.default" in funcs:
-        raise ValueError("add_unlearning(train_fn=...): the app already has a train handler; drop train_fn to keep yours, "
-                         "or register no train handler to use train_fn")
-    runtimes = _UserRuntimes(uuid.uuid4().hex, model_fn, data_fn, cache_dir or tempfile.mkdtemp(prefix="fedunlearn-caches-"),
-                             cache_dtype, device)
+        raise ValueError(
+            "add_unlearning(train_fn=...): the app already has a train handler; drop train_fn to keep yours, "
+            "or register no train handler to use train_fn"
+        )
+    runtimes = _UserRuntimes(
+        uuid.uuid4().hex, model_fn, data_fn, cache_dir or tempfile.mkdtemp(prefix="fedunlearn-caches-"), cache_dtype, device
+    )
     own_evaluate = funcs.pop("evaluate.default", None)
     app.evaluate()(_CacheFillingEvaluate(own_evaluate, runtimes))
     app.query(keys.QUERY_INFO.removeprefix("query."))(Bound(info, runtimes))
@@ -177,13 +201,28 @@ def add_unlearning(app: ClientApp, model_fn: Callable[[], torch.nn.Module], data
     return attach_handlers(app, runtimes)
 
 
-def unlearning_strategy(grid: Grid, model: torch.nn.Module, num_clients: int, *, iau: IAUSettings | None = None,
-                        policy: RoundPolicy | None = None, seed: int = 0, timeout: float = 120.0) -> IAUFed:
+def unlearning_strategy(
+    grid: Grid,
+    model: torch.nn.Module,
+    num_clients: int,
+    *,
+    iau: IAUSettings | None = None,
+    policy: RoundPolicy | None = None,
+    seed: int = 0,
+    timeout: float = 120.0,
+) -> IAUFed:
     """The server side for an app whose clients went through `add_unlearning`: an IAUFed over the clients that answered.
 
     Call it after training (any strategy); then `fill_caches(grid, arrays, upload=True)` once and `unlearn(...)` per
     request. `model` is only read for its parameter layout. `policy` defaults to 2 retries, as the command line.
     """
     directory = discover_clients(grid, num_clients, timeout=timeout)
-    return IAUFed(layout=ParamLayout.of(model), iau=iau or IAUSettings(), directory=directory, train=TrainSettings(), seed=seed,
-                  round_timeout=timeout, policy=policy or RoundPolicy(retries=2))
+    return IAUFed(
+        layout=ParamLayout.of(model),
+        iau=iau or IAUSettings(),
+        directory=directory,
+        train=TrainSettings(),
+        seed=seed,
+        round_timeout=timeout,
+        policy=policy or RoundPolicy(retries=2),
+    )

@@ -34,7 +34,9 @@ class LocalGrid(GridWrapper):
         self.client_app = client_app
         self.node_ids = [1000 + 7919 * (i + 1) + seed for i in range(num_nodes)]
         self.contexts = {
-            nid: Context(run_id=run_id, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes}, state=RecordDict(), run_config={})
+            nid: Context(
+                run_id=run_id, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes}, state=RecordDict(), run_config={}
+            )
             for i, nid in enumerate(self.node_ids)
         }
         self._replies: dict[str, Message] = {}

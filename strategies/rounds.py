@@ -63,9 +63,9 @@ class RoundOutcome:
     """What one round (with its retries) gave: the parsed replies by partition and what went wrong."""
 
     accepted: dict[int, Any]
-    missing: list[int]                 # partitions still without an accepted reply after the retries
+    missing: list[int]  # partitions still without an accepted reply after the retries
     asked: list[int]
-    attempts: int = 0                  # sends, the first one included
+    attempts: int = 0  # sends, the first one included
     rejected: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
 
@@ -76,14 +76,27 @@ class RoundOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         """What results.json records of the round (the reliability summary counts these)."""
-        return {"clients_asked": self.asked, "missing_clients": self.missing, "retries": self.retries,
-                "failures": list(self.failures), "rejected": list(self.rejected)}
+        return {
+            "clients_asked": self.asked,
+            "missing_clients": self.missing,
+            "retries": self.retries,
+            "failures": list(self.failures),
+            "rejected": list(self.rejected),
+        }
 
 
-def ask_clients(grid: Grid, messages: Sequence[Message], *, directory: ClientDirectory, phase: str,
-                parse: Callable[[int, Message], Any], retries: int = 0, timeout: float | None = None,
-                rejected_log: list[dict[str, Any]] | None = None, failures_log: list[dict[str, Any]] | None = None,
-                ) -> RoundOutcome:
+def ask_clients(
+    grid: Grid,
+    messages: Sequence[Message],
+    *,
+    directory: ClientDirectory,
+    phase: str,
+    parse: Callable[[int, Message], Any],
+    retries: int = 0,
+    timeout: float | None = None,
+    rejected_log: list[dict[str, Any]] | None = None,
+    failures_log: list[dict[str, Any]] | None = None,
+) -> RoundOutcome:
     """Send `messages`, validate each reply with `parse`, re-ask the clients still missing up to `retries` times.
 
     Replies are taken in partition order (float sums depend on order; arrival order varies between runs).
@@ -108,8 +121,11 @@ def ask_clients(grid: Grid, messages: Sequence[Message], *, directory: ClientDir
         for reply in replies:
             partition = partition_of.get(reply.metadata.src_node_id)
             if partition is None or partition not in pending or partition in answered:
-                note(outcome.rejected, record_rejection([], phase, partition, reply,
-                                                        "a reply from a node not asked in this round, or a second one"), rejected_log)
+                note(
+                    outcome.rejected,
+                    record_rejection([], phase, partition, reply, "a reply from a node not asked in this round, or a second one"),
+                    rejected_log,
+                )
                 continue
             answered.add(partition)
             if reply.has_error():
@@ -120,8 +136,13 @@ def ask_clients(grid: Grid, messages: Sequence[Message], *, directory: ClientDir
             except InvalidReplyError as err:
                 note(outcome.rejected, record_rejection([], phase, partition, reply, str(err)), rejected_log)
         for partition in sorted(set(pending) - answered):
-            note(outcome.failures, record_failure([], phase, partition, f"no reply within the round timeout ({timeout:g} s)"
-                                                  if timeout is not None else "no reply"), failures_log)
+            note(
+                outcome.failures,
+                record_failure(
+                    [], phase, partition, f"no reply within the round timeout ({timeout:g} s)" if timeout is not None else "no reply"
+                ),
+                failures_log,
+            )
         pending = {p: m for p, m in pending.items() if p not in outcome.accepted}
         if not pending:
             break
@@ -143,5 +164,7 @@ def require_reply(outcome: RoundOutcome, client: int, what: str) -> Any:
         return outcome.accepted[client]
     reasons = [e["reason"] for e in (*outcome.failures, *outcome.rejected) if e.get("partition") == client]
     last = reasons[-1] if reasons else "no reply"
-    raise RoundFailedError(f"client {client} did not answer the {what} round after {outcome.retries} retries ({last}); "
-                           "the model is left unchanged", report={**outcome.to_dict(), "status": "failed", "reason": last})
+    raise RoundFailedError(
+        f"client {client} did not answer the {what} round after {outcome.retries} retries ({last}); the model is left unchanged",
+        report={**outcome.to_dict(), "status": "failed", "reason": last},
+    )

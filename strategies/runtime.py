@@ -51,8 +51,7 @@ class ClientRuntime:
     _instances: ClassVar[dict[ClientSpec, ClientRuntime]] = {}
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, data: FederatedData, model_factory: Callable[[], torch.nn.Module], store: CacheStore,
-                 device: str = "cpu") -> None:
+    def __init__(self, data: FederatedData, model_factory: Callable[[], torch.nn.Module], store: CacheStore, device: str = "cpu") -> None:
         self.data = data
         self.device = torch.device(device)
         self.model_factory = model_factory
@@ -68,8 +67,12 @@ class ClientRuntime:
     def from_spec(cls, spec: ClientSpec) -> ClientRuntime:
         """A runtime for the simulator's own datasets and models."""
         data = DatasetStore.get(spec.data)
-        return cls(data, lambda: build_model(spec.model, data.input_shape, data.num_classes),
-                   CacheStore(spec.cache_dir, spec.cache_dtype), spec.device)
+        return cls(
+            data,
+            lambda: build_model(spec.model, data.input_shape, data.num_classes),
+            CacheStore(spec.cache_dir, spec.cache_dtype),
+            spec.device,
+        )
 
     @classmethod
     def get(cls, spec: ClientSpec) -> ClientRuntime:
@@ -95,7 +98,9 @@ class ClientRuntime:
             raise ValueError(f"{keys.GRADIENT_DTYPE}={dtype!r}: must be one of {', '.join(WIRE_DTYPES)}")
         return ArrayRecord(OrderedDict((n, t.detach().cpu().to(WIRE_DTYPES[dtype]).contiguous()) for n, t in named.items()))
 
-    def cached_gradient(self, pid: int, indices: torch.Tensor, version: str, scope: str, allow_stale: bool) -> tuple[GradientCache, bool, bool]:
+    def cached_gradient(
+        self, pid: int, indices: torch.Tensor, version: str, scope: str, allow_stale: bool
+    ) -> tuple[GradientCache, bool, bool]:
         """G over `indices` at `version`: from the cache when it matches, else computed and stored. Returns (cache, hit, stale)."""
         cache = self.store.get(pid)
         if cache is not None and cache.scope == scope and (cache.version == version or allow_stale):
@@ -149,8 +154,9 @@ def real(value: object) -> float:
     return float(cast(Any, value))
 
 
-def reply(msg: Message, metrics: Mapping[str, float | int], arrays: Mapping[str, ArrayRecord] | None = None,
-          version: str | None = None) -> Message:
+def reply(
+    msg: Message, metrics: Mapping[str, float | int], arrays: Mapping[str, ArrayRecord] | None = None, version: str | None = None
+) -> Message:
     """A reply with one MetricRecord, the given ArrayRecords and, if given, the model version it was computed at."""
     content = RecordDict({keys.METRICS: MetricRecord(cast(Any, dict(metrics)))})
     for name, record in (arrays or {}).items():
@@ -163,8 +169,11 @@ def reply(msg: Message, metrics: Mapping[str, float | int], arrays: Mapping[str,
 def train_settings_from(config: ConfigRecord) -> TrainSettings:
     """The local training settings a train message carries."""
     return TrainSettings(
-        epochs=whole(config[keys.EPOCHS]), lr=real(config[keys.LR]), batch_size=whole(config[keys.BATCH_SIZE]),
-        optimizer=str(config[keys.OPTIMIZER]), momentum=real(config.get(keys.MOMENTUM, 0.0)),
+        epochs=whole(config[keys.EPOCHS]),
+        lr=real(config[keys.LR]),
+        batch_size=whole(config[keys.BATCH_SIZE]),
+        optimizer=str(config[keys.OPTIMIZER]),
+        momentum=real(config.get(keys.MOMENTUM, 0.0)),
         gr_alpha=real(config.get(keys.GR_ALPHA, 0.0)),
     )
 

@@ -82,9 +82,9 @@ class SecAggAbortedError(MissingRepliesError):
 class SecureSum:
     """What a secure round gave the server: the sum of the vectors of `contributors`, and the inner replies' rest."""
 
-    total: torch.Tensor                      # float64, the dequantised sum over `contributors`
-    accepted: dict[int, Any]                 # the caller's parse of each contributor's reply (its vector removed)
-    missing: list[int]                       # asked, but not in the sum
+    total: torch.Tensor  # float64, the dequantised sum over `contributors`
+    accepted: dict[int, Any]  # the caller's parse of each contributor's reply (its vector removed)
+    missing: list[int]  # asked, but not in the sum
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,10 +99,21 @@ def _secagg(reply: Message) -> ConfigRecord:
     return reply.content.config_records[keys.SECAGG]
 
 
-def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDirectory, phase: str,
-               parse: Callable[[int, Message], Any], length: int, settings: SecAggSettings, scale: float = 1.0,
-               retries: int = 0, timeout: float | None = None, rejected_log: list[dict[str, Any]] | None = None,
-               failures_log: list[dict[str, Any]] | None = None) -> SecureSum:
+def secure_sum(
+    grid: Grid,
+    messages: Sequence[Message],
+    *,
+    directory: ClientDirectory,
+    phase: str,
+    parse: Callable[[int, Message], Any],
+    length: int,
+    settings: SecAggSettings,
+    scale: float = 1.0,
+    retries: int = 0,
+    timeout: float | None = None,
+    rejected_log: list[dict[str, Any]] | None = None,
+    failures_log: list[dict[str, Any]] | None = None,
+) -> SecureSum:
     """Run `messages` (one inner query per client) as a SecAgg+ round; the server sees only the sum of their vectors.
 
     `parse(partition, reply)` validates the rest of an inner reply (counts, version); a reply it refuses is not summed.
@@ -115,27 +126,45 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
     n = len(participants)
     size = neighbourhood_size(n)
     order = list(participants)
-    random.Random(os.urandom(8)).shuffle(order)   # who neighbours whom is public; shuffled as Flower's workflow does
+    random.Random(os.urandom(8)).shuffle(order)  # who neighbours whom is public; shuffled as Flower's workflow does
     neighbours = neighbourhoods(order, size)
     threshold = threshold_for(settings.threshold, size)
     quantiser = Quantiser.for_clients(settings.norm_bound * scale, max(n, 1))
     session = os.urandom(8).hex()
     stage_meter = CostMeter()
     metered = MeteredGrid(grid, stage_meter)
-    report: dict[str, Any] = {"participants": participants, "neighbours": size, "threshold": threshold, "bound": quantiser.bound,
-                              "levels": quantiser.levels, "step": quantiser.step, "field_bits": 32, "rounding": "nearest"}
+    report: dict[str, Any] = {
+        "participants": participants,
+        "neighbours": size,
+        "threshold": threshold,
+        "bound": quantiser.bound,
+        "levels": quantiser.levels,
+        "step": quantiser.step,
+        "field_bits": 32,
+        "rounding": "nearest",
+    }
 
     def close(status: str) -> dict[str, Any]:
         report["status"] = status
         report["stages"] = {name: cost.to_dict() for name, cost in stage_meter.phases.items()}
         return report
 
-    def stage(name: str, to: list[int], content: Callable[[int], RecordDict], message_type: str,
-              check: Callable[[int, Message], Any]) -> dict[int, Any]:
+    def stage(
+        name: str, to: list[int], content: Callable[[int], RecordDict], message_type: str, check: Callable[[int, Message], Any]
+    ) -> dict[int, Any]:
         built = [Message(content(p), dst_node_id=directory.node_of[p], message_type=message_type) for p in to]
         with stage_meter.phase(name):
-            outcome = ask_clients(metered, built, directory=directory, phase=f"{phase}:secagg-{name}", parse=check, retries=retries,
-                                  timeout=timeout, rejected_log=rejected_log, failures_log=failures_log)
+            outcome = ask_clients(
+                metered,
+                built,
+                directory=directory,
+                phase=f"{phase}:secagg-{name}",
+                parse=check,
+                retries=retries,
+                timeout=timeout,
+                rejected_log=rejected_log,
+                failures_log=failures_log,
+            )
         report.setdefault("answered", {})[name] = sorted(outcome.accepted)
         report["attempts"] = report.get("attempts", 0) + outcome.attempts
         report["retries"] = report.get("retries", 0) + outcome.retries
@@ -144,14 +173,18 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
         alive = set(outcome.accepted)
         thin = [p for p in sorted(alive) if len(alive.intersection(neighbours[p])) < threshold]
         if len(alive) < threshold or thin:
-            raise SecAggAbortedError(f"secure aggregation: {len(alive)} of {n} clients answered the {name} stage and client(s) "
-                                     f"{thin} kept fewer than the threshold of {threshold} of their {size} neighbours (missing "
-                                     f"{outcome.missing}): the sum cannot be unmasked", report=close("aborted"))
+            raise SecAggAbortedError(
+                f"secure aggregation: {len(alive)} of {n} clients answered the {name} stage and client(s) "
+                f"{thin} kept fewer than the threshold of {threshold} of their {size} neighbours (missing "
+                f"{outcome.missing}): the sum cannot be unmasked",
+                report=close("aborted"),
+            )
         return outcome.accepted
 
     if n < 2:
-        raise SecAggAbortedError(f"secure aggregation needs at least 2 clients, this round has {n}: a sum of one client is its "
-                                 "vector", report=close("aborted"))
+        raise SecAggAbortedError(
+            f"secure aggregation needs at least 2 clients, this round has {n}: a sum of one client is its vector", report=close("aborted")
+        )
 
     def common(stage_name: str, **values: Any) -> dict[str, Any]:
         return {"session": session, "stage": stage_name, **values}
@@ -177,8 +210,13 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
 
     def share_content(p: int) -> RecordDict:
         near = around(p, public)
-        return RecordDict({keys.SECAGG: _field(common("share-keys", participants=near, pk1=[public[q][0] for q in near],
-                                                      pk2=[public[q][1] for q in near]))})
+        return RecordDict(
+            {
+                keys.SECAGG: _field(
+                    common("share-keys", participants=near, pk1=[public[q][0] for q in near], pk2=[public[q][1] for q in near])
+                )
+            }
+        )
 
     def check_shares(partition: int, reply: Message) -> dict[int, bytes]:
         record = _secagg(reply)
@@ -186,7 +224,9 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
         if not isinstance(dsts, list) or not isinstance(cts, list) or len(dsts) != len(cts):
             raise InvalidReplyError(f"client {partition}: the share-keys reply must hold equal lists 'dsts' and 'ciphertexts'")
         if sorted(cast(list[int], dsts)) != [q for q in around(partition, public) if q != partition]:
-            raise InvalidReplyError(f"client {partition}: shares for {sorted(cast(list[int], dsts))}, expected its other advertised neighbours")
+            raise InvalidReplyError(
+                f"client {partition}: shares for {sorted(cast(list[int], dsts))}, expected its other advertised neighbours"
+            )
         return dict(zip(cast(list[int], dsts), cast(list[bytes], cts), strict=True))
 
     ciphertexts = stage("share-keys", advertised, share_content, keys.QUERY_SECAGG_SHARE_KEYS, check_shares)
@@ -198,8 +238,16 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
     def collect_content(p: int) -> RecordDict:
         content = RecordDict(dict(inner[p].content.items()))
         srcs = [q for q in around(p, ciphertexts) if q != p]
-        content[keys.SECAGG] = _field(common("collect-masked", srcs=srcs, ciphertexts=[ciphertexts[q][p] for q in srcs],
-                                             bound=quantiser.bound, levels=quantiser.levels, inner_type=inner[p].metadata.message_type))
+        content[keys.SECAGG] = _field(
+            common(
+                "collect-masked",
+                srcs=srcs,
+                ciphertexts=[ciphertexts[q][p] for q in srcs],
+                bound=quantiser.bound,
+                levels=quantiser.levels,
+                inner_type=inner[p].metadata.message_type,
+            )
+        )
         return content
 
     def check_masked(partition: int, reply: Message) -> Any:
@@ -209,11 +257,12 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
             raise InvalidReplyError(f"client {partition}: no masked vector ('{keys.SECAGG_MASKED}' record with one array)")
         array = record[MASKED_ARRAY]
         if array.dtype != "uint32" or tuple(array.shape) != (length + 1,):
-            raise InvalidReplyError(f"client {partition}: masked vector of dtype {array.dtype} and shape {tuple(array.shape)}, "
-                                    f"expected uint32 ({length + 1},)")
+            raise InvalidReplyError(
+                f"client {partition}: masked vector of dtype {array.dtype} and shape {tuple(array.shape)}, expected uint32 ({length + 1},)"
+            )
         vector = array.numpy()
         del reply.content[keys.SECAGG_MASKED]
-        parsed = parse(partition, reply)   # refused: raises, and the masked vector is not summed
+        parsed = parse(partition, reply)  # refused: raises, and the masked vector is not summed
         masked_total[:] = field_sum([masked_total, vector])
         return parsed
 
@@ -253,25 +302,44 @@ def secure_sum(grid: Grid, messages: Sequence[Message], *, directory: ClientDire
     total = unmask(masked_total, own_seeds, pairs)
     vector = quantiser.dequantise_sum(total[:length], len(contributors))
     per_coordinate, l2 = quantiser.sum_error_bound(len(contributors), length)
-    report.update({"contributors": contributors, "dropped": dropped, "clipped": int(total[length]),
-                   "error_bound": {"per_coordinate": per_coordinate, "l2": l2}})
+    report.update(
+        {
+            "contributors": contributors,
+            "dropped": dropped,
+            "clipped": int(total[length]),
+            "error_bound": {"per_coordinate": per_coordinate, "l2": l2},
+        }
+    )
     missing = [p for p in participants if p not in accepted]
     return SecureSum(torch.from_numpy(vector), accepted, missing, close("complete" if not missing else "partial"))
 
 
 # ----- the IAU rounds under secure aggregation -----------------------------------------------------------------------
-def _run(strategy: IAUFed, grid: Grid, messages: Sequence[Message], phase: str, parse: Callable[[int, Message], Any],
-         scale: float) -> SecureSum:
+def _run(
+    strategy: IAUFed, grid: Grid, messages: Sequence[Message], phase: str, parse: Callable[[int, Message], Any], scale: float
+) -> SecureSum:
     """`secure_sum` under the strategy's policy (retries, timeout, the run's failure logs)."""
     secure = strategy.policy.secure
     assert secure is not None
-    return secure_sum(grid, messages, directory=strategy.directory, phase=phase, parse=parse, length=strategy.layout.numel,
-                      settings=secure, scale=scale, retries=strategy.policy.retries, timeout=strategy.round_timeout,
-                      rejected_log=strategy.rejected, failures_log=strategy.failures)
+    return secure_sum(
+        grid,
+        messages,
+        directory=strategy.directory,
+        phase=phase,
+        parse=parse,
+        length=strategy.layout.numel,
+        settings=secure,
+        scale=scale,
+        retries=strategy.policy.retries,
+        timeout=strategy.round_timeout,
+        rejected_log=strategy.rejected,
+        failures_log=strategy.failures,
+    )
 
 
 def secure_direction(strategy: IAUFed, grid: Grid, messages: Sequence[Message], version: str, report: UnlearningReport) -> torch.Tensor:
     """The fresh correction round through the secure sum: d is the sum itself; a client missing from it aborts."""
+
     def parse(partition: int, reply: Message) -> Message:
         stale_ok = strategy.allow_stale and bool(whole(metrics_of(reply).get(keys.CACHE_STALE, 0)))
         positive_count(reply)
@@ -293,14 +361,18 @@ def secure_direction(strategy: IAUFed, grid: Grid, messages: Sequence[Message], 
     strategy._note_cache_use(list(result.accepted.values()), report)
     if result.missing:
         report.missing_clients = sorted(set(report.missing_clients) | set(result.missing))
-        raise SecAggAbortedError(f"client(s) {result.missing} are not in the secure sum after {strategy.policy.retries} retries: the "
-                                 "direction needs every client (unlearn-policy=abort)", report=result.report)
+        raise SecAggAbortedError(
+            f"client(s) {result.missing} are not in the secure sum after {strategy.policy.retries} retries: the "
+            "direction needs every client (unlearn-policy=abort)",
+            report=result.report,
+        )
     report.direction_norm = float(result.total.norm())
     return result.total
 
 
-def secure_caching(strategy: IAUFed, grid: Grid, messages: Sequence[Message],
-                   parse: Callable[[int, Message], Any]) -> tuple[dict[int, Any], list[int], torch.Tensor, dict[str, Any]]:
+def secure_caching(
+    strategy: IAUFed, grid: Grid, messages: Sequence[Message], parse: Callable[[int, Message], Any]
+) -> tuple[dict[int, Any], list[int], torch.Tensor, dict[str, Any]]:
     """The caching round's upload of G_tot through the secure sum: each client's G_k within B * max_k n_k."""
     scale = float(max(strategy.directory.num_train[p] for p in strategy.active_partitions()))
     result = _run(strategy, grid, messages, "caching", parse, scale)
@@ -331,8 +403,17 @@ def setup(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
         raise ValueError(f"secure aggregation: client {me} is not among the participants {participants}")
     sk1, pk1 = key_pair()
     sk2, pk2 = key_pair()
-    context.state[keys.SECAGG_STATE] = ConfigRecord({"session": str(config["session"]), "stage": "setup",
-                                                     "threshold": whole(config["threshold"]), "sk1": sk1, "pk1": pk1, "sk2": sk2, "pk2": pk2})
+    context.state[keys.SECAGG_STATE] = ConfigRecord(
+        {
+            "session": str(config["session"]),
+            "stage": "setup",
+            "threshold": whole(config["threshold"]),
+            "sk1": sk1,
+            "pk1": pk1,
+            "sk2": sk2,
+            "pk2": pk2,
+        }
+    )
     return Message(RecordDict({keys.SECAGG: ConfigRecord({"pk1": pk1, "pk2": pk2})}), reply_to=msg)
 
 
@@ -361,8 +442,18 @@ def share_keys(runtime: ClientRuntime, msg: Message, context: Context) -> Messag
         dsts.append(other)
         cts.append(encrypt(key, share_keys_plaintext_concat(me, other, seed_shares[index], key_shares[index])))
     mine = advertised.index(me)
-    state.update({"stage": "share-keys", "seed": seed, "peers": advertised, "peer-pk1": list(pk1s), "peer-pk2": list(pk2s),
-                  "seed-share-owners": [me], "seed-shares": [seed_shares[mine]], "key-shares": [key_shares[mine]]})
+    state.update(
+        {
+            "stage": "share-keys",
+            "seed": seed,
+            "peers": advertised,
+            "peer-pk1": list(pk1s),
+            "peer-pk2": list(pk2s),
+            "seed-share-owners": [me],
+            "seed-shares": [seed_shares[mine]],
+            "key-shares": [key_shares[mine]],
+        }
+    )
     context.state[keys.SECAGG_STATE] = state
     return Message(RecordDict({keys.SECAGG: ConfigRecord({"dsts": dsts, "ciphertexts": cts})}), reply_to=msg)
 
@@ -415,8 +506,9 @@ def collect(runtime: ClientRuntime, msg: Message, context: Context, inner: Clien
     content = RecordDict({name: record for name, record in answer.content.items() if name != keys.GRADIENT})
     content[keys.SECAGG_MASKED] = ArrayRecord({MASKED_ARRAY: Array(masked)})
     content[keys.SECAGG] = ConfigRecord({"session": str(config["session"])})  # never whether it clipped: only the sum counts them
-    state.update({"stage": "collect-masked", "seed-share-owners": owners, "seed-shares": seed_shares, "key-shares": key_shares,
-                  "masked-with": srcs})
+    state.update(
+        {"stage": "collect-masked", "seed-share-owners": owners, "seed-shares": seed_shares, "key-shares": key_shares, "masked-with": srcs}
+    )
     context.state[keys.SECAGG_STATE] = state
     return Message(content, reply_to=msg)
 
@@ -451,5 +543,9 @@ def unmask_shares(runtime: ClientRuntime, msg: Message, context: Context) -> Mes
 
 
 # Registered with IAU's handlers (strategies/methods/iau.py), so build_client_app and add_unlearning attach them.
-HANDLERS = {keys.QUERY_SECAGG_SETUP.removeprefix("query."): setup, keys.QUERY_SECAGG_SHARE_KEYS.removeprefix("query."): share_keys,
-            keys.QUERY_SECAGG_COLLECT.removeprefix("query."): collect, keys.QUERY_SECAGG_UNMASK.removeprefix("query."): unmask_shares}
+HANDLERS = {
+    keys.QUERY_SECAGG_SETUP.removeprefix("query."): setup,
+    keys.QUERY_SECAGG_SHARE_KEYS.removeprefix("query."): share_keys,
+    keys.QUERY_SECAGG_COLLECT.removeprefix("query."): collect,
+    keys.QUERY_SECAGG_UNMASK.removeprefix("query."): unmask_shares,
+}

@@ -36,7 +36,9 @@ class TrainingRecorder:
 
 def fan_out(recorders: Sequence[UpdateRecorder]) -> UpdateRecorder:
     """One `update_recorder` feeding every given recorder (each selected method's own), in order."""
+
     def record(server_round: int, clients: dict[int, tuple[ArrayRecord, int]], global_before: ArrayRecord) -> None:
         for recorder in recorders:
             recorder(server_round, clients, global_before)
+
     return record

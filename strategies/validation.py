@@ -68,11 +68,15 @@ def check_version(reply: Message, expected: str, stale_ok: bool = False) -> str:
     """The echoed model version; it must equal `expected` unless `stale_ok` (a stale cache the run allows)."""
     version = echoed_version(reply)
     if version is None:
-        raise InvalidReplyError(f"{_who(reply)} does not say which model it was computed at ('{keys.MODEL_VERSION}' in its "
-                                f"'{keys.CONFIG}' record): it cannot be checked against the server's model {expected}")
+        raise InvalidReplyError(
+            f"{_who(reply)} does not say which model it was computed at ('{keys.MODEL_VERSION}' in its "
+            f"'{keys.CONFIG}' record): it cannot be checked against the server's model {expected}"
+        )
     if version != expected and not stale_ok:
-        raise InvalidReplyError(f"{_who(reply)} was computed at model version {version}, the server's model is at {expected}: "
-                                "a reply for another model is never aggregated (allow stale caches to accept it)")
+        raise InvalidReplyError(
+            f"{_who(reply)} was computed at model version {version}, the server's model is at {expected}: "
+            "a reply for another model is never aggregated (allow stale caches to accept it)"
+        )
     return version
 
 
@@ -87,7 +91,9 @@ def vector_from_record(record: ArrayRecord, layout: ParamLayout, reply: Message,
     """The record's tensors, checked against the model layout (names, shapes, optional dtype, finite), as one float64 vector."""
     unexpected = sorted(set(record.keys()) - set(layout.names))
     if unexpected:
-        raise InvalidReplyError(f"{_who(reply)} holds tensor(s) {unexpected[:3]} the model does not have: expected exactly {list(layout.names)[:3]}...")
+        raise InvalidReplyError(
+            f"{_who(reply)} holds tensor(s) {unexpected[:3]} the model does not have: expected exactly {list(layout.names)[:3]}..."
+        )
     parts = {}
     for name, shape in zip(layout.names, layout.shapes, strict=True):
         if name not in record:
@@ -96,7 +102,9 @@ def vector_from_record(record: ArrayRecord, layout: ParamLayout, reply: Message,
         if tuple(array.shape) != tuple(shape):
             raise InvalidReplyError(f"{_who(reply)}: tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(shape)}")
         if dtype is not None and array.dtype != dtype:
-            raise InvalidReplyError(f"{_who(reply)}: tensor {name!r} has dtype {array.dtype}, expected {dtype} (the wire dtype the server asked for)")
+            raise InvalidReplyError(
+                f"{_who(reply)}: tensor {name!r} has dtype {array.dtype}, expected {dtype} (the wire dtype the server asked for)"
+            )
         values = _decode(array, reply, name)
         if values.dtype.kind != "f":
             raise InvalidReplyError(f"{_who(reply)}: tensor {name!r} has dtype {values.dtype}, expected a floating-point dtype")
@@ -117,8 +125,15 @@ def gradient_vector(reply: Message, layout: ParamLayout, dtype: str | None = Non
     return vector_from_record(reply.content.array_records[keys.GRADIENT], layout, reply, dtype)
 
 
-def check_gradient_reply(reply: Message, layout: ParamLayout, version: str, *, dtype: str | None = None,
-                         stale_ok: bool = False, count_key: str = keys.NUM_EXAMPLES) -> torch.Tensor:
+def check_gradient_reply(
+    reply: Message,
+    layout: ParamLayout,
+    version: str,
+    *,
+    dtype: str | None = None,
+    stale_ok: bool = False,
+    count_key: str = keys.NUM_EXAMPLES,
+) -> torch.Tensor:
     """A gradient reply of the correction round or the caching upload: count, version, then the vector."""
     positive_count(reply, count_key)
     check_version(reply, version, stale_ok=stale_ok)
@@ -136,7 +151,9 @@ def check_train_reply(reply: Message, template: ArrayRecord | None, arrays_key: 
         if set(record.keys()) != set(template.keys()):
             missing = sorted(set(template.keys()) - set(record.keys()))
             extra = sorted(set(record.keys()) - set(template.keys()))
-            raise InvalidReplyError(f"{_who(reply)}: model tensors differ from the global model's (missing {missing[:3]}, unexpected {extra[:3]})")
+            raise InvalidReplyError(
+                f"{_who(reply)}: model tensors differ from the global model's (missing {missing[:3]}, unexpected {extra[:3]})"
+            )
         for name, expected in template.items():
             got = record[name]
             if tuple(got.shape) != tuple(expected.shape):
@@ -164,8 +181,9 @@ def bound_norm(vector: torch.Tensor, bound: float, action: str, who: str) -> tup
     return vector * (bound / norm), True
 
 
-def record_rejection(log: list[dict[str, Any]], phase: str, partition: int | None, reply: Message, reason: str,
-                     server_round: int | None = None) -> dict[str, Any]:
+def record_rejection(
+    log: list[dict[str, Any]], phase: str, partition: int | None, reply: Message, reason: str, server_round: int | None = None
+) -> dict[str, Any]:
     """Log why a reply was rejected and append the entry to `log` (what the results count)."""
     entry: dict[str, Any] = {"phase": phase, "partition": partition, "node": int(reply.metadata.src_node_id), "reason": reason}
     if server_round is not None:
@@ -175,8 +193,9 @@ def record_rejection(log: list[dict[str, Any]], phase: str, partition: int | Non
     return entry
 
 
-def record_failure(log: list[dict[str, Any]], phase: str, partition: int | None, reason: str,
-                   server_round: int | None = None) -> dict[str, Any]:
+def record_failure(
+    log: list[dict[str, Any]], phase: str, partition: int | None, reason: str, server_round: int | None = None
+) -> dict[str, Any]:
     """Log a client that did not answer (an error reply or none) and append the entry to `log`."""
     entry: dict[str, Any] = {"phase": phase, "partition": partition, "reason": reason}
     if server_round is not None:
@@ -191,8 +210,9 @@ def same_request(a: DeletionRequest, b: DeletionRequest) -> bool:
     return astuple(a)[:3] == astuple(b)[:3]
 
 
-def check_withdrawal(directory: ClientDirectory, ledger: Iterable[DeletionRequest], request: DeletionRequest,
-                     requester: int | None = None) -> bool:
+def check_withdrawal(
+    directory: ClientDirectory, ledger: Iterable[DeletionRequest], request: DeletionRequest, requester: int | None = None
+) -> bool:
     """True when `request` repeats one already served; raises WithdrawalRequestError when it may not be served.
 
     `requester` is the node id the request came from: only the node that serves the partition
@@ -204,14 +224,18 @@ def check_withdrawal(directory: ClientDirectory, ledger: Iterable[DeletionReques
         raise WithdrawalRequestError(f"request for unknown client {request.client}: known partitions are {span}")
     owner = directory.node_of[request.client]
     if requester is not None and requester != owner:
-        raise WithdrawalRequestError(f"node {requester} asked to withdraw the data of client {request.client}, which node {owner} "
-                                     "serves: only the node itself may ask to withdraw its data")
+        raise WithdrawalRequestError(
+            f"node {requester} asked to withdraw the data of client {request.client}, which node {owner} "
+            "serves: only the node itself may ask to withdraw its data"
+        )
     ledger = tuple(ledger)
     if any(same_request(request, served) for served in ledger):
         return True
     if any(served.client == request.client and served.client_level for served in ledger):
-        raise WithdrawalRequestError(f"client {request.client} has already withdrawn entirely: a new request for its "
-                                     f"{request.samples!r} examples has nothing left to remove")
+        raise WithdrawalRequestError(
+            f"client {request.client} has already withdrawn entirely: a new request for its "
+            f"{request.samples!r} examples has nothing left to remove"
+        )
     return False
 
 

@@ -19,8 +19,20 @@ def small_cfg():
     """Digits, 4 IID clients, an MLP, client 1 backdoored: seconds to train, enough to be non-trivial."""
     from fedunlearn.config import build_config
 
-    return build_config("default", overrides={"num_clients": 4, "rounds": 2, "local_epochs": 1, "model": "mlp",
-                                               "forget_client": 1, "train_limit": 600, "cache_dtype": "float64",
-                                               # the pooled references check one sgd step (tests/one_step.py)
-                                               "iau_step_rule": "sgd", "iau_steps": 1, "iau_correction_weight": 1.0,
-                                               "iau_repair_rounds": 0})
+    return build_config(
+        "default",
+        overrides={
+            "num_clients": 4,
+            "rounds": 2,
+            "local_epochs": 1,
+            "model": "mlp",
+            "forget_client": 1,
+            "train_limit": 600,
+            "cache_dtype": "float64",
+            # the pooled references check one sgd step (tests/one_step.py)
+            "iau_step_rule": "sgd",
+            "iau_steps": 1,
+            "iau_correction_weight": 1.0,
+            "iau_repair_rounds": 0,
+        },
+    )

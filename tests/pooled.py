@@ -113,7 +113,9 @@ def step_error(theta: torch.Tensor, direction_: Direction, rule: str, *, eta: fl
         return eta * direction_.error + ulp
     if rule == "adam-first-step":
         undefined = direction_.d.abs() <= direction_.error
-        return torch.where(undefined, torch.full_like(theta64, 2 * eta), eta * direction_.error / direction_.d.abs().clamp_min(1e-300)) + ulp
+        return (
+            torch.where(undefined, torch.full_like(theta64, 2 * eta), eta * direction_.error / direction_.d.abs().clamp_min(1e-300)) + ulp
+        )
     if rule == "normalised":
         size = radius * float(theta64.norm())
         relative = float(direction_.error.norm() / direction_.d.norm())

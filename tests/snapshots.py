@@ -23,7 +23,14 @@ def raw(value: Any) -> Any:
 
 def strategy_state(iau: Any) -> dict[str, Any]:
     """An IAUFed's state: the ledger and example counts, the aggregate cache and the model it is at, the uploaded caches."""
-    return {"ledger": iau.ledger, "examples": iau.current_examples(), "active": list(iau.active_partitions()),
-            "excluded": raw(iau._excluded_counts), "total": raw(iau.gradient_total), "total_count": iau.gradient_total_count,
-            "total_version": iau.gradient_total_version, "total_arrays": raw(iau.gradient_total_arrays),
-            "uploads": raw(iau.client_uploads)}
+    return {
+        "ledger": iau.ledger,
+        "examples": iau.current_examples(),
+        "active": list(iau.active_partitions()),
+        "excluded": raw(iau._excluded_counts),
+        "total": raw(iau.gradient_total),
+        "total_count": iau.gradient_total_count,
+        "total_version": iau.gradient_total_version,
+        "total_arrays": raw(iau.gradient_total_arrays),
+        "uploads": raw(iau.client_uploads),
+    }

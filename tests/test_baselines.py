@@ -55,8 +55,16 @@ COST_KEYS = {"wall_s", "client_compute_s", "rounds", "participations", "bytes_do
 
 def tiny(preset: str = "default", **overrides):  # noqa: ANN003, ANN201
     """4 clients, 600 examples, an MLP, one local epoch, no shadow models: seconds per experiment."""
-    settings = {"num_clients": 4, "rounds": 3, "local_epochs": 1, "model": "mlp", "train_limit": 600, "shadow_mia": False,
-                "cache_dtype": "float64", **overrides}
+    settings = {
+        "num_clients": 4,
+        "rounds": 3,
+        "local_epochs": 1,
+        "model": "mlp",
+        "train_limit": 600,
+        "shadow_mia": False,
+        "cache_dtype": "float64",
+        **overrides,
+    }
     return build_config(preset, overrides=settings)
 
 
@@ -66,8 +74,9 @@ def tiny(preset: str = "default", **overrides):  # noqa: ANN003, ANN201
 def test_project_to_ball_hand_values():
     center = torch.tensor([1.0, 1.0], dtype=torch.float64)
     # (4, 5) is 5 away from (1, 1) along (3, 4)/5: radius 1 lands on (1.6, 1.8).
-    torch.testing.assert_close(project_to_ball(torch.tensor([4.0, 5.0], dtype=torch.float64), center, 1.0),
-                               torch.tensor([1.6, 1.8], dtype=torch.float64))
+    torch.testing.assert_close(
+        project_to_ball(torch.tensor([4.0, 5.0], dtype=torch.float64), center, 1.0), torch.tensor([1.6, 1.8], dtype=torch.float64)
+    )
     inside = torch.tensor([1.3, 0.8], dtype=torch.float64)
     assert torch.equal(project_to_ball(inside, center, 1.0), inside)
 
@@ -104,8 +113,9 @@ def test_pga_never_leaves_its_ball():
         seen.append(float((model_vector(module).double() - reference).norm()))
 
     model.register_forward_pre_hook(watch)
-    stats = projected_gradient_ascent(model, x, y, reference, radius, PGASettings(lr=1.0, epochs=6, batch_size=8, clip_grad=0.0),
-                                      torch.Generator().manual_seed(0))
+    stats = projected_gradient_ascent(
+        model, x, y, reference, radius, PGASettings(lr=1.0, epochs=6, batch_size=8, clip_grad=0.0), torch.Generator().manual_seed(0)
+    )
     final = float((model_vector(model).double() - reference).norm())
     assert stats.steps == 30 and len(seen) == 30
     assert stats.projections > 0  # the ascent pushed out of the ball, so the projection was exercised
@@ -133,8 +143,9 @@ def test_imu_weights_equal_a_hand_computed_example():
     g = torch.tensor([[1.0, 1.0], [2.0, 1.0], [-1.0, 0.0], [3.0, -1.0]])
     # mean(g) = (1.25, 0.25); F = mean(g^2) + 0.01 = (3.76, 0.76); a = mean(g) / F = (0.3324468, 0.3289474)
     # I_i = -(g_i . a): I = (-0.6613942, -0.9938410, +0.3324468, -0.6683931); example 2 (I > 0) is dropped.
-    torch.testing.assert_close(influence_scores(g), torch.tensor([-0.6613941769, -0.9938409854, 0.3324468085, -0.6683930571],
-                                                                 dtype=torch.float64))
+    torch.testing.assert_close(
+        influence_scores(g), torch.tensor([-0.6613941769, -0.9938409854, 0.3324468085, -0.6683930571], dtype=torch.float64)
+    )
     # sqrt(|I|) of the kept: (0.8132614, 0.9969157, 0.8175531); their 0.93 quantile (linear, position 1.86 of the sorted
     # 0.8132614, 0.8175531, 0.9969157) = 0.8175531 + 0.86 * (0.9969157 - 0.8175531) = 0.9718050: example 1 is clipped.
     expected = torch.tensor([0.8132614444, 0.9718049661, 0.0, 0.8175530913], dtype=torch.float64)
@@ -233,28 +244,50 @@ class Federation:
         self.cfg = cfg
         self.data = DatasetStore.get(app_config.data_spec_for(cfg))
         self.meter = CostMeter()
-        self.grid = MeteredGrid(LocalGrid(build_client_app(app_config.client_spec_for(cfg, str(tmp_path / "caches"))), cfg.num_clients),
-                                self.meter)
+        self.grid = MeteredGrid(
+            LocalGrid(build_client_app(app_config.client_spec_for(cfg, str(tmp_path / "caches"))), cfg.num_clients), self.meter
+        )
         self.directory = discover_clients(self.grid, cfg.num_clients)
         torch.manual_seed(0)
         self.model = build_model("mlp", self.data.input_shape, self.data.num_classes)
         self.layout = ParamLayout.of(self.model)
         self.initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items()))
-        self.strategy = IAUFed(layout=self.layout, iau=app_config.iau_settings_for(cfg), gradient_dtype="float64", directory=self.directory,
-                               train=app_config.train_settings_for(cfg), seed=cfg.seed, update_recorder=recorder)
+        self.strategy = IAUFed(
+            layout=self.layout,
+            iau=app_config.iau_settings_for(cfg),
+            gradient_dtype="float64",
+            directory=self.directory,
+            train=app_config.train_settings_for(cfg),
+            seed=cfg.seed,
+            update_recorder=recorder,
+        )
         self.arrays = self.strategy.start(grid=self.grid, initial_arrays=self.initial, num_rounds=rounds).arrays
         self.strategy.update_recorder = None
         self.rounds = rounds
 
     def fedavg(self, ledger=(), round_offset=0, label="x"):  # noqa: ANN001, ANN201
-        return UnlearningFedAvg(directory=self.directory, train=app_config.train_settings_for(self.cfg), seed=self.cfg.seed,
-                                ledger=ledger, round_offset=round_offset)
+        return UnlearningFedAvg(
+            directory=self.directory,
+            train=app_config.train_settings_for(self.cfg),
+            seed=self.cfg.seed,
+            ledger=ledger,
+            round_offset=round_offset,
+        )
 
     def context(self, cfg, request: DeletionRequest, **extra) -> MethodContext:  # noqa: ANN003
         # Each method gets its own branch of the strategy, as the runner gives it.
-        return MethodContext(cfg=cfg, grid=self.grid, strategy=self.strategy.branch(), initial_arrays=self.initial, arrays=self.arrays,
-                             request=request, forget_count=len(forget_indices(self.data, request)), fedavg=self.fedavg,
-                             request_round=self.rounds, **extra)
+        return MethodContext(
+            cfg=cfg,
+            grid=self.grid,
+            strategy=self.strategy.branch(),
+            initial_arrays=self.initial,
+            arrays=self.arrays,
+            request=request,
+            forget_count=len(forget_indices(self.data, request)),
+            fedavg=self.fedavg,
+            request_round=self.rounds,
+            **extra,
+        )
 
 
 def test_finetune_with_zero_rounds_returns_the_original_model(small_cfg, tmp_path):
@@ -322,14 +355,18 @@ def test_federaser_replay_matches_a_single_process_reference(small_cfg, tmp_path
 
     def mean_stored(server_round: int) -> dict[str, torch.Tensor]:
         weights = {k: float(len(fed.data.client_train[k])) for k in remaining}
-        return {name: sum(weights[k] * history.update(server_round, k)[name].double() for k in remaining) / sum(weights.values())
-                for name in fed.layout.names}
+        return {
+            name: sum(weights[k] * history.update(server_round, k)[name].double() for k in remaining) / sum(weights.values())
+            for name in fed.layout.names
+        }
 
     initial = fed.initial.to_torch_state_dict()
     theta1 = {name: (initial[name].double() + update).float() for name, update in mean_stored(1).items()}
     # Calibration of round 3: each remaining client trains ceil(0.5 * E) epochs from theta1 with its round-3 shuffle.
     settings = app_config.train_settings_for(small_cfg)
-    settings = type(settings)(**{**settings.__dict__, "epochs": FedEraserSettings(calibration_ratio=0.5).calibration_epochs(settings.epochs)})
+    settings = type(settings)(
+        **{**settings.__dict__, "epochs": FedEraserSettings(calibration_ratio=0.5).calibration_epochs(settings.epochs)}
+    )
     calibration = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in theta1.items()}
     total = 0
     for k in remaining:
@@ -434,14 +471,17 @@ def test_sample_level_request_runs_every_baseline(tmp_path):
     assert results["models"]["finetune"]["cost"]["participations"] == cfg.finetune_rounds * n
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"finetune_rounds": -1}, "finetune-rounds=-1: must be >= 0"),
-    ({"federaser_interval": 0}, "federaser-interval=0: must be >= 1"),
-    ({"federaser_calibration_ratio": 0.0}, "federaser-calibration-ratio=0.0: must be > 0.0 and <= 1.0"),
-    ({"pga_lr": 0.0}, "pga-lr=0.0: must be > 0"),
-    ({"pga_radius": -1.0}, "pga-radius=-1.0: must be >= 0.0"),
-    ({"imu_epochs": 0}, "imu-epochs=0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"finetune_rounds": -1}, "finetune-rounds=-1: must be >= 0"),
+        ({"federaser_interval": 0}, "federaser-interval=0: must be >= 1"),
+        ({"federaser_calibration_ratio": 0.0}, "federaser-calibration-ratio=0.0: must be > 0.0 and <= 1.0"),
+        ({"pga_lr": 0.0}, "pga-lr=0.0: must be > 0"),
+        ({"pga_radius": -1.0}, "pga-radius=-1.0: must be >= 0.0"),
+        ({"imu_epochs": 0}, "imu-epochs=0: must be >= 1"),
+    ],
+)
 def test_baseline_settings_are_validated(overrides, message):
     with pytest.raises(ConfigError) as err:
         build_config("default", overrides=overrides)

@@ -113,8 +113,20 @@ def test_peak_monitor_sees_a_child_processes_peak():
 
 def miniature(tmp_path, *extra):
     """The flags every in-process training-style miniature shares."""
-    return ["--clients", "3", "--examples", "8", "--rounds", "2", "--engine", "local", "--in-process",
-            "--data-root", str(tmp_path / "data"), *extra]
+    return [
+        "--clients",
+        "3",
+        "--examples",
+        "8",
+        "--rounds",
+        "2",
+        "--engine",
+        "local",
+        "--in-process",
+        "--data-root",
+        str(tmp_path / "data"),
+        *extra,
+    ]
 
 
 def test_training_benchmark_miniature_runs_every_path_side_by_side(tmp_path):
@@ -142,8 +154,13 @@ def test_training_benchmark_miniature_runs_every_path_side_by_side(tmp_path):
     assert math.isclose(cohort["final_parameter_norm"], per_node["final_parameter_norm"], rel_tol=1e-6)
     assert per_node["bytes_per_round"] == cohort["bytes_per_round"] > 3 * MCMAHAN_PARAMETERS * 4 * 2  # down and up, per client
     comparison = result["comparison"]
-    for key in ("fedunlearn_speedup_vs_flower", "fedunlearn_slowdown_vs_loop", "fedunlearn_cohort_speedup_vs_flower",
-                "fedunlearn_cohort_slowdown_vs_loop", "flower_slowdown_vs_loop"):
+    for key in (
+        "fedunlearn_speedup_vs_flower",
+        "fedunlearn_slowdown_vs_loop",
+        "fedunlearn_cohort_speedup_vs_flower",
+        "fedunlearn_cohort_slowdown_vs_loop",
+        "flower_slowdown_vs_loop",
+    ):
         assert comparison[key] > 0, key
     loop, flower = runs["single-process-loop"]["steady_round_s"], runs["flower-quickstart"]["steady_round_s"]
     assert comparison["fedunlearn_slowdown_vs_loop"] == pytest.approx(per_node["steady_round_s"] / loop)
@@ -164,9 +181,31 @@ def test_training_benchmark_miniature_runs_every_path_side_by_side(tmp_path):
 
 def test_unlearning_benchmark_miniature_reports_every_registered_method(tmp_path):
     out = tmp_path / "unlearning.json"
-    code = unlearning.main(["--preset", "smoke", "--clients", "3", "--rounds", "1", "--set", "model=mlp", "--set", "train-limit=300",
-                            "--set", "pga-epochs=1", "--set", "imu-epochs=1", "--repeats", "1", "--engine", "local", "--in-process",
-                            "--out", str(out)])
+    code = unlearning.main(
+        [
+            "--preset",
+            "smoke",
+            "--clients",
+            "3",
+            "--rounds",
+            "1",
+            "--set",
+            "model=mlp",
+            "--set",
+            "train-limit=300",
+            "--set",
+            "pga-epochs=1",
+            "--set",
+            "imu-epochs=1",
+            "--repeats",
+            "1",
+            "--engine",
+            "local",
+            "--in-process",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert code == 0, (result["errors"], {m: s["unfinished"] for m, s in result["methods"].items()})
     assert_sane(result)
@@ -191,8 +230,18 @@ def test_unlearning_benchmark_miniature_reports_every_registered_method(tmp_path
 
 
 def test_unlearning_summary_leaves_out_methods_that_did_not_finish():
-    finished = {"wall_s": 0.2, "client_compute_s": 0.1, "rounds": 1, "participations": 1, "bytes": 10, "speedup_wall": 50.0,
-                "speedup_rounds": 30.0, "speedup_bytes": 100.0, "status": "complete", "error": None}
+    finished = {
+        "wall_s": 0.2,
+        "client_compute_s": 0.1,
+        "rounds": 1,
+        "participations": 1,
+        "bytes": 10,
+        "speedup_wall": 50.0,
+        "speedup_rounds": 30.0,
+        "speedup_bytes": 100.0,
+        "status": "complete",
+        "error": None,
+    }
     aborted = {**finished, "wall_s": 0.0003, "rounds": 0, "speedup_wall": 33000.0, "status": "aborted", "error": "client 0 offline"}
     summary = unlearning.summarise([aborted, finished, finished])
     assert summary["wall_s"] == 0.2 and summary["speedup_wall"] == 50.0  # the aborted repeat's 33000x is not a speedup
@@ -207,8 +256,9 @@ def test_unlearning_summary_leaves_out_methods_that_did_not_finish():
 
 def test_reliability_benchmark_miniature_survives_every_injected_fault(tmp_path):
     out = tmp_path / "reliability.json"
-    code = reliability.main(["--preset", "smoke", "--set", "model=mlp", "--set", "train-limit=300", "--set", "local-epochs=1",
-                             "--out", str(out)])
+    code = reliability.main(
+        ["--preset", "smoke", "--set", "model=mlp", "--set", "train-limit=300", "--set", "local-epochs=1", "--out", str(out)]
+    )
     result = json.loads(out.read_text())
     assert code == 0
     assert_sane(result)
@@ -231,16 +281,33 @@ def test_reliability_benchmark_miniature_survives_every_injected_fault(tmp_path)
 def test_memory_benchmark_miniature_on_ray_counts_fedunlearns_caches(tmp_path):
     # The one Ray-backed miniature (Ray's start costs ~15 s): a child process, Flower's simulation engine, worker RSS.
     out = tmp_path / "memory.json"
-    code = memory.main(["--clients", "3", "--examples", "8", "--rounds", "2", "--variants", "fedunlearn",
-                        "--data-root", str(tmp_path / "data"), "--out", str(out), "--timeout", "300"])
+    code = memory.main(
+        [
+            "--clients",
+            "3",
+            "--examples",
+            "8",
+            "--rounds",
+            "2",
+            "--variants",
+            "fedunlearn",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--timeout",
+            "300",
+        ]
+    )
     result = json.loads(out.read_text())
     assert code == 0, result["scales"]
     assert_sane(result)
     entry = result["scales"][0]
     ours = entry["variants"]["fedunlearn"]
     assert_training_run(ours["runs"][0], clients=3, rounds=2, ray=True)
-    assert ours["runs"][0]["grid_poll_interval_s"] == getattr(variants.fedunlearn_config(variants.Scale(3, 8, 2, "x")),
-                                                              "grid_poll_interval", None)
+    assert ours["runs"][0]["grid_poll_interval_s"] == getattr(
+        variants.fedunlearn_config(variants.Scale(3, 8, 2, "x")), "grid_poll_interval", None
+    )
     caches = ours["caches"]
     # One float32 safetensors file per client: the gradient sum (P values) plus a header of a few hundred bytes.
     assert caches["client_cache_files"] == 3
@@ -253,13 +320,22 @@ def test_memory_benchmark_miniature_on_ray_counts_fedunlearns_caches(tmp_path):
 
 
 def test_target_verdicts_say_by_how_much():
-    assert markdown.verdict({"target": "x at least 5x", "measured": 2.5, "required": 5.0, "met": False}) == "MISSED by 2.00x: 2.5x (needs >= 5x)"
-    assert markdown.verdict({"target": "within 1.25x", "measured": 2.5, "required": 1.25, "met": False}) == \
-        "MISSED by 2.00x: 2.5x (needs <= 1.25x)"
-    assert markdown.verdict({"target": "t", "measured": 3.0, "required": 1.0, "better": "higher", "met": True}) == \
-        "met: 3x (needs >= 1x, 3.00x inside the target)"
-    assert markdown.verdict({"target": "under 8 GB", "measured_bytes": 4e9, "required_bytes": 8e9, "met": True}) == \
-        "met: 4.00 GB (needs <= 8.00 GB, 2.00x inside the target)"
+    assert (
+        markdown.verdict({"target": "x at least 5x", "measured": 2.5, "required": 5.0, "met": False})
+        == "MISSED by 2.00x: 2.5x (needs >= 5x)"
+    )
+    assert (
+        markdown.verdict({"target": "within 1.25x", "measured": 2.5, "required": 1.25, "met": False})
+        == "MISSED by 2.00x: 2.5x (needs <= 1.25x)"
+    )
+    assert (
+        markdown.verdict({"target": "t", "measured": 3.0, "required": 1.0, "better": "higher", "met": True})
+        == "met: 3x (needs >= 1x, 3.00x inside the target)"
+    )
+    assert (
+        markdown.verdict({"target": "under 8 GB", "measured_bytes": 4e9, "required_bytes": 8e9, "met": True})
+        == "met: 4.00 GB (needs <= 8.00 GB, 2.00x inside the target)"
+    )
     assert markdown.verdict({"target": "t", "measured": None, "required": 5.0, "met": None}) == "not measured"
 
 
@@ -293,8 +369,21 @@ def test_iau_ablation_miniature_writes_its_report(tmp_path, monkeypatch):
 
     report = tmp_path / "ablation.md"
     with registry_scope():  # the variants register as methods: keep them in this test
-        code = iau_ablation.main(["--presets", "smoke", "--seeds", "0", "--variants", "sgd-0.045,calibrated", "--quick",
-                                  "--out", str(tmp_path / "runs"), "--report", str(report)])
+        code = iau_ablation.main(
+            [
+                "--presets",
+                "smoke",
+                "--seeds",
+                "0",
+                "--variants",
+                "sgd-0.045,calibrated",
+                "--quick",
+                "--out",
+                str(tmp_path / "runs"),
+                "--report",
+                str(report),
+            ]
+        )
     assert code == 0
     text = report.read_text()
     assert "| iau:sgd-0.045 |" in text and "| iau:calibrated |" in text and "| pga |" in text

@@ -33,10 +33,12 @@ def args(*argv: str) -> Setup:
 
 def config_file(content: str | bytes, suffix: str = ".json", *more: str) -> Setup:
     """A case whose --config file holds `content`."""
+
     def setup(tmp: Path) -> list[str]:
         path = tmp / f"settings{suffix}"
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         return ["--config", str(path), *more]
+
     return setup
 
 
@@ -86,8 +88,9 @@ def write_checkpoint(out: Path, round_: int, **changed: object) -> None:
     """A checkpoint as an interrupted run of SMALL (with `changed` settings) leaves it: state.json only."""
     cfg = build_config("smoke", overrides={"model": "mlp", "rounds": 4, "methods": "retrain,iau", "shadow_mia": False, **changed})
     (out / "checkpoint").mkdir(parents=True)
-    (out / "checkpoint" / "state.json").write_text(json.dumps({"round": round_, "config": cfg.to_dict(), "history": {},
-                                                               "training_cost": {}}))
+    (out / "checkpoint" / "state.json").write_text(
+        json.dumps({"round": round_, "config": cfg.to_dict(), "history": {}, "training_cost": {}})
+    )
 
 
 def failed_run_folder(tmp: Path) -> list[str]:
@@ -95,8 +98,9 @@ def failed_run_folder(tmp: Path) -> list[str]:
     out = tmp / "out"
     out.mkdir()
     trace = "\n".join(f'  File "x.py", line {i}, in f\n    raise RuntimeError' for i in range(21))
-    (out / "results.json").write_text(json.dumps({"status": f"failed: RayTaskError: ray::run()\nTraceback (most recent call last):\n{trace}",
-                                                  "models": {}}))
+    (out / "results.json").write_text(
+        json.dumps({"status": f"failed: RayTaskError: ray::run()\nTraceback (most recent call last):\n{trace}", "models": {}})
+    )
     return [*SMALL, "--out", str(out)]
 
 
@@ -156,15 +160,19 @@ TABLE: list[tuple[str, Setup, tuple[str, ...], tuple[str, ...]]] = [
     ("json-truncated", config_file('{"rounds": 3, "lr": 0.'), ("settings.json", "not valid JSON"), ()),
     ("json-nan-literal", config_file('{"lr": NaN}'), ("settings.json", "NaN"), ()),
     ("json-bool-for-int", config_file('{"num-clients": true}'), ("num-clients=True", "not a boolean"), ()),
-    ("mnist-missing-folder", args("--dataset", "mnist", "--data-dir", "{tmp}/nonexistent"),
-     ("--dataset mnist", "train-images-idx3-ubyte", "--download"), ()),
+    (
+        "mnist-missing-folder",
+        args("--dataset", "mnist", "--data-dir", "{tmp}/nonexistent"),
+        ("--dataset mnist", "train-images-idx3-ubyte", "--download"),
+        (),
+    ),
     ("mnist-garbage-files", garbage_mnist, ("--dataset mnist", "train-images-idx3-ubyte", "not mnist's file", "--download"), ()),
     ("mnist-truncated-files", truncated_mnist, ("--dataset mnist", "header", "--download"), ()),
     ("mnist-half-the-files", half_mnist, ("t10k-images-idx3-ubyte", "--download"), ("train-images-idx3-ubyte,",)),
     ("digits-2000-clients", args("--num-clients", "2000"), ("num-clients=2000", "fewer clients"), ()),
     ("out-is-a-file", out_is_file, ("out=", "is a file"), ()),
     ("out-under-a-file", out_under_file, ("out=", "cannot be used"), ()),
-    ("failed-run-folder", failed_run_folder, ("already holds results", "failed: RayTaskError", "--overwrite"), ("--resume", "File \"x.py\"")),
+    ("failed-run-folder", failed_run_folder, ("already holds results", "failed: RayTaskError", "--overwrite"), ("--resume", 'File "x.py"')),
     ("truncated-results-json", truncated_results, ("results.json", "not valid JSON", "--overwrite"), ()),
     ("checkpoint-only-folder", checkpoint_only, ("checkpoint", "round 2", "--resume", "--overwrite"), ()),
     ("resume-changed-settings", resume_changed, ("rounds: checkpoint 6 vs now 4", "state.json"), ("results.json",)),
@@ -175,23 +183,43 @@ TABLE: list[tuple[str, Setup, tuple[str, ...], tuple[str, ...]]] = [
     ("resume-damaged-state", damaged_state, ("state.json", "cannot be read"), ()),
     ("out-empty", args("--out", ""), ("out=''",), ()),
     # types, per field, from the dataclass: a boolean is not an integer, a number is not a string, ...
-    *[(f"bool-for-int-{key(f)}", config_file(json.dumps({key(f): True})), (f"{key(f)}=True",), ())
-      for f, (kind, _, many) in FIELD_KINDS.items() if kind is int and not many],
-    *[(f"bool-for-float-{key(f)}", config_file(json.dumps({key(f): False})), (f"{key(f)}=False",), ())
-      for f in FLOAT_FIELDS],
-    *[(f"word-for-int-{key(f)}", args(f"--{key(f)}", "ten"), (f"{key(f)}='ten'", "integer"), ())
-      for f, (kind, _, many) in FIELD_KINDS.items() if kind is int and not many],
-    *[(f"fraction-for-int-{key(f)}", args(f"--{key(f)}", "2.5"), (f"{key(f)}='2.5'",), ())
-      for f, (kind, _, many) in FIELD_KINDS.items() if kind is int and not many],
+    *[
+        (f"bool-for-int-{key(f)}", config_file(json.dumps({key(f): True})), (f"{key(f)}=True",), ())
+        for f, (kind, _, many) in FIELD_KINDS.items()
+        if kind is int and not many
+    ],
+    *[(f"bool-for-float-{key(f)}", config_file(json.dumps({key(f): False})), (f"{key(f)}=False",), ()) for f in FLOAT_FIELDS],
+    *[
+        (f"word-for-int-{key(f)}", args(f"--{key(f)}", "ten"), (f"{key(f)}='ten'", "integer"), ())
+        for f, (kind, _, many) in FIELD_KINDS.items()
+        if kind is int and not many
+    ],
+    *[
+        (f"fraction-for-int-{key(f)}", args(f"--{key(f)}", "2.5"), (f"{key(f)}='2.5'",), ())
+        for f, (kind, _, many) in FIELD_KINDS.items()
+        if kind is int and not many
+    ],
     *[(f"word-for-float-{key(f)}", args(f"--{key(f)}", "fast"), (f"{key(f)}='fast'", "number"), ()) for f in FLOAT_FIELDS],
-    *[(f"number-for-string-{key(f)}", config_file(json.dumps({key(f): 3})), (f"{key(f)}=3", "string"), ())
-      for f, (kind, _, many) in FIELD_KINDS.items() if kind is str and not many],
-    *[(f"number-for-bool-{key(f)}", config_file(json.dumps({key(f): 1})), (f"{key(f)}=1", "true or false"), ())
-      for f, (kind, _, _) in FIELD_KINDS.items() if kind is bool],
-    *[(f"word-for-bool-{key(f)}", config_file(f'{key(f)} = "maybe"\n', ".toml"), (f"{key(f)}='maybe'",), ())
-      for f, (kind, _, _) in FIELD_KINDS.items() if kind is bool],
-    *[(f"object-for-list-{key(f)}", config_file(json.dumps({key(f): {"a": 1}})), (f"{key(f)}=",), ())
-      for f, (kind, _, many) in FIELD_KINDS.items() if many],
+    *[
+        (f"number-for-string-{key(f)}", config_file(json.dumps({key(f): 3})), (f"{key(f)}=3", "string"), ())
+        for f, (kind, _, many) in FIELD_KINDS.items()
+        if kind is str and not many
+    ],
+    *[
+        (f"number-for-bool-{key(f)}", config_file(json.dumps({key(f): 1})), (f"{key(f)}=1", "true or false"), ())
+        for f, (kind, _, _) in FIELD_KINDS.items()
+        if kind is bool
+    ],
+    *[
+        (f"word-for-bool-{key(f)}", config_file(f'{key(f)} = "maybe"\n', ".toml"), (f"{key(f)}='maybe'",), ())
+        for f, (kind, _, _) in FIELD_KINDS.items()
+        if kind is bool
+    ],
+    *[
+        (f"object-for-list-{key(f)}", config_file(json.dumps({key(f): {"a": 1}})), (f"{key(f)}=",), ())
+        for f, (kind, _, many) in FIELD_KINDS.items()
+        if many
+    ],
     ("stream-clients-word", args("--stream-clients", "3,x"), ("stream-clients='3,x'", "'x'"), ()),
     ("stream-clients-bool", config_file('{"stream-clients": [3, true]}'), ("stream-clients=",), ()),
     # ranges and choices
@@ -232,16 +260,18 @@ TABLE: list[tuple[str, Setup, tuple[str, ...], tuple[str, ...]]] = [
     ("flag-abbreviated", args("--round", "3"), ("--round", "did you mean --rounds"), ()),
     ("flag-without-value", args("--rounds"), ("--rounds", "expected one argument"), ()),
     ("unknown-key-in-file", config_file('{"num_clientz": 3}'), ("num_clientz", "did you mean 'num-clients'"), ()),
-    ("tool-without-flwr-table", config_file('[tool.other]\nx = 1\n', ".toml"), ("tool.flwr.app.config",), ()),
-    ("toml-syntax", config_file('rounds = = 3\n', ".toml"), ("settings.toml", "not valid TOML"), ()),
+    ("tool-without-flwr-table", config_file("[tool.other]\nx = 1\n", ".toml"), ("tool.flwr.app.config",), ()),
+    ("toml-syntax", config_file("rounds = = 3\n", ".toml"), ("settings.toml", "not valid TOML"), ()),
 ]
 # Checks that ask torch about this machine: meaningful only where there is no GPU (the CI machine).
 try:
     import torch
 
     if not torch.cuda.is_available():
-        TABLE += [("device-cuda-without-gpu", args("--device", "cuda"), ("device='cuda'", "--device cpu"), ()),
-                  ("gpus-per-client-without-gpu", args("--num-gpus-per-client", "0.5"), ("num-gpus-per-client=0.5", "no GPU"), ())]
+        TABLE += [
+            ("device-cuda-without-gpu", args("--device", "cuda"), ("device='cuda'", "--device cpu"), ()),
+            ("gpus-per-client-without-gpu", args("--num-gpus-per-client", "0.5"), ("num-gpus-per-client=0.5", "no GPU"), ()),
+        ]
 except ImportError:  # pragma: no cover
     pass
 
@@ -288,17 +318,51 @@ def test_bad_input_is_refused_in_one_line_before_ray(setup, names, never, tmp_pa
 def test_the_table_covers_issue_14(tmp_path):
     """Every row of the issue's table is a case above (a row dropped from TABLE fails here)."""
     ids = {c[0] for c in TABLE}
-    issue_rows = {"nan-momentum", "nan-gr-alpha", "nan-gradient-norm-bound", "nan-slow-seconds", "nan-grid-poll-interval",
-                  "nan-num-cpus-per-client", "nan-num-gpus-per-client", "nan-pga-radius", "inf-iau-eta", "inf-lr", "inf-alpha",
-                  "inf-malicious-norm", "seed-minus-1", "json-list", "json-null", "json-methods-with-a-number", "binary-file",
-                  "config-is-a-folder", "json-bool-for-int", "mnist-missing-folder", "mnist-garbage-files", "digits-2000-clients",
-                  "out-is-a-file", "failed-run-folder", "truncated-results-json", "checkpoint-only-folder", "resume-changed-settings"}
+    issue_rows = {
+        "nan-momentum",
+        "nan-gr-alpha",
+        "nan-gradient-norm-bound",
+        "nan-slow-seconds",
+        "nan-grid-poll-interval",
+        "nan-num-cpus-per-client",
+        "nan-num-gpus-per-client",
+        "nan-pga-radius",
+        "inf-iau-eta",
+        "inf-lr",
+        "inf-alpha",
+        "inf-malicious-norm",
+        "seed-minus-1",
+        "json-list",
+        "json-null",
+        "json-methods-with-a-number",
+        "binary-file",
+        "config-is-a-folder",
+        "json-bool-for-int",
+        "mnist-missing-folder",
+        "mnist-garbage-files",
+        "digits-2000-clients",
+        "out-is-a-file",
+        "failed-run-folder",
+        "truncated-results-json",
+        "checkpoint-only-folder",
+        "resume-changed-settings",
+    }
     assert issue_rows <= ids, issue_rows - ids
 
 
 # In a real process: the exit code the shell sees, and nothing printed by libraries on the way.
-REAL = ["nan-momentum", "json-list", "binary-file", "mnist-missing-folder", "mnist-garbage-files", "digits-2000-clients",
-        "out-is-a-file", "failed-run-folder", "resume-changed-settings", "flag-typo"]
+REAL = [
+    "nan-momentum",
+    "json-list",
+    "binary-file",
+    "mnist-missing-folder",
+    "mnist-garbage-files",
+    "digits-2000-clients",
+    "out-is-a-file",
+    "failed-run-folder",
+    "resume-changed-settings",
+    "flag-typo",
+]
 
 
 @pytest.mark.parametrize("case", REAL)
@@ -327,16 +391,19 @@ def test_print_config_is_strict_json(capsys):
     assert printed["lr"] == 0.05 and printed["mia-attacks"] == ["loss", "shadow", "lira"]
 
 
-@pytest.mark.parametrize("field,value,names", [
-    ("num_clients", True, ("num-clients=True",)),
-    ("lr", float("nan"), ("lr=nan", "finite")),
-    ("momentum", float("inf"), ("momentum=inf", "finite")),
-    ("methods", ("iau", 3), ("methods=('iau', 3)",)),
-    ("methods", "retrain,iau", ("methods='retrain,iau'", "tuple")),
-    ("dataset", 3, ("dataset=3", "string")),
-    ("backdoor", 1, ("backdoor=1", "true or false")),
-    ("train_limit", 2.5, ("train-limit=2.5", "integer")),
-])
+@pytest.mark.parametrize(
+    "field,value,names",
+    [
+        ("num_clients", True, ("num-clients=True",)),
+        ("lr", float("nan"), ("lr=nan", "finite")),
+        ("momentum", float("inf"), ("momentum=inf", "finite")),
+        ("methods", ("iau", 3), ("methods=('iau', 3)",)),
+        ("methods", "retrain,iau", ("methods='retrain,iau'", "tuple")),
+        ("dataset", 3, ("dataset=3", "string")),
+        ("backdoor", 1, ("backdoor=1", "true or false")),
+        ("train_limit", 2.5, ("train-limit=2.5", "integer")),
+    ],
+)
 def test_the_dataclass_built_in_python_checks_types_too(field, value, names):
     """The library path (ExperimentConfig(...), cfg.replace(...)) gets the same type checks as the command line."""
     from fedunlearn.config import ExperimentConfig

@@ -37,7 +37,10 @@ Exception ClientAppException occurred. Message: mnist not found in folder '/none
 
 
 def test_the_clients_own_exception_is_named_not_its_wrappers():
-    assert client_message(RuntimeError(RAY_TEXT)) == "FileNotFoundError: mnist not found in folder '/nonexistent' and download=False: pass download=True"
+    assert (
+        client_message(RuntimeError(RAY_TEXT))
+        == "FileNotFoundError: mnist not found in folder '/nonexistent' and download=False: pass download=True"
+    )
     assert client_message(ValueError("bad shape")) == "bad shape"
 
 
@@ -60,8 +63,24 @@ def test_flowers_per_message_error_records_are_kept_once_and_counted(caplog):
 
 def run_cli(script: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
-    args = ["--preset", "smoke", "--model", "mlp", "--rounds", "3", "--num-clients", "3", "--methods", "retrain", "--no-shadow-mia",
-            "--mia-attacks", "loss", "--quiet", "--out", str(tmp_path / "out")]
+    args = [
+        "--preset",
+        "smoke",
+        "--model",
+        "mlp",
+        "--rounds",
+        "3",
+        "--num-clients",
+        "3",
+        "--methods",
+        "retrain",
+        "--no-shadow-mia",
+        "--mia-attacks",
+        "loss",
+        "--quiet",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     return subprocess.run([sys.executable, *script, *args], capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -85,5 +104,7 @@ def test_a_crashing_client_the_run_survives_is_one_line(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     # One crash per training run that reaches round 2 (the original and retrain), each recorded as a failed reply.
     assert results["client_errors"]["count"] == results["reliability"]["failed_by_cause"]["crash"] == 2
-    assert notes == ["[fedunlearn] 2 client messages failed during the run (first: strategies.faults.InjectedCrash: "
-                     "fault-injection: crash of client 1, round 2); see results.json: client_errors and reliability"]
+    assert notes == [
+        "[fedunlearn] 2 client messages failed during the run (first: strategies.faults.InjectedCrash: "
+        "fault-injection: crash of client 1, round 2); see results.json: client_errors and reliability"
+    ]

@@ -55,12 +55,16 @@ def client_data(sizes, shape=(1, 8, 8), seed=0):
     return [torch.randn(n, *shape, generator=gen) for n in sizes], [torch.randint(0, 10, (n,), generator=gen) for n in sizes]
 
 
-@pytest.mark.parametrize("settings", [
-    TrainSettings(epochs=2, lr=0.1, batch_size=8),
-    TrainSettings(epochs=2, lr=0.05, batch_size=8, momentum=0.9, weight_decay=0.01),
-    TrainSettings(epochs=2, lr=0.1, batch_size=8, gr_alpha=0.05),
-    TrainSettings(epochs=2, lr=0.01, batch_size=8, optimizer="adam", weight_decay=0.01),
-], ids=["sgd", "momentum-weight-decay", "gradient-restriction", "adam"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        TrainSettings(epochs=2, lr=0.1, batch_size=8),
+        TrainSettings(epochs=2, lr=0.05, batch_size=8, momentum=0.9, weight_decay=0.01),
+        TrainSettings(epochs=2, lr=0.1, batch_size=8, gr_alpha=0.05),
+        TrainSettings(epochs=2, lr=0.01, batch_size=8, optimizer="adam", weight_decay=0.01),
+    ],
+    ids=["sgd", "momentum-weight-decay", "gradient-restriction", "adam"],
+)
 def test_cohort_training_equals_clients_trained_in_turn(settings):
     torch.manual_seed(0)
     model = build_model("mlp", (1, 8, 8), 10)
@@ -217,8 +221,7 @@ def test_cohort_grid_replies_look_like_per_node_replies(small_cfg, tmp_path):
 
 
 # ----- (b) a whole experiment: per-node == cohort --------------------------------------------------------------
-def run_experiment(cfg, tmp_path, monkeypatch, mode: str, cohort_size: int = 2, capture_errors: bool = False,
-                   vectorise: bool = True):
+def run_experiment(cfg, tmp_path, monkeypatch, mode: str, cohort_size: int = 2, capture_errors: bool = False, vectorise: bool = True):
     """Drive `cfg` in-process; returns (results, every model the evaluator saw, in order)."""
     seen: list[ArrayRecord] = []
     full = runner.Evaluator.full
@@ -232,8 +235,11 @@ def run_experiment(cfg, tmp_path, monkeypatch, mode: str, cohort_size: int = 2, 
     inner = with_faults(build_client_app(spec), app_config.fault_plan_for(cfg))
     if mode == "cohort":
         cfg = cfg.replace(execution="cohort", cohort_size=cohort_size, cohort_train="vmap" if vectorise else "loop")
-        grid = LocalGrid(build_cohort_client_app(spec, cohort_size, inner=inner, vectorise=vectorise), num_cohorts(cfg.num_clients, cohort_size),
-                         capture_errors=capture_errors)
+        grid = LocalGrid(
+            build_cohort_client_app(spec, cohort_size, inner=inner, vectorise=vectorise),
+            num_cohorts(cfg.num_clients, cohort_size),
+            capture_errors=capture_errors,
+        )
     else:
         grid = LocalGrid(inner, cfg.num_clients, capture_errors=capture_errors)
     experiment = Experiment(cfg, out_dir=None, show_progress=False)
@@ -260,8 +266,15 @@ def assert_same_run(per_node, cohort):
 @pytest.mark.parametrize("vectorise", [True, False], ids=["vmap", "loop"])
 def test_a_whole_run_in_cohort_mode_equals_per_node_mode(small_cfg, tmp_path, monkeypatch, vectorise):
     """Training (sampled rounds, momentum), caches, two withdrawals in a stream, every unlearning method; cohorts of 2, 2 and 1."""
-    cfg = small_cfg.replace(num_clients=5, rounds=3, momentum=0.5, fraction_fit=0.8, shadow_mia=False, stream_clients=(3,),
-                            methods=("retrain", "iau", "iau-cached", "finetune", "gradient-ascent", "federaser", "pga", "imu"))
+    cfg = small_cfg.replace(
+        num_clients=5,
+        rounds=3,
+        momentum=0.5,
+        fraction_fit=0.8,
+        shadow_mia=False,
+        stream_clients=(3,),
+        methods=("retrain", "iau", "iau-cached", "finetune", "gradient-ascent", "federaser", "pga", "imu"),
+    )
     per_node = run_experiment(cfg, tmp_path, monkeypatch, "per-node")
     cohort = run_experiment(cfg, tmp_path, monkeypatch, "cohort", cohort_size=2, vectorise=vectorise)
     assert_same_run(per_node, cohort)
@@ -274,8 +287,16 @@ def test_a_whole_run_in_cohort_mode_equals_per_node_mode(small_cfg, tmp_path, mo
 
 # ----- (c) faults stay per virtual client ---------------------------------------------------------------------
 def test_a_dropped_or_crashed_virtual_client_is_a_dropout_not_a_failed_cohort(small_cfg, tmp_path, monkeypatch):
-    cfg = small_cfg.replace(num_clients=5, rounds=2, dropout_prob=0.3, crash_client=2, crash_round=1, shadow_mia=False,
-                            unlearn_policy="renormalise", methods=("retrain", "iau"))
+    cfg = small_cfg.replace(
+        num_clients=5,
+        rounds=2,
+        dropout_prob=0.3,
+        crash_client=2,
+        crash_round=1,
+        shadow_mia=False,
+        unlearn_policy="renormalise",
+        methods=("retrain", "iau"),
+    )
     per_node = run_experiment(cfg, tmp_path, monkeypatch, "per-node", capture_errors=True)
     cohort = run_experiment(cfg, tmp_path, monkeypatch, "cohort", cohort_size=2, capture_errors=True)
     assert_same_run(per_node, cohort)

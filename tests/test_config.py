@@ -12,17 +12,20 @@ from simulations.methods import check_methods, get_method
 from simulations.run import main
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"rounds": 0}, "rounds=0: must be >= 1"),
-    ({"num_clients": 1}, "num-clients=1"),
-    ({"partition": "dirichlet-ish"}, "partition='dirichlet-ish': must be one of iid, dirichlet"),
-    ({"lr": -1}, "lr=-1.0: must be > 0"),
-    ({"forget_client": 12}, "forget-client=12: must be a partition id in [0, 9]"),
-    ({"withdraw_round": 30}, "withdraw-round=30: must be in [1, 29]"),
-    ({"fraction_fit": 1.5}, "fraction-fit=1.5"),
-    ({"iau_step_rule": "adam"}, "iau-step-rule='adam'"),
-    ({"methods": "retrain,retrain"}, "listed twice"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"rounds": 0}, "rounds=0: must be >= 1"),
+        ({"num_clients": 1}, "num-clients=1"),
+        ({"partition": "dirichlet-ish"}, "partition='dirichlet-ish': must be one of iid, dirichlet"),
+        ({"lr": -1}, "lr=-1.0: must be > 0"),
+        ({"forget_client": 12}, "forget-client=12: must be a partition id in [0, 9]"),
+        ({"withdraw_round": 30}, "withdraw-round=30: must be in [1, 29]"),
+        ({"fraction_fit": 1.5}, "fraction-fit=1.5"),
+        ({"iau_step_rule": "adam"}, "iau-step-rule='adam'"),
+        ({"methods": "retrain,retrain"}, "listed twice"),
+    ],
+)
 def test_bad_values_name_the_key_and_the_range(overrides, message):
     with pytest.raises(ConfigError) as err:
         build_config("default", overrides=overrides)
@@ -43,8 +46,11 @@ def test_unknown_preset_and_bad_types():
 
 def test_unknown_method_lists_the_registered_ones():
     # ('iua' is now as close to 'imu' as to 'iau', so the typo checked is one with a single closest name.)
-    with pytest.raises(UnknownMethodError, match="unknown method 'fedearser'.*did you mean 'federaser'.*available: retrain, iau, "
-                                                 "iau-cached, finetune, gradient-ascent, federaser, pga, imu$"):
+    with pytest.raises(
+        UnknownMethodError,
+        match="unknown method 'fedearser'.*did you mean 'federaser'.*available: retrain, iau, "
+        "iau-cached, finetune, gradient-ascent, federaser, pga, imu$",
+    ):
         check_methods(["retrain", "fedearser"])
     assert get_method("iau").name == "iau"
 

@@ -150,8 +150,12 @@ def test_dirichlet_is_more_skewed_than_iid(data: FederatedData, dirichlet_data: 
 
 # Labels written independently of the code under test: 997 examples, 10 classes, in a random order.
 LABELS = np.random.default_rng(123).integers(0, 10, size=997)
-SETTINGS = {"iid": {}, "dirichlet": {"alpha": 0.1, "min_partition_size": 5}, "pathological": {"classes_per_client": 2},
-            "shard": {"shards_per_client": 2}}
+SETTINGS = {
+    "iid": {},
+    "dirichlet": {"alpha": 0.1, "min_partition_size": 5},
+    "pathological": {"classes_per_client": 2},
+    "shard": {"shards_per_client": 2},
+}
 SHARD_SIZE = 997 // (10 * 2)  # ShardPartitioner's own rule: the whole split cut into num_partitions * shards equal shards
 
 
@@ -455,9 +459,7 @@ def test_missing_torchvision_dataset_raises(dataset: str, tmp_path: Path) -> Non
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array in MNIST's big-endian IDX format."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 

@@ -44,8 +44,14 @@ class Setup:
         torch.manual_seed(0)
         self.model = build_model("mlp", self.data.input_shape, self.data.num_classes)
         self.layout = ParamLayout.of(self.model)
-        self.strategy = IAUFed(layout=self.layout, iau=iau, gradient_dtype=cfg.cache_dtype, directory=self.directory,
-                               train=app_config.train_settings_for(cfg), seed=cfg.seed)
+        self.strategy = IAUFed(
+            layout=self.layout,
+            iau=iau,
+            gradient_dtype=cfg.cache_dtype,
+            directory=self.directory,
+            train=app_config.train_settings_for(cfg),
+            seed=cfg.seed,
+        )
         initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items()))
         self.arrays = self.strategy.start(grid=self.grid, initial_arrays=initial, num_rounds=train_rounds).arrays
 
@@ -55,8 +61,11 @@ class Setup:
         withdrawn = {r.client for r in [*ledger, request] if r.client_level}
         remaining = torch.cat([kept_indices(self.data, p, [*ledger, request]) for p in range(self.cfg.num_clients) if p not in withdrawn])
         x, y = self.data.x_train, self.data.y_train
-        return pooled.direction(pooled.pooled_sums(self.model, theta, x[remaining], y[remaining]),
-                                pooled.pooled_sums(self.model, theta, x[forget], y[forget]), weight)
+        return pooled.direction(
+            pooled.pooled_sums(self.model, theta, x[remaining], y[remaining]),
+            pooled.pooled_sums(self.model, theta, x[forget], y[forget]),
+            weight,
+        )
 
 
 CACHE_DTYPES = ["float64", "float32"]  # float32 = the default cache and wire precision

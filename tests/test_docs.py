@@ -90,8 +90,10 @@ def all_docs() -> str:
 
 def test_every_cli_option_is_documented():
     missing = [option for option in cli_options() if not documented(option, all_docs())]
-    assert not missing, (f"options of `python -m simulations.run` missing from docs/: {missing}; "
-                         "run `python tests/test_docs.py --write-options` and describe them where they belong")
+    assert not missing, (
+        f"options of `python -m simulations.run` missing from docs/: {missing}; "
+        "run `python tests/test_docs.py --write-options` and describe them where they belong"
+    )
 
 
 def test_the_option_tables_list_no_option_that_does_not_exist():

@@ -64,14 +64,16 @@ def test_a_shadow_spec_trains_exactly_its_half_of_the_pool_with_the_clients_that
     sets = membership_sets(data, [DeletionRequest(client=1)])
     pool = torch.unique(torch.cat([sets.members, sets.non_members]))
     inside = pool[::2]
-    shadow = load_federated_data(DataSpec(num_clients=4, backdoor_client=1, shadow_pool=tuple(pool.tolist()), shadow_in=tuple(inside.tolist())))
+    shadow = load_federated_data(
+        DataSpec(num_clients=4, backdoor_client=1, shadow_pool=tuple(pool.tolist()), shadow_in=tuple(inside.tolist()))
+    )
     trained = torch.cat(shadow.client_train)
-    assert torch.isin(inside, shadow.client_train[1]).all()          # each IN candidate trains, with client 1
-    assert not torch.isin(pool[1::2], trained).any()                  # OUT candidates train nowhere
-    assert torch.equal(shadow.poisoned, data.poisoned)                # the backdoor is the target's
+    assert torch.isin(inside, shadow.client_train[1]).all()  # each IN candidate trains, with client 1
+    assert not torch.isin(pool[1::2], trained).any()  # OUT candidates train nowhere
+    assert torch.equal(shadow.poisoned, data.poisoned)  # the backdoor is the target's
     own_poisoned = data.client_train[1][data.poisoned[data.client_train[1]]]
     assert torch.isin(own_poisoned, shadow.client_train[1]).all()
-    for c in (0, 2, 3):                                              # the other clients are untouched
+    for c in (0, 2, 3):  # the other clients are untouched
         assert torch.equal(shadow.client_train[c], data.client_train[c])
 
 
@@ -123,7 +125,7 @@ def test_relearn_steps_counts_sgd_steps_like_a_hand_rolled_loop():
     for step in range(1, 51):
         if pos >= 40:
             order, pos = torch.randperm(40, generator=gen), 0
-        idx = order[pos:pos + 8]
+        idx = order[pos : pos + 8]
         pos += 8
         opt.zero_grad()
         F.cross_entropy(mine(x[idx]), y[idx]).backward()
@@ -161,7 +163,9 @@ def test_attacks_band_and_durability_in_one_run(small_cfg, tmp_path):
             assert entry["scored"] == sets.scored()
         assert model["mia_auc"] == model["mia"]["loss"]["auc"]
         assert model["relearn_probe"]["metric"] == "backdoor_asr"
-    assert results["membership"]["shadows"] == 4 and results["membership"]["pool"] == sets.scored()["members"] + sets.scored()["non_members"]
+    assert (
+        results["membership"]["shadows"] == 4 and results["membership"]["pool"] == sets.scored()["members"] + sets.scored()["non_members"]
+    )
     band = results["retrain_band"]
     assert band["acc_test"]["n"] == 3 and band["dist_para"]["n"] == 2
     runs = results["retrain_band_runs"]
@@ -175,12 +179,16 @@ def test_attacks_band_and_durability_in_one_run(small_cfg, tmp_path):
         durability = results["models"][name]["durability"]
         assert durability["rounds"] == 1 and set(durability) >= {"acc_test", "backdoor_asr", "mia_auc"}
     # Every model continued with the same seeds: the two IAU protocols start from the same model and stay together.
-    assert results["models"]["iau"]["durability"]["acc_test"] == pytest.approx(results["models"]["iau-cached"]["durability"]["acc_test"], abs=0.01)
+    assert results["models"]["iau"]["durability"]["acc_test"] == pytest.approx(
+        results["models"]["iau-cached"]["durability"]["acc_test"], abs=0.01
+    )
     # R = 0 is the model itself.
     evaluator = experiment.evaluator
     zero = experiment._durability("probe", experiment.original_arrays, evaluator, grid, None, ledger=(), suffix="", rounds=0)
     itself = evaluator.full(experiment.original_arrays, None)
-    assert zero["acc_test"] == itself["acc_test"] and zero["backdoor_asr"] == itself["backdoor_asr"] and zero["mia_auc"] == itself["mia_auc"]
+    assert (
+        zero["acc_test"] == itself["acc_test"] and zero["backdoor_asr"] == itself["backdoor_asr"] and zero["mia_auc"] == itself["mia_auc"]
+    )
     report = (tmp_path / "out" / "results.json").read_text()
     assert '"retrain_band"' in report and '"durability"' in report
 
@@ -210,8 +218,9 @@ BAD = [
 
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_evaluation_settings_are_refused_before_anything_starts(argv, message, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "simulations.run", *argv, "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "simulations.run", *argv, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr

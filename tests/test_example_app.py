@@ -124,9 +124,10 @@ def test_example_app_removes_the_withdrawn_client_in_a_plain_flower_simulation(t
         server_app=example_server.make_server_app(APP_CONFIG, results_path=results_path),
         client_app=example_client.make_client_app(APP_CONFIG),
         num_supernodes=num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"address": "local", "include_dashboard": False,
-                                      "logging_level": logging.ERROR, "log_to_driver": False}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"address": "local", "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False},
+        },
     )
     results = load_checks(results_path)
     print("\n".join(example_server.summary_lines(results)))  # shown with pytest -s
@@ -172,7 +173,8 @@ def test_the_example_app_honours_the_retry_policy_of_its_run_config(tmp_path):
         failed.clear()
         path = tmp_path / f"checks-{retries}.json"
         example_server.make_server_app(results_path=path)(
-            grid, Context(run_id=4343 + retries, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
+            grid, Context(run_id=4343 + retries, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+        )
         return load_checks(path)
 
     report = run(1)["unlearning"]["iau"]

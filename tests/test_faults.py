@@ -56,9 +56,16 @@ class Federation:
         torch.manual_seed(0)
         self.model = build_model("mlp", self.data.input_shape, self.data.num_classes)
         self.layout = ParamLayout.of(self.model)
-        self.strategy = IAUFed(layout=self.layout, iau=one_step(eta=ETA, step_rule="sgd"), gradient_dtype="float64",
-                               directory=self.directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
-                               policy=policy, keep_client_uploads=keep_uploads)
+        self.strategy = IAUFed(
+            layout=self.layout,
+            iau=one_step(eta=ETA, step_rule="sgd"),
+            gradient_dtype="float64",
+            directory=self.directory,
+            train=app_config.train_settings_for(cfg),
+            seed=cfg.seed,
+            policy=policy,
+            keep_client_uploads=keep_uploads,
+        )
         initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items()))
         self.arrays = initial
         self.theta = arrays_to_vector(self.arrays, self.layout)
@@ -67,14 +74,17 @@ class Federation:
         """These clients stop answering (as nodes that left)."""
         self.local.offline = {self.directory.node_of[p] for p in partitions}
 
-    def reference(self, theta: torch.Tensor, request: DeletionRequest, answering: list[int], ledger=()) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference(
+        self, theta: torch.Tensor, request: DeletionRequest, answering: list[int], ledger=()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """theta - eta * d with d on pooled data, one process, independently of the code under test (tests/pooled.py):
         g_r over what `answering` clients keep, g_f over S. Returns the parameters and their float32 error bound."""
         forget = forget_indices(self.data, request)
         remaining = torch.cat([kept_indices(self.data, p, [*ledger, request]) for p in answering])
         x, y = self.data.x_train, self.data.y_train
-        direction = pooled.direction(pooled.pooled_sums(self.model, theta, x[remaining], y[remaining]),
-                                     pooled.pooled_sums(self.model, theta, x[forget], y[forget]))
+        direction = pooled.direction(
+            pooled.pooled_sums(self.model, theta, x[remaining], y[remaining]), pooled.pooled_sums(self.model, theta, x[forget], y[forget])
+        )
         return pooled.step(theta, direction.d, "sgd", eta=ETA), pooled.step_error(theta, direction, "sgd", eta=ETA)
 
     def expected(self, theta: torch.Tensor, request: DeletionRequest, answering: list[int], ledger=()) -> torch.Tensor:
@@ -96,7 +106,9 @@ def assert_params(got: ArrayRecord, reference: tuple[torch.Tensor, torch.Tensor]
     pooled.assert_within(vector, *reference)
 
 
-@pytest.mark.parametrize("request_", [DeletionRequest(client=1), DeletionRequest(client=1, samples="poisoned")], ids=["client-level", "sample-level"])
+@pytest.mark.parametrize(
+    "request_", [DeletionRequest(client=1), DeletionRequest(client=1, samples="poisoned")], ids=["client-level", "sample-level"]
+)
 def test_thirty_percent_dropped_renormalised_update_equals_reference_over_answering_clients(cfg, tmp_path, request_):
     fed = Federation(cfg, tmp_path, RoundPolicy(retries=2, on_missing="renormalise"))
     fed.strategy.fill_caches(fed.grid, fed.arrays)
@@ -104,7 +116,9 @@ def test_thirty_percent_dropped_renormalised_update_equals_reference_over_answer
     new, report = fed.strategy.unlearn(fed.grid, fed.arrays, request_, forget_count(fed, request_))
     assert_params(new, fed.reference(fed.theta, request_, fed.answering(request_, MISSING)), fed)
     # Not what full participation would give: the missing clients' share really was left out and renormalised.
-    assert not torch.allclose(arrays_to_vector(new, fed.layout), fed.expected(fed.theta, request_, fed.answering(request_, [])), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(
+        arrays_to_vector(new, fed.layout), fed.expected(fed.theta, request_, fed.answering(request_, [])), rtol=1e-4, atol=1e-5
+    )
     assert report.status == "renormalised" and report.missing_clients == MISSING and report.retries == 2
     assert report.renormalised_count == sum(len(kept_indices(fed.data, p, [request_])) for p in fed.answering(request_, MISSING))
     assert report.rounds == 3 + (0 if request_.client_level else 1)  # sample-level: u is asked once more with n_A
@@ -239,13 +253,25 @@ def run_in_process(cfg, tmp_path, plan: FaultPlan):
 def runner_cfg(**changes):
     from fedunlearn.config import build_config
 
-    return build_config("smoke", overrides={"model": "mlp", "rounds": 2, "local_epochs": 1, "num_clients": 6, "train_limit": 360, "shadow_mia": False,
-                                            "methods": "retrain,iau,iau-cached", **changes})
+    return build_config(
+        "smoke",
+        overrides={
+            "model": "mlp",
+            "rounds": 2,
+            "local_epochs": 1,
+            "num_clients": 6,
+            "train_limit": 360,
+            "shadow_mia": False,
+            "methods": "retrain,iau,iau-cached",
+            **changes,
+        },
+    )
 
 
 def test_whole_run_survives_crash_dropouts_and_offline_withdrawing_client(tmp_path):
-    cfg = runner_cfg(crash_client=2, crash_round=1, dropout_prob=0.3, unlearn_retries=1, unlearn_policy="renormalise",
-                     withdrawing_offline=True, seed=3)
+    cfg = runner_cfg(
+        crash_client=2, crash_round=1, dropout_prob=0.3, unlearn_retries=1, unlearn_policy="renormalise", withdrawing_offline=True, seed=3
+    )
     # Dropouts only in the correction rounds here (the config's plan drops in every round type).
     plan = dataclasses.replace(app_config.fault_plan_for(cfg), dropout_types=(keys.QUERY_GRADIENT,))
     results, log = run_in_process(cfg, tmp_path, plan)

@@ -53,8 +53,13 @@ def test_the_equality_check_refuses_a_missing_device_and_unknown_models(capsys):
 
 
 def _gpu_sh(tmp_path, **env):
-    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "GPU_SH_RESULTS": str(tmp_path), **env})
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "GPU_SH_RESULTS": str(tmp_path), **env},
+    )
 
 
 def test_gpu_sh_plans_every_step_inside_its_budget(tmp_path):

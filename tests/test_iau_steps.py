@@ -44,7 +44,7 @@ def test_normalised_step_has_the_relative_length_asked_for():
 
 def test_per_layer_normalised_step_normalises_each_layer_and_keeps_the_total_length():
     theta = torch.tensor([1.0, 0.0, 0.0, 2.0])  # ||theta|| = sqrt(5)
-    d = torch.tensor([10.0, 0.0, 0.0, -0.5])     # layer 1 = first 3 entries, layer 2 = the last
+    d = torch.tensor([10.0, 0.0, 0.0, -0.5])  # layer 1 = first 3 entries, layer 2 = the last
     settings = IAUSettings(step_rule="normalised", radius=0.2, per_layer=True)
     got = CorrectionStepper(theta, settings, segments=(3, 1)).step(d)
     size = 0.2 * math.sqrt(5)
@@ -64,6 +64,7 @@ def test_the_client_rule_takes_the_first_radius_where_the_forget_set_looks_unsee
     def losses(radius):
         seen.append(radius)
         return 10 * radius, 0.25  # forget loss grows with the step; held-out stays
+
     radius, trail = choose_radius(losses, grid=(0.01, 0.02, 0.03, 0.05))
     assert radius == 0.03 and seen == [0.01, 0.02, 0.03] and trail[-1] == {"radius": 0.03, "forget_loss": 0.3, "heldout_loss": 0.25}
     assert choose_radius(lambda r: (0.0, 1.0), grid=(0.01, 0.02))[0] == 0.02  # never reached: the largest
@@ -103,7 +104,9 @@ def test_multi_step_update_equals_an_independent_pooled_reference(small_cfg, tmp
     settings = IAUSettings(step_rule="normalised", radius=0.05, steps=3, correction_weight=2.0)
     setup = Setup(cfg, tmp_path, settings)
     theta = arrays_to_vector(setup.arrays, setup.layout)
-    expected, forget_count, bound = reference_steps(setup, request, theta, steps=3, radius=0.05, weight=2.0, stale_remaining=protocol == "cached")
+    expected, forget_count, bound = reference_steps(
+        setup, request, theta, steps=3, radius=0.05, weight=2.0, stale_remaining=protocol == "cached"
+    )
 
     setup.strategy.fill_caches(setup.grid, setup.arrays, upload=protocol == "cached")
     new_arrays, report = setup.strategy.unlearn(setup.grid, setup.arrays, request, forget_count, protocol=protocol)
@@ -119,7 +122,9 @@ def test_multi_step_update_equals_an_independent_pooled_reference(small_cfg, tmp
 
 def test_the_stale_cached_remaining_term_differs_from_the_fresh_one(small_cfg, tmp_path):
     """The two references disagree on a multi-step update: the equality test above can tell the protocols apart."""
-    setup = Setup(small_cfg.replace(forget_client=1), tmp_path, IAUSettings(step_rule="normalised", radius=0.05, steps=3, correction_weight=1.0))
+    setup = Setup(
+        small_cfg.replace(forget_client=1), tmp_path, IAUSettings(step_rule="normalised", radius=0.05, steps=3, correction_weight=1.0)
+    )
     theta = arrays_to_vector(setup.arrays, setup.layout)
     fresh, _, bound = reference_steps(setup, DeletionRequest(client=1), theta, steps=3, radius=0.05, weight=1.0, stale_remaining=False)
     stale, _, _ = reference_steps(setup, DeletionRequest(client=1), theta, steps=3, radius=0.05, weight=1.0, stale_remaining=True)
@@ -146,8 +151,13 @@ def test_calibration_reads_only_the_withdrawing_clients_own_data(small_cfg, tmp_
     monkeypatch.setattr(client_app.ClientRuntime, "arrays_xy", recording)
     calls = []
     real = client_app.calibrate_radius
-    monkeypatch.setattr(client_app, "calibrate_radius", lambda runtime, arrays, direction, forget, heldout: (
-        calls.append((forget.clone(), heldout.clone())) or real(runtime, arrays, direction, forget, heldout)))
+    monkeypatch.setattr(
+        client_app,
+        "calibrate_radius",
+        lambda runtime, arrays, direction, forget, heldout: (
+            calls.append((forget.clone(), heldout.clone())) or real(runtime, arrays, direction, forget, heldout)
+        ),
+    )
     _, report = setup.strategy.unlearn(setup.grid, setup.arrays, request, forget_count, protocol="fresh")
     assert len(calls) == 1
     forget, heldout = calls[0]

@@ -56,9 +56,28 @@ def wait_until(predicate, deadline_s: float, poll_s: float = 0.5) -> bool:
 def start_run(tmp_path: Path, value: str) -> tuple[subprocess.Popen[str], list[str]]:
     """A long run (many rounds) in its own session; its stderr lines are collected in the background."""
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0", **{MARKER: value})
-    cmd = [sys.executable, "-m", "simulations.run", "--preset", "smoke", "--model", "mlp", "--rounds", "400",
-           "--local-epochs", "1", "--num-clients", "3", "--methods", "retrain", "--no-shadow-mia", "--mia-attacks", "loss",
-           "--out", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.run",
+        "--preset",
+        "smoke",
+        "--model",
+        "mlp",
+        "--rounds",
+        "400",
+        "--local-epochs",
+        "1",
+        "--num-clients",
+        "3",
+        "--methods",
+        "retrain",
+        "--no-shadow-mia",
+        "--mia-attacks",
+        "loss",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     lines: list[str] = []
 

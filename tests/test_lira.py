@@ -171,10 +171,7 @@ def test_lira_offline_scores_are_minus_log_sf() -> None:
     """Offline: -log Pr[Z > phi] for Z ~ N(mean_out, std_out), increasing in phi."""
     fits = fit_gaussians(PHI[:, :2], IN_MASK[:, :2], global_variance=False)
     target = torch.tensor([9.0, 10.0])
-    expected = [
-        -scipy.stats.norm.logsf(x, fits.mean_out[i].item(), fits.std_out[i].item())
-        for i, x in enumerate(target.tolist())
-    ]
+    expected = [-scipy.stats.norm.logsf(x, fits.mean_out[i].item(), fits.std_out[i].item()) for i, x in enumerate(target.tolist())]
     assert lira_offline_scores(target, fits).tolist() == pytest.approx(expected, rel=1e-9)
     assert (lira_offline_scores(target + 1.0, fits) > lira_offline_scores(target, fits)).all()
 
@@ -310,8 +307,15 @@ def attack_world() -> dict[str, object]:
         "memorised": _train(x_pool[members], y_pool[members], 1),
         "unseen": _train(x[other], y[other], 2),
     }
-    return {"x": x_pool, "y": y_pool, "phi": phi, "in_mask": in_mask, "members": members, "targets": targets,
-            "shadow_attack": shadow_attack}
+    return {
+        "x": x_pool,
+        "y": y_pool,
+        "phi": phi,
+        "in_mask": in_mask,
+        "members": members,
+        "targets": targets,
+        "shadow_attack": shadow_attack,
+    }
 
 
 @pytest.mark.parametrize("attack", ["lira", "loss", "shadow"])
@@ -329,8 +333,10 @@ def test_attack_separates_members_only_when_the_target_trained_on_them(
         auc = membership_auc(scores[members], scores[~members])
     elif attack == "shadow":
         attack_model = attack_world["shadow_attack"]
-        auc = membership_auc(torch.from_numpy(attack_model.member_scores(model, x[members], y[members])),
-                             torch.from_numpy(attack_model.member_scores(model, x[~members], y[~members])))
+        auc = membership_auc(
+            torch.from_numpy(attack_model.member_scores(model, x[members], y[members])),
+            torch.from_numpy(attack_model.member_scores(model, x[~members], y[~members])),
+        )
     else:
         auc = loss_threshold_mia_auc(model, x[members], y[members], x[~members], y[~members])
     assert low <= auc <= high, f"{attack} AUC on the {target} target: {auc:.3f}"

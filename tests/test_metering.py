@@ -56,8 +56,9 @@ def test_metered_bytes_equal_sum_of_payloads(small_cfg, tmp_path):
     with meter.phase("setup"):
         directory = discover_clients(grid, small_cfg.num_clients)
     model = build_model("mlp", (1, 8, 8), 10)
-    strategy = IAUFed(layout=ParamLayout.of(model), iau=one_step(), directory=directory,
-                      train=app_config.train_settings_for(small_cfg), seed=0)
+    strategy = IAUFed(
+        layout=ParamLayout.of(model), iau=one_step(), directory=directory, train=app_config.train_settings_for(small_cfg), seed=0
+    )
     with meter.phase("training"):
         arrays = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=2).arrays
     with meter.phase("unlearn"):

@@ -249,9 +249,7 @@ REF_KEYS = {"dist_output", "dist_output_deleted", "dist_para", "dist_para_normal
 
 def _net() -> nn.Module:
     """Return a small net with dropout and BatchNorm, whose results depend on the mode."""
-    return nn.Sequential(
-        nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)
-    )
+    return nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
 
 
 def test_evaluate_model_keys_values_and_mode_restored() -> None:
@@ -264,7 +262,11 @@ def test_evaluate_model_keys_values_and_mode_restored() -> None:
     before = [m.training for m in net.modules()]
     bn_mean = net[1].running_mean.clone()
     kwargs = dict(
-        test=(x_n, y_n), remained=(x_m, y_m), deleted=(x_m, y_m), triggered=None, target=0,
+        test=(x_n, y_n),
+        remained=(x_m, y_m),
+        deleted=(x_m, y_m),
+        triggered=None,
+        target=0,
         heldout=(x_n, y_n),
     )
 
@@ -291,8 +293,13 @@ def test_evaluate_model_values_on_memorising_model() -> None:
     model.train()
     reference = identity_linear(3, scale=1.0)
     out = evaluate_model(
-        model, test=(x_m, y_m), remained=(x_m, y_m), deleted=(x_m, y_m),
-        triggered=torch.tensor([[0.0, 0.0, 1.0]] * 4), target=2, heldout=(x_n, y_n),
+        model,
+        test=(x_m, y_m),
+        remained=(x_m, y_m),
+        deleted=(x_m, y_m),
+        triggered=torch.tensor([[0.0, 0.0, 1.0]] * 4),
+        target=2,
+        heldout=(x_n, y_n),
         reference=reference,
     )
     assert model.training

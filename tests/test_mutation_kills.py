@@ -72,18 +72,21 @@ def task_identity():
 # =========================================================================== fedunlearn/iau.py
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"eta": 0.0}, r"eta=0.0: must be > 0 \(typical 1e-3 .. 1e-2 for adam-first-step\)"),
-    ({"steps": 0}, r"steps=0: must be >= 1"),
-    ({"radius": 0.0}, r"radius=0.0: must be > 0 \(a fraction of \|\|theta\|\|, e.g. 0.02\)"),
-    ({"correction_weight": -0.5}, r"correction_weight=-0.5: must be >= 0"),
-    ({"calibrate": "loss"}, r"calibrate='loss': must be one of off, heldout-loss"),
-    ({"refresh_every": -1}, r"refresh_every=-1: must be >= 0 \(0 = never\)"),
-    ({"step_rule": "sign"}, r"step_rule='sign': must be one of sgd, adam-first-step, normalised"),
-    ({"eta": float("nan")}, r"eta=nan"),
-    ({"radius": float("nan")}, r"radius=nan"),
-    ({"correction_weight": float("nan")}, r"correction_weight=nan"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"eta": 0.0}, r"eta=0.0: must be > 0 \(typical 1e-3 .. 1e-2 for adam-first-step\)"),
+        ({"steps": 0}, r"steps=0: must be >= 1"),
+        ({"radius": 0.0}, r"radius=0.0: must be > 0 \(a fraction of \|\|theta\|\|, e.g. 0.02\)"),
+        ({"correction_weight": -0.5}, r"correction_weight=-0.5: must be >= 0"),
+        ({"calibrate": "loss"}, r"calibrate='loss': must be one of off, heldout-loss"),
+        ({"refresh_every": -1}, r"refresh_every=-1: must be >= 0 \(0 = never\)"),
+        ({"step_rule": "sign"}, r"step_rule='sign': must be one of sgd, adam-first-step, normalised"),
+        ({"eta": float("nan")}, r"eta=nan"),
+        ({"radius": float("nan")}, r"radius=nan"),
+        ({"correction_weight": float("nan")}, r"correction_weight=nan"),
+    ],
+)
 def test_settings_refuse_each_bad_value_by_name(changes, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         IAUSettings(**changes)
@@ -92,8 +95,17 @@ def test_settings_refuse_each_bad_value_by_name(changes, message):
 def test_settings_accept_the_boundaries_and_keep_the_measured_defaults():
     IAUSettings(steps=1, correction_weight=0.0, refresh_every=0, calibrate="heldout-loss")  # each boundary is allowed
     default = IAUSettings()
-    assert (default.eta, default.steps, default.step_rule, default.correction, default.radius, default.correction_weight,
-            default.per_layer, default.calibrate, default.refresh_every) == (0.045, 2, "normalised", True, 0.04, 3.0, False, "off", 0)
+    assert (
+        default.eta,
+        default.steps,
+        default.step_rule,
+        default.correction,
+        default.radius,
+        default.correction_weight,
+        default.per_layer,
+        default.calibrate,
+        default.refresh_every,
+    ) == (0.045, 2, "normalised", True, 0.04, 3.0, False, "off", 0)
 
 
 def test_a_step_rule_name_registered_twice_is_refused():
@@ -249,10 +261,12 @@ def test_a_rule_knows_its_settings_and_segments():
 
 def test_a_new_step_rule_is_registered_under_its_name():
     try:
+
         @register_step_rule("test-only-rule")
         class Halve(StepRule):
             def step(self, theta, direction, length=None):
                 return theta / 2
+
         assert STEP_RULES["test-only-rule"] is Halve
     finally:
         STEP_RULES.pop("test-only-rule", None)
@@ -404,11 +418,14 @@ def test_every_metric_passes_its_batch_size_on():
     torch.manual_seed(0)
     model, reference = BatchSpy(), BatchSpy()
     x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
-    evaluate_model(model, test=(x, y), remained=(x, y), deleted=(x, y), triggered=x, target=1, heldout=(x, y), reference=reference,
-                   batch_size=2)
+    evaluate_model(
+        model, test=(x, y), remained=(x, y), deleted=(x, y), triggered=x, target=1, heldout=(x, y), reference=reference, batch_size=2
+    )
     assert model.batches and max(model.batches) == 2 and max(reference.batches) == 2
-    for name, call in {"output_distance": lambda m: output_distance(m, reference, x, batch_size=2),
-                       "loss_threshold_mia_auc": lambda m: loss_threshold_mia_auc(m, x, y, x, y, batch_size=2)}.items():
+    for name, call in {
+        "output_distance": lambda m: output_distance(m, reference, x, batch_size=2),
+        "loss_threshold_mia_auc": lambda m: loss_threshold_mia_auc(m, x, y, x, y, batch_size=2),
+    }.items():
         spy = BatchSpy()
         call(spy)
         assert max(spy.batches) == 2, name
@@ -420,11 +437,16 @@ def test_the_loss_attack_scores_the_members_given_not_the_deleted_set():
     model = Constant([0.0, 3.0, 0.0])  # loss is low on label 1, high on label 0
     x = torch.zeros(4, 2)
     ones, zeros = torch.ones(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
-    got = evaluate_model(model, test=(x, ones), remained=(x, ones), deleted=(x, zeros), triggered=None, target=1,
-                         heldout=(x, zeros), members=(x, ones))
+    got = evaluate_model(
+        model, test=(x, ones), remained=(x, ones), deleted=(x, zeros), triggered=None, target=1, heldout=(x, zeros), members=(x, ones)
+    )
     assert got["mia_auc"] == 1.0 == loss_threshold_mia_auc(model, x, ones, x, zeros)  # members (low loss) beat held-out
-    assert evaluate_model(model, test=(x, ones), remained=(x, ones), deleted=(x, zeros), triggered=None, target=1,
-                          heldout=(x, ones))["mia_auc"] == 0.0  # default members = deleted (high loss)
+    assert (
+        evaluate_model(model, test=(x, ones), remained=(x, ones), deleted=(x, zeros), triggered=None, target=1, heldout=(x, ones))[
+            "mia_auc"
+        ]
+        == 0.0
+    )  # default members = deleted (high loss)
 
 
 def test_js_divergence_stays_in_zero_to_ln2_despite_round_off():
@@ -548,11 +570,17 @@ def test_the_echoed_version_and_its_check():
     assert echoed_version(old) == "v0"
     assert check_version(old, "v1", stale_ok=True) == "v0"  # a stale cache the run allows
     assert check_version(old, "v0") == "v0"
-    with pytest.raises(InvalidReplyError, match="was computed at model version v0, the server's model is at v1: a reply for another "
-                                                r"model is never aggregated \(allow stale caches to accept it\)$"):
+    with pytest.raises(
+        InvalidReplyError,
+        match="was computed at model version v0, the server's model is at v1: a reply for another "
+        r"model is never aggregated \(allow stale caches to accept it\)$",
+    ):
         check_version(old, "v1")
-    with pytest.raises(InvalidReplyError, match=r"does not say which model it was computed at \('model-version' in its 'config' record\): "
-                                                "it cannot be checked against the server's model v1$"):
+    with pytest.raises(
+        InvalidReplyError,
+        match=r"does not say which model it was computed at \('model-version' in its 'config' record\): "
+        "it cannot be checked against the server's model v1$",
+    ):
         check_version(reply_with(RecordDict()), "v1")
 
 
@@ -602,7 +630,9 @@ def test_train_reply_checks_name_the_tensor_and_what_was_expected():
     who = f"reply from node {NODE_OF[1]}"
     with pytest.raises(InvalidReplyError, match=rf"^{who} holds ArrayRecords \['arrays', 'x'\]: expected exactly one, 'arrays'$"):
         check_train_reply(train_reply(good, records={keys.ARRAYS: record_of(good), "x": record_of(good)}), template)
-    with pytest.raises(InvalidReplyError, match=rf"^{who}: model tensors differ from the global model's \(missing \['b'\], unexpected \['c'\]\)$"):
+    with pytest.raises(
+        InvalidReplyError, match=rf"^{who}: model tensors differ from the global model's \(missing \['b'\], unexpected \['c'\]\)$"
+    ):
         check_train_reply(train_reply({"w": good["w"], "c": good["b"]}), template)
     with pytest.raises(InvalidReplyError, match=rf"^{who}: tensor 'w' has shape \(2, 3\), expected \(3, 2\)$"):
         check_train_reply(train_reply({**good, "w": np.ones((2, 3), dtype=np.float32)}), template)
@@ -665,11 +695,16 @@ def test_withdrawal_checks_for_an_empty_directory_and_a_requester_that_owns_the_
     served = [DeletionRequest(client=1, samples="poisoned")]
     assert check_withdrawal(directory, iter(served), DeletionRequest(client=1, samples="poisoned")) is True
     assert check_withdrawal(directory, served, DeletionRequest(client=1, samples="random", fraction=0.2)) is False
-    with pytest.raises(WithdrawalRequestError, match="^client 3 has already withdrawn entirely: a new request for its 'random' "
-                                                     "examples has nothing left to remove$"):
+    with pytest.raises(
+        WithdrawalRequestError,
+        match="^client 3 has already withdrawn entirely: a new request for its 'random' examples has nothing left to remove$",
+    ):
         check_withdrawal(directory, (DeletionRequest(client=3),), DeletionRequest(client=3, samples="random", fraction=0.5))
-    with pytest.raises(WithdrawalRequestError, match=f"^node {NODE_OF[0]} asked to withdraw the data of client 1, which node "
-                                                     f"{NODE_OF[1]} serves: only the node itself may ask to withdraw its data$"):
+    with pytest.raises(
+        WithdrawalRequestError,
+        match=f"^node {NODE_OF[0]} asked to withdraw the data of client 1, which node "
+        f"{NODE_OF[1]} serves: only the node itself may ask to withdraw its data$",
+    ):
         check_withdrawal(directory, (), DeletionRequest(client=1), requester=NODE_OF[0])
 
 

@@ -59,16 +59,25 @@ def test_own_model_example_unlearns_on_flowers_simulation_engine(monkeypatch):
     # Ray's workers import the app's modules: they must find the example folder (and this checkout) too.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(EXAMPLE), str(EXAMPLE.parents[1]), os.environ.get("PYTHONPATH", "")]))
     server_app.results.clear()
-    run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=4,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"address": "local", "include_dashboard": False, "logging_level": logging.ERROR,
-                                                 "log_to_driver": False}})
+    run_simulation(
+        server_app=server_app.app,
+        client_app=client_app.app,
+        num_supernodes=4,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"address": "local", "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False},
+        },
+    )
     check(server_app.results)
 
 
 def test_readme_counts_the_lines_added_for_unlearning():
     """The README's count is the number of lines marked `# unlearning` in the app's files, and at most 15."""
-    marked = sum(1 for name in ("client_app.py", "server_app.py") for line in (EXAMPLE / "ownmodel" / name).read_text().splitlines()
-                 if "# unlearning" in line)
+    marked = sum(
+        1
+        for name in ("client_app.py", "server_app.py")
+        for line in (EXAMPLE / "ownmodel" / name).read_text().splitlines()
+        if "# unlearning" in line
+    )
     stated = re.search(r"(\d+) lines? added for unlearning", (EXAMPLE / "README.md").read_text())
     assert stated is not None and int(stated.group(1)) == marked <= 15

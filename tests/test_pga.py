@@ -70,8 +70,9 @@ def test_early_stop_ends_the_ascent_at_the_first_step_past_the_threshold():
     assert stopped and steps == k + 1 < 20
 
     model2, *_ = _problem()
-    stats = projected_gradient_ascent(model2, x, y, reference, RADIUS, PGASettings(**SETTINGS, stop_distance=threshold),
-                                      torch.Generator().manual_seed(0), local=local)
+    stats = projected_gradient_ascent(
+        model2, x, y, reference, RADIUS, PGASettings(**SETTINGS, stop_distance=threshold), torch.Generator().manual_seed(0), local=local
+    )
     assert stats.stopped_early and stats.steps == steps
     torch.testing.assert_close(model_vector(model2).double(), expected, rtol=0, atol=1e-6)
     assert stats.local_distance_sq == pytest.approx(free[k], rel=1e-9) and stats.local_distance_sq > threshold
@@ -84,8 +85,9 @@ def test_unreachable_threshold_or_no_local_model_runs_every_step():
     assert steps == 20 and not stopped
     for threshold, given in ((1e9, local), (1e-9, None), (0.0, local)):  # far away; no w_u; disabled (<= 0)
         model2, *_ = _problem()
-        stats = projected_gradient_ascent(model2, x, y, reference, RADIUS, PGASettings(**SETTINGS, stop_distance=threshold),
-                                          torch.Generator().manual_seed(0), local=given)
+        stats = projected_gradient_ascent(
+            model2, x, y, reference, RADIUS, PGASettings(**SETTINGS, stop_distance=threshold), torch.Generator().manual_seed(0), local=given
+        )
         assert not stats.stopped_early and stats.steps == 20, threshold
         torch.testing.assert_close(model_vector(model2).double(), expected, rtol=0, atol=1e-6)
         if given is not None and threshold > 0:
@@ -114,9 +116,19 @@ class Spy:
 
 
 def _stream(tmp_path, pga_rounds: int):  # noqa: ANN001, ANN202
-    cfg = build_config("smoke", overrides={"model": "mlp", "rounds": 2, "local_epochs": 1, "stream_clients": "2",
-                                           "methods": "retrain,pga", "pga_rounds": pga_rounds, "shadow_mia": False,
-                                           "train_limit": 600})
+    cfg = build_config(
+        "smoke",
+        overrides={
+            "model": "mlp",
+            "rounds": 2,
+            "local_epochs": 1,
+            "stream_clients": "2",
+            "methods": "retrain,pga",
+            "pga_rounds": pga_rounds,
+            "shadow_mia": False,
+            "train_limit": 600,
+        },
+    )
     spy = Spy(build_client_app(app_config.client_spec_for(cfg, str(tmp_path / "caches"))))
     experiment = Experiment(cfg, out_dir=tmp_path / "out", show_progress=False)
     experiment.drive(LocalGrid(spy, cfg.num_clients))
@@ -131,8 +143,11 @@ def _state(record) -> dict[str, torch.Tensor]:  # noqa: ANN001
 
 def _round(log, start: int, stop: int, server_round: int) -> dict[int, tuple[dict[str, torch.Tensor], int]]:  # noqa: ANN001
     """{partition: (local model it sent back, examples)} of the train messages of `server_round` in log[start:stop]."""
-    return {p: (_state(reply[keys.ARRAYS]), int(reply[keys.METRICS][keys.NUM_EXAMPLES]))
-            for kind, p, sent, reply in log[start:stop] if kind == keys.TRAIN and int(sent[keys.CONFIG][keys.SERVER_ROUND]) == server_round}
+    return {
+        p: (_state(reply[keys.ARRAYS]), int(reply[keys.METRICS][keys.NUM_EXAMPLES]))
+        for kind, p, sent, reply in log[start:stop]
+        if kind == keys.TRAIN and int(sent[keys.CONFIG][keys.SERVER_ROUND]) == server_round
+    }
 
 
 def _expected_reference(models: dict[int, tuple[dict[str, torch.Tensor], int]], client: int) -> tuple[dict[str, torch.Tensor], float]:

@@ -28,11 +28,24 @@ if str(ROOT) not in sys.path:  # `tests.plugin_zoo` imports from the repository 
 from tests import plugin_zoo  # noqa: E402  (the module the plug-in paths below name: one module object)
 
 ZOO = "tests.plugin_zoo"
-SMALL = ["--num-clients", "3", "--rounds", "1", "--local-epochs", "1", "--methods", "retrain", "--no-shadow-mia",
-         "--mia-attacks", "loss", "--quiet"]
+SMALL = [
+    "--num-clients",
+    "3",
+    "--rounds",
+    "1",
+    "--local-epochs",
+    "1",
+    "--methods",
+    "retrain",
+    "--no-shadow-mia",
+    "--mia-attacks",
+    "loss",
+    "--quiet",
+]
 
 
 # ----- the loader and the factory, directly --------------------------------------------------
+
 
 def test_plugin_path_syntax() -> None:
     assert is_plugin_path("pkg.mod:make") and is_plugin_path("a:b.c")
@@ -105,16 +118,31 @@ def test_load_callable_names_key_value_and_contract() -> None:
 
 # ----- a whole experiment with the user's model and data ------------------------------------
 
+
 def test_custom_model_and_loader_run_a_whole_experiment(tmp_path: Path) -> None:
     from simulations.runner import Experiment
     from strategies import app_config
     from strategies.client_app import build_client_app
     from strategies.local_grid import LocalGrid
 
-    cfg = build_config("default", overrides={
-        "dataset": f"{ZOO}:blobs_loader", "model": f"{ZOO}:tiny_net", "num_clients": 3, "rounds": 3, "local_epochs": 2,
-        "trigger_size": 2, "backdoor_target": 1, "methods": "retrain,iau", "shadow_mia": False, "mia_attacks": "loss",
-        "partition": "dirichlet", "alpha": 1.0, "lr": 0.1})
+    cfg = build_config(
+        "default",
+        overrides={
+            "dataset": f"{ZOO}:blobs_loader",
+            "model": f"{ZOO}:tiny_net",
+            "num_clients": 3,
+            "rounds": 3,
+            "local_epochs": 2,
+            "trigger_size": 2,
+            "backdoor_target": 1,
+            "methods": "retrain,iau",
+            "shadow_mia": False,
+            "mia_attacks": "loss",
+            "partition": "dirichlet",
+            "alpha": 1.0,
+            "lr": 0.1,
+        },
+    )
     DatasetStore.clear()
     try:
         experiment = Experiment(cfg, out_dir=tmp_path / "out", show_progress=False)
@@ -161,20 +189,33 @@ BAD = [
     # A plug-in dataset's classes and image size are known once it has loaded; then they meet the settings (named as the CLI spells them):
     (["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "2", "--backdoor-target", "5"], "backdoor-target=5", "[0, 3)"),
     (["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "7"], "trigger-size=7", "[1, 6]"),
-    (["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "2", "--partition", "pathological", "--classes-per-client", "4"],
-     "classes-per-client=4", "use at most 3"),
+    (
+        ["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "2", "--partition", "pathological", "--classes-per-client", "4"],
+        "classes-per-client=4",
+        "use at most 3",
+    ),
     (["--dataset", f"{ZOO}:blobs_loader", "--trigger-size", "2", "--num-clients", "200"], "num-clients=200", "use fewer clients"),
-    (["--num-clients", "10", "--partition", "dirichlet", "--alpha", "0.01", "--min-partition-size", "140"], "partition=dirichlet",
-     "flwr-datasets says"),
+    (
+        ["--num-clients", "10", "--partition", "dirichlet", "--alpha", "0.01", "--min-partition-size", "140"],
+        "partition=dirichlet",
+        "flwr-datasets says",
+    ),
     (["--partition", "shard", "--shards-per-client", "1", "--shard-size", "500"], "partition=shard", "flwr-datasets says"),
-    (["--partition", "shard", "--shards-per-client", "1", "--shard-size", "1"], "partition=shard", "got 1 examples, every client needs at least 2"),
+    (
+        ["--partition", "shard", "--shards-per-client", "1", "--shard-size", "1"],
+        "partition=shard",
+        "got 1 examples, every client needs at least 2",
+    ),
     (["--partition", "sorted"], "partition", "iid, dirichlet, pathological, shard"),
     (["--min-partition-size", "1"], "min-partition-size=1", ">= 2"),
     (["--class-assignment", "round-robin"], "class-assignment", "first-deterministic"),
 ]
 # Plug-in settings that fit (6x6 images take a trigger of 4, the default, and mcmahan-cnn's two 2x2 pools).
-GOOD = [["--dataset", f"{ZOO}:blobs_loader"], ["--dataset", f"{ZOO}:blobs_loader", "--model", "mcmahan-cnn", "--trigger-size", "2"],
-        ["--dataset", f"{ZOO}:blobs_loader", "--model", f"{ZOO}:tiny_net", "--partition", "shard", "--trigger-size", "2"]]
+GOOD = [
+    ["--dataset", f"{ZOO}:blobs_loader"],
+    ["--dataset", f"{ZOO}:blobs_loader", "--model", "mcmahan-cnn", "--trigger-size", "2"],
+    ["--dataset", f"{ZOO}:blobs_loader", "--model", f"{ZOO}:tiny_net", "--partition", "shard", "--trigger-size", "2"],
+]
 
 
 def _cli(args: list[str], out: Path) -> tuple[int, str]:
@@ -190,8 +231,9 @@ def _cli(args: list[str], out: Path) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize(("args", "key", "needle"), BAD, ids=[" ".join(a) for a, _, _ in BAD])
-def test_bad_plugin_input_exits_2_with_one_line(args: list[str], key: str, needle: str, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_plugin_input_exits_2_with_one_line(
+    args: list[str], key: str, needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ray
 
     from simulations.runner import Experiment
@@ -224,24 +266,53 @@ def test_fitting_plugin_settings_pass_the_setup(args: list[str]) -> None:
 def test_bad_model_through_python_m_in_a_subprocess(tmp_path: Path) -> None:
     """The real entry point, as a user runs it: exit code 2, one line on stderr, no traceback."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run([sys.executable, "-m", "simulations.run", *SMALL, "--out", str(tmp_path / "out"),
-                           "--model", f"{ZOO}:wrong_output"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.run", *SMALL, "--out", str(tmp_path / "out"), "--model", f"{ZOO}:wrong_output"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         f"error: model='{ZOO}:wrong_output': output on a batch of shape (2, 1, 8, 8) is (2, 11), expected (2, 10) "
-        "(batch, num_classes=10): end the network with num_classes logits"]
+        "(batch, num_classes=10): end the network with num_classes logits"
+    ]
 
 
 # ----- on Ray: the workers resolve the same strings -------------------------------------------
+
 
 @pytest.mark.ray
 def test_plugin_model_and_loader_on_ray(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT), FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.run", *SMALL, "--out", str(out), "--dataset", f"{ZOO}:blobs_loader",
-         "--model", f"{ZOO}:tiny_net", "--trigger-size", "2", "--rounds", "2", "--local-epochs", "2"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "simulations.run",
+            *SMALL,
+            "--out",
+            str(out),
+            "--dataset",
+            f"{ZOO}:blobs_loader",
+            "--model",
+            f"{ZOO}:tiny_net",
+            "--trigger-size",
+            "2",
+            "--rounds",
+            "2",
+            "--local-epochs",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "complete"

@@ -18,7 +18,10 @@ def test_smoke_preset_on_ray_with_five_clients(tmp_path):
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run(
         [sys.executable, "-m", "simulations.run", "--preset", "smoke", "--rounds", "3", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -39,15 +42,40 @@ def test_cohort_mode_and_a_stream_on_ray(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.run", "--preset", "smoke", "--rounds", "2", "--execution", "cohort", "--cohort-size", "3",
-         "--stream-clients", "2", "--no-shadow-mia", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            "-m",
+            "simulations.run",
+            "--preset",
+            "smoke",
+            "--rounds",
+            "2",
+            "--execution",
+            "cohort",
+            "--cohort-size",
+            "3",
+            "--stream-clients",
+            "2",
+            "--no-shadow-mia",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "complete"
-    assert results["execution"] == {"mode": "cohort", "cohort_size": 3, "supernodes": 2, "train": "loop",  # auto on a CPU
-                                    "engine_pickup_interval_s": 0.005}  # the engine looks for messages every 5 ms, not 0.1 s
+    assert results["execution"] == {
+        "mode": "cohort",
+        "cohort_size": 3,
+        "supernodes": 2,
+        "train": "loop",  # auto on a CPU
+        "engine_pickup_interval_s": 0.005,
+    }  # the engine looks for messages every 5 ms, not 0.1 s
     assert [step["request"]["client"] for step in results["stream"]] == [0, 2]
     first, second = (step["models"] for step in results["stream"])
     assert first["retrain"]["cost"]["participations"] == 2 * 4 and second["retrain"]["cost"]["participations"] == 2 * 3

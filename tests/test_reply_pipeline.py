@@ -73,16 +73,21 @@ class FailingCalibration(ClientApp):
         self.failed = 0
 
     def __call__(self, message: Message, context: Context) -> Message:
-        if (message.metadata.message_type == keys.TRAIN and int(context.node_config["partition-id"]) == 2 and not self.failed
-                and message.content.config_records[keys.CONFIG][keys.EPOCHS] == 1):
+        if (
+            message.metadata.message_type == keys.TRAIN
+            and int(context.node_config["partition-id"]) == 2
+            and not self.failed
+            and message.content.config_records[keys.CONFIG][keys.EPOCHS] == 1
+        ):
             self.failed += 1
             raise RuntimeError("out of memory in calibration")
         return self.inner(message, context)
 
 
 def test_federaser_calibration_retries_a_failed_client_and_records_it(tmp_path):
-    cfg = build_config("smoke", overrides={"model": "mlp", "rounds": 3, "methods": "retrain,federaser", "federaser_interval": 1,
-                                           "shadow_mia": False})
+    cfg = build_config(
+        "smoke", overrides={"model": "mlp", "rounds": 3, "methods": "retrain,federaser", "federaser_interval": 1, "shadow_mia": False}
+    )
     assert cfg.local_epochs == 2
     experiment = Experiment(cfg, out_dir=None, show_progress=False)
     app = FailingCalibration(build_client_app(app_config.client_spec_for(cfg, str(tmp_path / "caches"))))

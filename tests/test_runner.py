@@ -34,8 +34,12 @@ def split_sizes(cfg) -> dict[str, int]:
     request = app_config.deletion_request_for(cfg)
     withdrawn = {request.client} if request.client_level else set()
     remained = sum(len(kept_indices(data, p, [request])) for p in range(cfg.num_clients) if p not in withdrawn)
-    return {"acc_test": len(data.y_test), "acc_remained": remained, "acc_deleted": len(forget_indices(data, request)),
-            "backdoor_asr": len(data.triggered_test()[0])}
+    return {
+        "acc_test": len(data.y_test),
+        "acc_remained": remained,
+        "acc_deleted": len(forget_indices(data, request)),
+        "backdoor_asr": len(data.triggered_test()[0]),
+    }
 
 
 def check_contract(results, names, cfg=None):
@@ -139,8 +143,9 @@ class RecordingGrid(LocalGrid):
 def test_run_killed_after_round_k_and_resumed_ends_with_the_same_model(tmp_path, monkeypatch):
     from simulations.checkpoint import Checkpoints
 
-    cfg = build_config("smoke", overrides={"model": "mlp", "rounds": 6, "checkpoint_every": 2, "methods": "retrain,iau",
-                                           "shadow_mia": False})
+    cfg = build_config(
+        "smoke", overrides={"model": "mlp", "rounds": 6, "checkpoint_every": 2, "methods": "retrain,iau", "shadow_mia": False}
+    )
     whole = drive(cfg, tmp_path / "whole")
     whole_model = Checkpoints(tmp_path / "whole" / "out").load_arrays("training")
 
@@ -155,6 +160,7 @@ def test_run_killed_after_round_k_and_resumed_ends_with_the_same_model(tmp_path,
             if label == "original" and server_round == 5:
                 raise Interrupted("killed in round 5")
             inner(server_round, arrays, metrics)
+
         return hook
 
     monkeypatch.setattr(broken, "_round_hook", crashing_hook)
@@ -166,6 +172,7 @@ def test_run_killed_after_round_k_and_resumed_ends_with_the_same_model(tmp_path,
 
     # A new run into the same directory must not clobber it; --resume continues it.
     from fedunlearn.errors import ConfigError
+
     (tmp_path / "cut" / "out" / "results.json").write_text(json.dumps({"status": "failed"}))
     with pytest.raises(ConfigError, match="already holds results"):
         Experiment(cfg, out_dir=tmp_path / "cut" / "out", show_progress=False)
@@ -184,6 +191,7 @@ def test_run_killed_after_round_k_and_resumed_ends_with_the_same_model(tmp_path,
             if label == "original":
                 trained_rounds.append(server_round)
             inner(server_round, arrays, metrics)
+
         return hook
 
     monkeypatch.setattr(resumed, "_round_hook", counting_hook)

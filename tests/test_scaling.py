@@ -38,8 +38,21 @@ def test_the_smallest_crossing_is_the_least_retraining_work_that_passes_1000x():
 
 def test_a_miniature_grid_runs_every_method_and_writes_json_and_plot(tmp_path):
     out = tmp_path / "scaling.json"
-    code = scaling.main(["--grid", "3x2x20", "--model", "mlp", "--engine", "local", "--in-process", "--out", str(out),
-                         "--data-root", str(tmp_path / "data")])
+    code = scaling.main(
+        [
+            "--grid",
+            "3x2x20",
+            "--model",
+            "mlp",
+            "--engine",
+            "local",
+            "--in-process",
+            "--out",
+            str(out),
+            "--data-root",
+            str(tmp_path / "data"),
+        ]
+    )
     result = json.loads(out.read_text())
     (point,) = result["points"]
     assert code == 0 and point["status"] == "complete"

@@ -52,8 +52,11 @@ class VectorClients(ClientApp):
         kind = message.metadata.message_type
         if partition_of(context) in self.drop.get(kind, set()):
             raise RuntimeError(f"dropped out of {kind}")
-        step = {keys.QUERY_SECAGG_SETUP: secagg.setup, keys.QUERY_SECAGG_SHARE_KEYS: secagg.share_keys,
-                keys.QUERY_SECAGG_UNMASK: secagg.unmask_shares}.get(kind)
+        step = {
+            keys.QUERY_SECAGG_SETUP: secagg.setup,
+            keys.QUERY_SECAGG_SHARE_KEYS: secagg.share_keys,
+            keys.QUERY_SECAGG_UNMASK: secagg.unmask_shares,
+        }.get(kind)
         if step is not None:
             return step(self.runtime, message, context)  # type: ignore[arg-type]
         return secagg.collect(self.runtime, message, context, inner=self.inner)  # type: ignore[arg-type]
@@ -105,15 +108,24 @@ def vectors_for(n: int, seed: int = 0) -> dict[int, np.ndarray]:
     return out
 
 
-def run_sum(vectors: dict[int, np.ndarray], drop: dict[str, set[int]] | None = None, threshold: float = 0.0,
-            retries: int = 0) -> tuple[secagg.SecureSum, Recording]:
+def run_sum(
+    vectors: dict[int, np.ndarray], drop: dict[str, set[int]] | None = None, threshold: float = 0.0, retries: int = 0
+) -> tuple[secagg.SecureSum, Recording]:
     n = len(vectors)
     local = LocalGrid(VectorClients(vectors, drop), n, capture_errors=True)
     grid = Recording(local)
     directory = ClientDirectory(node_of={p: nid for p, nid in enumerate(local.node_ids)}, num_train={p: 1 for p in range(n)})
     messages = [Message(RecordDict(), dst_node_id=directory.node_of[p], message_type=keys.QUERY_GRADIENT) for p in range(n)]
-    result = secagg.secure_sum(grid, messages, directory=directory, phase="test", parse=lambda p, r: r, length=P,
-                               settings=SecAggSettings(BOUND, threshold), retries=retries)
+    result = secagg.secure_sum(
+        grid,
+        messages,
+        directory=directory,
+        phase="test",
+        parse=lambda p, r: r,
+        length=P,
+        settings=SecAggSettings(BOUND, threshold),
+        retries=retries,
+    )
     return result, grid
 
 
@@ -121,11 +133,11 @@ def run_sum(vectors: dict[int, np.ndarray], drop: dict[str, set[int]] | None = N
 DROPS = [
     (3, {}),
     (10, {}),
-    (5, {keys.QUERY_SECAGG_COLLECT: {1}}),                      # dropped before its masked vector: its pairwise masks removed
+    (5, {keys.QUERY_SECAGG_COLLECT: {1}}),  # dropped before its masked vector: its pairwise masks removed
     (10, {keys.QUERY_SECAGG_SETUP: {0}, keys.QUERY_SECAGG_SHARE_KEYS: {3}, keys.QUERY_SECAGG_COLLECT: {5, 9}}),  # 4 = n - t
-    (10, {keys.QUERY_SECAGG_UNMASK: {2, 4, 6, 8}}),             # dropped after sending it: still in the sum
+    (10, {keys.QUERY_SECAGG_UNMASK: {2, 4, 6, 8}}),  # dropped after sending it: still in the sum
     (20, {keys.QUERY_SECAGG_SHARE_KEYS: {7}, keys.QUERY_SECAGG_COLLECT: {0, 10, 15}}),  # SecAgg+: 11 neighbours each, t = 6
-    (40, {keys.QUERY_SECAGG_COLLECT: {1, 2, 3}, keys.QUERY_SECAGG_UNMASK: {4, 5}}),      # 13 neighbours each, t = 7
+    (40, {keys.QUERY_SECAGG_COLLECT: {1, 2, 3}, keys.QUERY_SECAGG_UNMASK: {4, 5}}),  # 13 neighbours each, t = 7
 ]
 
 
@@ -133,13 +145,17 @@ DROPS = [
 def test_the_unmasked_sum_equals_the_plain_sum_of_the_contributors_within_the_bound(n, drop):
     vectors = vectors_for(n)
     result, _ = run_sum(vectors, drop)
-    before_collect = drop.get(keys.QUERY_SECAGG_SETUP, set()) | drop.get(keys.QUERY_SECAGG_SHARE_KEYS, set()) | drop.get(keys.QUERY_SECAGG_COLLECT, set())
+    before_collect = (
+        drop.get(keys.QUERY_SECAGG_SETUP, set())
+        | drop.get(keys.QUERY_SECAGG_SHARE_KEYS, set())
+        | drop.get(keys.QUERY_SECAGG_COLLECT, set())
+    )
     contributors = sorted(set(range(n)) - before_collect)
     assert result.report["contributors"] == contributors
     assert result.missing == sorted(before_collect)
-    expected = np.sum([vectors[p] for p in contributors], axis=0)     # the plain sum, numpy's own
+    expected = np.sum([vectors[p] for p in contributors], axis=0)  # the plain sum, numpy's own
     error = np.abs(result.total.numpy() - expected)
-    step = 2 * BOUND / ((FIELD - 1) // n)                             # Delta, written out: 2B / floor((2^32 - 1) / n)
+    step = 2 * BOUND / ((FIELD - 1) // n)  # Delta, written out: 2B / floor((2^32 - 1) / n)
     assert error.max() <= len(contributors) * step / 2 * (1 + 1e-9), (error.max(), step)
     assert result.report["error_bound"]["per_coordinate"] == pytest.approx(len(contributors) * step / 2)
     assert result.report["clipped"] == 0
@@ -159,10 +175,10 @@ def test_a_vector_over_the_bound_is_clipped_by_its_client_and_only_the_count_is_
 
 def test_dropouts_past_the_threshold_abort_the_round():
     n = 10
-    assert neighbourhood_size(n) == 9 and threshold_for(0.0, 9) == 5    # each client keeps 4 of its 8 neighbours and itself
+    assert neighbourhood_size(n) == 9 and threshold_for(0.0, 9) == 5  # each client keeps 4 of its 8 neighbours and itself
     with pytest.raises(secagg.SecAggAbortedError, match="threshold of 5"):
         run_sum(vectors_for(n), {keys.QUERY_SECAGG_COLLECT: {0, 1, 2, 3, 4, 5}})
-    with pytest.raises(secagg.SecAggAbortedError, match="unmask stage"):   # the vectors arrived but too few shares come back
+    with pytest.raises(secagg.SecAggAbortedError, match="unmask stage"):  # the vectors arrived but too few shares come back
         run_sum(vectors_for(n), {keys.QUERY_SECAGG_UNMASK: {0, 1, 2, 3, 4, 5}})
     result, _ = run_sum(vectors_for(n), {keys.QUERY_SECAGG_COLLECT: {0, 1, 2, 3, 4, 5}}, threshold=3)  # a lower threshold tolerates it
     assert result.report["contributors"] == [6, 7, 8, 9]
@@ -173,7 +189,7 @@ def test_secagg_plus_neighbourhoods_are_a_symmetric_ring_of_log_n_clients():
     order = [3, 0, 4, 1, 2, 6, 5, 7, 9, 8, 11, 10]
     near = neighbourhoods(order, 5)
     assert all(p in near[p] and len(near[p]) == 5 for p in order)
-    assert all(p in near[q] for p in order for q in near[p])          # symmetric: pairwise masks cancel in pairs
+    assert all(p in near[q] for p in order for q in near[p])  # symmetric: pairwise masks cancel in pairs
     assert near[3] == sorted([10, 11, 3, 0, 4])
 
 
@@ -189,8 +205,9 @@ def test_a_dropout_is_retried_per_the_policy():
     local = LocalGrid(Once(vectors), 4, capture_errors=True)
     directory = ClientDirectory(node_of={p: nid for p, nid in enumerate(local.node_ids)}, num_train={p: 1 for p in range(4)})
     messages = [Message(RecordDict(), dst_node_id=directory.node_of[p], message_type=keys.QUERY_GRADIENT) for p in range(4)]
-    result = secagg.secure_sum(local, messages, directory=directory, phase="test", parse=lambda p, r: r, length=P,
-                               settings=SecAggSettings(BOUND), retries=1)
+    result = secagg.secure_sum(
+        local, messages, directory=directory, phase="test", parse=lambda p, r: r, length=P, settings=SecAggSettings(BOUND), retries=1
+    )
     assert result.missing == [] and result.report["attempts"] == 5
     assert np.abs(result.total.numpy() - sum(vectors.values())).max() <= result.report["error_bound"]["per_coordinate"]
 
@@ -221,7 +238,7 @@ def test_no_message_the_server_receives_equals_or_correlates_with_a_client_vecto
     _, grid = run_sum(vectors)
     quantiser = Quantiser.for_clients(BOUND, 5)
     seen = [a for m in grid.received for a in arrays_in(m)]
-    assert len(seen) >= 5                     # every masked vector is there
+    assert len(seen) >= 5  # every masked vector is there
     for vector, array in itertools.product(vectors.values(), seen):
         if array.size < P:
             continue
@@ -229,7 +246,7 @@ def test_no_message_the_server_receives_equals_or_correlates_with_a_client_vecto
         assert not np.allclose(head, vector, atol=1e-3)
         assert not np.array_equal(array[:P], quantiser.quantise(vector))
         r = np.corrcoef(head, vector)[0, 1] if head.std() > 0 else 0.0
-        assert abs(r) < 5 / np.sqrt(P), r   # 5 standard errors of an uncorrelated pair
+        assert abs(r) < 5 / np.sqrt(P), r  # 5 standard errors of an uncorrelated pair
 
 
 def seeded_secrets(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
@@ -243,8 +260,10 @@ def seeded_secrets(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
 
     def key_pair() -> tuple[bytes, bytes]:
         private = X25519PrivateKey.from_private_bytes(rng.randbytes(32))
-        return (private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
-                private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+        return (
+            private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+            private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+        )
 
     monkeypatch.setattr(secagg, "key_pair", key_pair)
     monkeypatch.setattr(secagg.os, "urandom", rng.randbytes)
@@ -252,11 +271,16 @@ def seeded_secrets(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
 
 def test_a_masked_vector_is_uniform_on_the_field_whatever_the_vector(monkeypatch):
     seeded_secrets(monkeypatch, 0)
-    for scale in (0.0, 1.0):                 # the all-zero vector and a structured one look alike
+    for scale in (0.0, 1.0):  # the all-zero vector and a structured one look alike
         vectors = {p: v * scale for p, v in vectors_for(4).items()}
         _, grid = run_sum(vectors)
-        masked = np.concatenate([r.content.array_records[keys.SECAGG_MASKED]["masked"].numpy()[:P] for r in grid.received
-                                 if keys.SECAGG_MASKED in r.content.array_records]).astype(np.float64)
+        masked = np.concatenate(
+            [
+                r.content.array_records[keys.SECAGG_MASKED]["masked"].numpy()[:P]
+                for r in grid.received
+                if keys.SECAGG_MASKED in r.content.array_records
+            ]
+        ).astype(np.float64)
         assert stats.kstest(masked / FIELD, "uniform").pvalue > 1e-3
         counts, _ = np.histogram(masked, bins=16, range=(0, FIELD))
         assert stats.chisquare(counts).pvalue > 1e-3
@@ -281,8 +305,13 @@ def test_changing_one_clients_vector_changes_only_its_masked_message_and_by_the_
     for vs in (vectors, changed):
         fixed_secrets()
         _, grid = run_sum(vs)
-        masked.append({r.metadata.src_node_id: r.content.array_records[keys.SECAGG_MASKED]["masked"].numpy()
-                       for r in grid.received if keys.SECAGG_MASKED in r.content.array_records})
+        masked.append(
+            {
+                r.metadata.src_node_id: r.content.array_records[keys.SECAGG_MASKED]["masked"].numpy()
+                for r in grid.received
+                if keys.SECAGG_MASKED in r.content.array_records
+            }
+        )
     quantiser = Quantiser.for_clients(BOUND, 4)
     node0 = sorted(masked[0])[0]
     assert all(np.array_equal(masked[0][n], masked[1][n]) for n in masked[0] if n != node0)
@@ -304,8 +333,16 @@ from strategies.faults import with_faults  # noqa: E402
 from strategies.library import unlearning_strategy  # noqa: E402
 
 NORM_BOUND = 50.0  # above every contribution of these runs (the reports show 0 clipped): plain and secure clip alike
-RUN = {"model": "mlp", "rounds": 2, "methods": "retrain,iau,iau-cached", "shadow_mia": False, "mia_attacks": "loss",
-       "gradient_norm_bound": NORM_BOUND, "iau_repair_rounds": 0, "unlearn_retries": 0}
+RUN = {
+    "model": "mlp",
+    "rounds": 2,
+    "methods": "retrain,iau,iau-cached",
+    "shadow_mia": False,
+    "mia_attacks": "loss",
+    "gradient_norm_bound": NORM_BOUND,
+    "iau_repair_rounds": 0,
+    "unlearn_retries": 0,
+}
 
 
 class DropStage(ClientApp):
@@ -346,14 +383,14 @@ def test_a_whole_iau_run_under_secure_aggregation_matches_the_plain_run_within_t
         p, s = plain["models"][name], secure["models"][name]
         # How far the unlearned model may move: each normalised step theta - rho ||theta|| d/||d|| moves by at most
         # 2 rho ||theta|| ||e|| / ||d|| for an error e in d: the quantisation's l2 bound, plus float32 on the plain wire.
-        theta = p["dist_para"] / p["dist_para_normalized"] + p["dist_para"]   # ||theta_ref|| + ||theta - theta_ref||
+        theta = p["dist_para"] / p["dist_para_normalized"] + p["dist_para"]  # ||theta_ref|| + ||theta - theta_ref||
         rho = 0.04
         if name == "iau":
             errors = [(r["error_bound"]["l2"], d) for r, d in zip(fresh["secure_aggregation"], [fresh["direction_norm"]] * 2, strict=True)]
         else:  # d = lambda (G_tot - G_S) / (n - |S|) - G_S/|S|: G_tot's error enters scaled by lambda / (n - |S|)
             weight = 3.0 / s["unlearning"]["remaining_count"]
             errors = [(weight * caching["error_bound"]["l2"], s["unlearning"]["direction_norm"])] * s["unlearning"]["steps"]
-        moved = sum(2 * rho * theta * (e / d + 1e-6) for e, d in errors)   # 1e-6: float32's 6e-8 per entry, generously
+        moved = sum(2 * rho * theta * (e / d + 1e-6) for e, d in errors)  # 1e-6: float32's 6e-8 per entry, generously
         assert abs(s["dist_para"] - p["dist_para"]) <= moved, (name, s["dist_para"], p["dist_para"], moved)
         for metric in ("acc_test", "acc_deleted", "backdoor_asr"):
             assert s[metric] == p[metric], (name, metric)
@@ -373,7 +410,9 @@ def strategy_for(secure_drop: dict[str, set[int]], times: int = -1, retries: int
     spec = app_config.client_spec_for(cfg, tempfile.mkdtemp())
     grid = LocalGrid(DropStage(build_client_app(spec), secure_drop, times), cfg.num_clients, capture_errors=True)
     model = build_model("mlp", (1, 8, 8), 10)
-    strategy = unlearning_strategy(grid, model, cfg.num_clients, iau=app_config.iau_settings_for(cfg), policy=app_config.round_policy_for(cfg))
+    strategy = unlearning_strategy(
+        grid, model, cfg.num_clients, iau=app_config.iau_settings_for(cfg), policy=app_config.round_policy_for(cfg)
+    )
     arrays = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()))
     return strategy, grid, arrays, app_config.deletion_request_for(cfg)
 
@@ -395,7 +434,7 @@ def test_a_client_missing_from_the_secure_correction_aborts_with_the_model_and_t
         strategy.unlearn(grid, arrays, request, forget_count=strategy.directory.num_train[request.client])
     assert same(before, snapshot(strategy, arrays))
     report = err.value.report["secure_aggregation"][-1]
-    assert report["status"] == ("partial" if len(dropped) == 1 else "aborted")   # t = 3 of 5: one dropout is still summed
+    assert report["status"] == ("partial" if len(dropped) == 1 else "aborted")  # t = 3 of 5: one dropout is still summed
 
 
 def test_past_the_threshold_the_cached_upload_aborts_and_no_aggregate_is_kept():
@@ -410,8 +449,11 @@ def test_a_dropout_retried_per_the_policy_gives_the_plain_direction():
     strategy.fill_caches(grid, arrays)
     count = strategy.directory.num_train[request.client]
     secured, report = strategy.unlearn(grid, arrays, request, forget_count=count)
-    assert report.status == "complete" and report.retries == 2 and [f["phase"] for f in report.failures] == [
-        "unlearn:secagg-share-keys", "unlearn:secagg-collect-masked"]
+    assert (
+        report.status == "complete"
+        and report.retries == 2
+        and [f["phase"] for f in report.failures] == ["unlearn:secagg-share-keys", "unlearn:secagg-collect-masked"]
+    )
     assert [r["attempts"] for r in report.secure_aggregation] == [6, 4]
     plain = strategy.branch()
     plain.ledger, plain._excluded_counts = (), {}
@@ -421,13 +463,16 @@ def test_a_dropout_retried_per_the_policy_gives_the_plain_direction():
         assert np.allclose(secured[name].numpy(), expected[name].numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({}, "needs --gradient-norm-bound > 0"),
-    ({"gradient_norm_bound": 5, "gradient_norm_action": "reject"}, "cannot reject a vector it never sees"),
-    ({"gradient_norm_bound": 5, "unlearn_policy": "renormalise"}, "use --unlearn-policy abort"),
-    ({"gradient_norm_bound": 5, "methods": "retrain,iau,pga,federaser"}, "pga, federaser cannot run under it"),
-    ({"gradient_norm_bound": 5, "secagg_threshold": 11}, "secagg-threshold=11"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({}, "needs --gradient-norm-bound > 0"),
+        ({"gradient_norm_bound": 5, "gradient_norm_action": "reject"}, "cannot reject a vector it never sees"),
+        ({"gradient_norm_bound": 5, "unlearn_policy": "renormalise"}, "use --unlearn-policy abort"),
+        ({"gradient_norm_bound": 5, "methods": "retrain,iau,pga,federaser"}, "pga, federaser cannot run under it"),
+        ({"gradient_norm_bound": 5, "secagg_threshold": 11}, "secagg-threshold=11"),
+    ],
+)
 def test_what_cannot_run_under_secure_aggregation_is_refused_before_anything_starts(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_config("default", overrides={"secure_aggregation": True, **overrides})
@@ -439,17 +484,25 @@ def test_cohort_execution_runs_the_secure_rounds_per_virtual_client_with_the_sam
     from strategies.cohort import build_cohort_client_app, num_cohorts
 
     per_node = experiment(True, methods="retrain,iau,iau-cached")
-    cfg = build_config("smoke", overrides={**RUN, "secure_aggregation": True, "execution": "cohort", "cohort_size": 2, "cohort_train": "loop"})
+    cfg = build_config(
+        "smoke", overrides={**RUN, "secure_aggregation": True, "execution": "cohort", "cohort_size": 2, "cohort_train": "loop"}
+    )
     spec = app_config.client_spec_for(cfg, tempfile.mkdtemp())
     run = Experiment(cfg, out_dir=None, show_progress=False)
-    run.drive(LocalGrid(build_cohort_client_app(spec, 2, inner=build_client_app(spec), vectorise=False), num_cohorts(cfg.num_clients, 2),
-                        capture_errors=True))
+    run.drive(
+        LocalGrid(
+            build_cohort_client_app(spec, 2, inner=build_client_app(spec), vectorise=False),
+            num_cohorts(cfg.num_clients, 2),
+            capture_errors=True,
+        )
+    )
     cohort = run.results
     for name in ("iau", "iau-cached"):
         assert cohort["models"][name]["status"] == "complete"
         assert cohort["models"][name]["unlearning"]["secure_aggregation"] == [] or all(
             r["contributors"] == list(range(1, 5)) or r["contributors"] == list(range(5))
-            for r in cohort["models"][name]["unlearning"]["secure_aggregation"])
+            for r in cohort["models"][name]["unlearning"]["secure_aggregation"]
+        )
         for metric in ("acc_test", "backdoor_asr", "dist_para"):
             assert cohort["models"][name][metric] == pytest.approx(per_node["models"][name][metric], rel=1e-6), (name, metric)
 
@@ -459,7 +512,7 @@ def test_injected_dropouts_hit_the_secure_stages_and_are_retried():
     unlearning = results["models"]["iau"]["unlearning"]
     attempts = [r["attempts"] for r in unlearning["secure_aggregation"]]
     assert unlearning["status"] == "complete", unlearning["reason"]
-    assert sum(attempts) > 4 * len(attempts), attempts   # some stage was asked again
+    assert sum(attempts) > 4 * len(attempts), attempts  # some stage was asked again
     assert unlearning["retries"] == sum(attempts) - 4 * len(attempts)
     assert {f["phase"] for f in unlearning["failures"]} <= {f"unlearn:secagg-{s}" for s in secagg.STAGES}
     assert all("dropout" in f["reason"] for f in unlearning["failures"]), unlearning["failures"]
@@ -500,10 +553,34 @@ def test_the_smoke_preset_on_ray_under_secure_aggregation(tmp_path):
 
     out = tmp_path / "out"
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run([sys.executable, "-m", "simulations.run", "--preset", "smoke", "--model", "mlp", "--rounds", "2",
-                           "--methods", "retrain,iau,iau-cached", "--secure-aggregation", "--gradient-norm-bound", "50",
-                           "--no-shadow-mia", "--mia-attacks", "loss", "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.run",
+            "--preset",
+            "smoke",
+            "--model",
+            "mlp",
+            "--rounds",
+            "2",
+            "--methods",
+            "retrain,iau,iau-cached",
+            "--secure-aggregation",
+            "--gradient-norm-bound",
+            "50",
+            "--no-shadow-mia",
+            "--mia-attacks",
+            "loss",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     rounds = results["models"]["iau"]["unlearning"]["secure_aggregation"]
@@ -515,14 +592,32 @@ def test_the_smoke_preset_on_ray_under_secure_aggregation(tmp_path):
 def test_an_honest_client_never_reveals_both_secrets_of_one_client():
     """A server that, after unmasking client 1's seed, claims client 1 dropped would get its sk1 too, and so its vector."""
     _, grid = run_sum(vectors_for(4))
-    last = grid.sent[-1]                                # an unmask message of the finished round
+    last = grid.sent[-1]  # an unmask message of the finished round
     config = dict(last.content.config_records[keys.SECAGG])
     me = grid.grid.node_ids.index(last.metadata.dst_node_id)
     other = next(p for p in config["active"] if p != me)
     lying = {**config, "active": [p for p in config["active"] if p != other], "dead": [other]}
-    replies = list(grid.grid.send_and_receive([Message(RecordDict({keys.SECAGG: secagg._field(lying)}), dst_node_id=last.metadata.dst_node_id,
-                                                       message_type=keys.QUERY_SECAGG_UNMASK)]))
+    replies = list(
+        grid.grid.send_and_receive(
+            [
+                Message(
+                    RecordDict({keys.SECAGG: secagg._field(lying)}),
+                    dst_node_id=last.metadata.dst_node_id,
+                    message_type=keys.QUERY_SECAGG_UNMASK,
+                )
+            ]
+        )
+    )
     assert replies[0].has_error() and "both secrets" in replies[0].error.reason
-    honest = list(grid.grid.send_and_receive([Message(RecordDict({keys.SECAGG: secagg._field(config)}), dst_node_id=last.metadata.dst_node_id,
-                                                      message_type=keys.QUERY_SECAGG_UNMASK)]))
-    assert not honest[0].has_error()                    # asking the same again (a retry) is answered
+    honest = list(
+        grid.grid.send_and_receive(
+            [
+                Message(
+                    RecordDict({keys.SECAGG: secagg._field(config)}),
+                    dst_node_id=last.metadata.dst_node_id,
+                    message_type=keys.QUERY_SECAGG_UNMASK,
+                )
+            ]
+        )
+    )
+    assert not honest[0].has_error()  # asking the same again (a retry) is answered

@@ -77,9 +77,19 @@ def test_two_requests_in_sequence_equal_the_pooled_reference_and_keep_caches_con
 
 
 def test_stream_experiment_reports_every_request_and_charges_the_whole_stream(tmp_path):
-    cfg = build_config("smoke", overrides={"model": "mlp", "rounds": 2, "local_epochs": 1, "stream_clients": "2,4",
-                                           "methods": "retrain,iau,iau-cached,finetune", "finetune_rounds": 1,
-                                           "shadow_mia": False, "train_limit": 600})
+    cfg = build_config(
+        "smoke",
+        overrides={
+            "model": "mlp",
+            "rounds": 2,
+            "local_epochs": 1,
+            "stream_clients": "2,4",
+            "methods": "retrain,iau,iau-cached,finetune",
+            "finetune_rounds": 1,
+            "shadow_mia": False,
+            "train_limit": 600,
+        },
+    )
     experiment = Experiment(cfg, out_dir=tmp_path / "out", show_progress=False)
     experiment.drive(LocalGrid(build_client_app(app_config.client_spec_for(cfg, str(tmp_path / "caches"))), cfg.num_clients))
     results = experiment.results
@@ -108,7 +118,10 @@ def test_stream_experiment_reports_every_request_and_charges_the_whole_stream(tm
     assert stream[2]["models"]["iau"]["dist_para"] != stream[0]["models"]["iau"]["dist_para"]
     # The headline: the final models at the cost of the whole stream.
     final = results["models"]
-    assert final["iau"]["cost"]["rounds"] == 3 * (cfg.iau_steps + cfg.iau_repair_rounds) and final["retrain"]["cost"]["rounds"] == 3 * cfg.rounds
+    assert (
+        final["iau"]["cost"]["rounds"] == 3 * (cfg.iau_steps + cfg.iau_repair_rounds)
+        and final["retrain"]["cost"]["rounds"] == 3 * cfg.rounds
+    )
     assert final["iau"]["cost_last_request"] == stream[2]["models"]["iau"]["cost"]
     assert final["iau"]["speedup"]["rounds"] == pytest.approx(cfg.rounds / (cfg.iau_steps + cfg.iau_repair_rounds))
     assert {f"unlearn:iau#{j}" for j in (1, 2, 3)} <= set(results["phases"])
@@ -123,14 +136,17 @@ def test_stream_experiment_reports_every_request_and_charges_the_whole_stream(tm
     assert "## After each request of the stream" in report and "### Request 3: client 4" in report
 
 
-@pytest.mark.parametrize("overrides,fragment", [
-    ({"stream_clients": "0"}, "may appear once"),
-    ({"stream_clients": "1,1"}, "may appear once"),
-    ({"stream_clients": "12"}, "not in [0, 9]"),
-    ({"stream_clients": "1", "forget_samples": "poisoned"}, "only --forget-client holds poisoned"),
-    ({"stream_clients": "1", "withdraw_round": 5}, "arrives after training"),
-    ({"num_clients": 3, "stream_clients": "1,2"}, "leaves none to train"),
-])
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        ({"stream_clients": "0"}, "may appear once"),
+        ({"stream_clients": "1,1"}, "may appear once"),
+        ({"stream_clients": "12"}, "not in [0, 9]"),
+        ({"stream_clients": "1", "forget_samples": "poisoned"}, "only --forget-client holds poisoned"),
+        ({"stream_clients": "1", "withdraw_round": 5}, "arrives after training"),
+        ({"num_clients": 3, "stream_clients": "1,2"}, "leaves none to train"),
+    ],
+)
 def test_bad_streams_are_refused_with_the_fix(overrides, fragment):
     with pytest.raises(ConfigError, match="stream-clients") as err:
         build_config("default", overrides=overrides)

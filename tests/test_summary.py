@@ -13,19 +13,50 @@ from simulations.summary import aggregate, rankings, write_summary
 
 def fake_run(seed, iau_asr, ga_asr, iau_wall):
     def model(asr, acc, wall=None, rounds=None):
-        entry = {"acc_test": acc, "acc_remained": acc, "acc_deleted": 0.5, "backdoor_asr": asr, "dist_para": 1.0,
-                 "dist_output": 0.01, "mia_auc": 0.5, "mia_shadow_auc": 0.6,
-                 "mia": {"loss": {"auc": 0.5, "scored": {"members": 30, "non_members": 30, "which": "test"}},
-                         "shadow": {"auc": 0.9, "scored": {"members": 30, "non_members": 30, "which": "test"}}}}
+        entry = {
+            "acc_test": acc,
+            "acc_remained": acc,
+            "acc_deleted": 0.5,
+            "backdoor_asr": asr,
+            "dist_para": 1.0,
+            "dist_output": 0.01,
+            "mia_auc": 0.5,
+            "mia_shadow_auc": 0.6,
+            "mia": {
+                "loss": {"auc": 0.5, "scored": {"members": 30, "non_members": 30, "which": "test"}},
+                "shadow": {"auc": 0.9, "scored": {"members": 30, "non_members": 30, "which": "test"}},
+            },
+        }
         if wall is not None:
-            entry["cost"] = {"wall_s": wall, "client_compute_s": 0.0, "rounds": rounds, "participations": 1, "bytes_down": 100, "bytes_up": 50}
+            entry["cost"] = {
+                "wall_s": wall,
+                "client_compute_s": 0.0,
+                "rounds": rounds,
+                "participations": 1,
+                "bytes_down": 100,
+                "bytes_up": 50,
+            }
         return entry
+
     return {
-        "config": {"seed": seed, "dataset": "digits", "num-clients": 10, "partition": "iid", "alpha": 0.5, "rounds": 30,
-                   "forget-client": 0, "forget-samples": "all", "withdraw-round": None},
+        "config": {
+            "seed": seed,
+            "dataset": "digits",
+            "num-clients": 10,
+            "partition": "iid",
+            "alpha": 0.5,
+            "rounds": 30,
+            "forget-client": 0,
+            "forget-samples": "all",
+            "withdraw-round": None,
+        },
         "machine": {"cpus": 2, "platform": "test", "gpu": None},
-        "models": {"original": model(0.9, 0.95), "retrain": model(0.02, 0.96, 20.0, 30),
-                   "iau": model(iau_asr, 0.93, iau_wall, 1), "gradient-ascent": model(ga_asr, 0.80, 0.1, 1)},
+        "models": {
+            "original": model(0.9, 0.95),
+            "retrain": model(0.02, 0.96, 20.0, 30),
+            "iau": model(iau_asr, 0.93, iau_wall, 1),
+            "gradient-ascent": model(ga_asr, 0.80, 0.1, 1),
+        },
         "history": {"original": [{"round": 1, "acc_test": 0.5}, {"round": 2, "acc_test": 0.7}]},
     }
 
@@ -44,7 +75,7 @@ def test_mean_and_sample_std_per_metric_and_method():
 def test_rankings_order_methods_by_each_criterion():
     summary = aggregate([fake_run(0, 0.10, 0.0, 0.5)])
     ranked = rankings(summary)
-    assert ranked["asr_gap"] == [["gradient-ascent"], ["iau"]]   # |0.0-0.02| < |0.10-0.02|
+    assert ranked["asr_gap"] == [["gradient-ascent"], ["iau"]]  # |0.0-0.02| < |0.10-0.02|
     assert ranked["acc_test"] == [["iau"], ["gradient-ascent"]]  # higher is better
     assert ranked["wall_s"] == [["gradient-ascent"], ["iau"]]
     assert "retrain" not in ranked["wall_s"][0]
@@ -73,7 +104,9 @@ def test_report_files_are_written(tmp_path):
     assert "0.150 ± 0.071" in report  # iau ASR over the two seeds
     assert "ASR gap to retrain (lower is better): gradient-ascent > iau" in report
     assert "Seed 0, loss attack on the original model: AUC 0.500" in report and "does NOT beat chance" in report
-    assert "Seed 1, shadow attack on the original model: AUC 0.900 (30 members vs 30 non-members; chance up to 0.650): beats chance" in report
+    assert (
+        "Seed 1, shadow attack on the original model: AUC 0.900 (30 members vs 30 non-members; chance up to 0.650): beats chance" in report
+    )
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["seeds"] == [0, 1]
     assert {p.split("/")[-1] for p in document["plots"]} == {"metrics.png", "quality_vs_cost.png", "accuracy_per_round.png"}

@@ -60,7 +60,9 @@ def curves(results: dict) -> dict[str, list[tuple[int, float]]]:
 
 def test_tensorboard_holds_the_curves_the_method_metrics_and_the_plots(tmp_path):
     """A stream of two requests: every method's numbers at step 1 and 2, the restarted runs under their own names."""
-    pytest.importorskip("tensorboard", reason="--tracking tensorboard needs the tensorboard package (pip install 'fedunlearn[tensorboard]')")
+    pytest.importorskip(
+        "tensorboard", reason="--tracking tensorboard needs the tensorboard package (pip install 'fedunlearn[tensorboard]')"
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, results = drive(tmp_path, tracking="tensorboard", **{"stream-clients": "2"})
@@ -68,8 +70,12 @@ def test_tensorboard_holds_the_curves_the_method_metrics_and_the_plots(tmp_path)
     events.Reload()
     tags = events.Tags()
     expected = curves(results)
-    assert {"history/original/train_loss", "history/original/acc_test", "history/retrain/acc_test",
-            "history/retrain-request-2/acc_test"} <= set(expected)
+    assert {
+        "history/original/train_loss",
+        "history/original/acc_test",
+        "history/retrain/acc_test",
+        "history/retrain-request-2/acc_test",
+    } <= set(expected)
     assert {t for t in tags["scalars"] if t.startswith("history/")} == set(expected)
     for tag, points in expected.items():
         logged = events.Scalars(tag)
@@ -78,14 +84,24 @@ def test_tensorboard_holds_the_curves_the_method_metrics_and_the_plots(tmp_path)
         assert [e.value for e in logged] == [float(np.float32(v)) for _, v in points], tag
     assert len(events.Scalars("history/original/acc_test")) == len(events.Scalars("history/retrain-request-2/acc_test")) == 3
     first, second = (request["models"] for request in results["stream"])
-    for name, key in (("iau", "acc_test"), ("iau", "backdoor_asr"), ("original", "acc_test"), ("retrain", "mia_auc"),
-                      ("iau", "cost/wall_s"), ("iau", "cost/rounds"), ("iau", "cost/bytes_up"), ("iau", "speedup/wall")):
+    for name, key in (
+        ("iau", "acc_test"),
+        ("iau", "backdoor_asr"),
+        ("original", "acc_test"),
+        ("retrain", "mia_auc"),
+        ("iau", "cost/wall_s"),
+        ("iau", "cost/rounds"),
+        ("iau", "cost/bytes_up"),
+        ("iau", "speedup/wall"),
+    ):
         path = key.split("/")
         values = [model[name] for model in (first, second)]
         for part in path:
             values = [value[part] for value in values]
-        assert [(e.step, e.value) for e in events.Scalars(f"{name}/{key}")] == [(1, float(np.float32(values[0]))),
-                                                                               (2, float(np.float32(values[1])))], key
+        assert [(e.step, e.value) for e in events.Scalars(f"{name}/{key}")] == [
+            (1, float(np.float32(values[0]))),
+            (2, float(np.float32(values[1]))),
+        ], key
     plots = sorted(p.stem for p in (tmp_path / "out" / "plots").glob("*.png"))  # what the report drew, on disk
     assert plots and sorted(t.removeprefix("plots/") for t in tags["images"]) == plots
     assert {"config/text_summary", "status/text_summary", "report/text_summary"} <= set(tags["tensors"])
@@ -112,11 +128,15 @@ def test_mlflow_holds_one_run_with_the_config_the_curves_the_metrics_and_the_fil
         assert [(m.step, m.value) for m in history] == points, key  # float64 both sides: exactly the same numbers
     assert len(client.get_metric_history(run_id, "history/retrain/acc_test")) == 3
     iau = results["models"]["iau"]
-    for key, value in (("iau/acc_test", iau["acc_test"]), ("iau/cost/wall_s", iau["cost"]["wall_s"]),
-                       ("iau/cost/participations", iau["cost"]["participations"]), ("iau/speedup/rounds", iau["speedup"]["rounds"]),
-                       ("original/backdoor_asr", results["models"]["original"]["backdoor_asr"]),
-                       ("iau/storage/client_bytes", iau["storage"]["client_bytes"]),
-                       ("phases/training/rounds", results["phases"]["training"]["rounds"])):
+    for key, value in (
+        ("iau/acc_test", iau["acc_test"]),
+        ("iau/cost/wall_s", iau["cost"]["wall_s"]),
+        ("iau/cost/participations", iau["cost"]["participations"]),
+        ("iau/speedup/rounds", iau["speedup"]["rounds"]),
+        ("original/backdoor_asr", results["models"]["original"]["backdoor_asr"]),
+        ("iau/storage/client_bytes", iau["storage"]["client_bytes"]),
+        ("phases/training/rounds", results["phases"]["training"]["rounds"]),
+    ):
         [metric] = client.get_metric_history(run_id, key)
         assert (metric.step, metric.value) == (1, value), key
     files = {f.path for f in client.list_artifacts(run_id)}
@@ -160,12 +180,18 @@ def test_a_missing_backend_is_one_config_line_and_exit_2(tmp_path, monkeypatch, 
     assert not (tmp_path / "cli").exists()  # refused before anything ran or was written
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"tracking": "tensorbord"}, r"tracking='tensorbord': must be one of off, tensorboard, mlflow \(did you mean 'tensorboard'\?\)"),
-    ({"tracking-uri": "http://localhost:5000"}, r"tracking-uri='http://localhost:5000' has no effect with tracking='off'"),
-    ({"tracking": "tensorboard", "tracking-experiment": "x"}, r"tracking-experiment='x' has no effect with tracking='tensorboard'.*DIR/tensorboard"),
-    ({"tracking": "mlflow", "tracking-experiment": " "}, r"tracking-experiment='': name the MLflow experiment"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"tracking": "tensorbord"}, r"tracking='tensorbord': must be one of off, tensorboard, mlflow \(did you mean 'tensorboard'\?\)"),
+        ({"tracking-uri": "http://localhost:5000"}, r"tracking-uri='http://localhost:5000' has no effect with tracking='off'"),
+        (
+            {"tracking": "tensorboard", "tracking-experiment": "x"},
+            r"tracking-experiment='x' has no effect with tracking='tensorboard'.*DIR/tensorboard",
+        ),
+        ({"tracking": "mlflow", "tracking-experiment": " "}, r"tracking-experiment='': name the MLflow experiment"),
+    ],
+)
 def test_bad_tracking_settings_name_the_key_and_the_fix(settings, message):
     with pytest.raises(ConfigError, match=message):
         build_config("smoke", overrides=settings)
@@ -182,8 +208,12 @@ def test_tracking_needs_a_place_to_write():
 
 def test_resume_may_turn_tracking_on_even_from_a_checkpoint_that_predates_it():
     saved = {k: v for k, v in build_config("smoke").to_dict().items() if not k.startswith("tracking")}
-    assert differing_settings(saved, build_config("smoke", overrides={"tracking": "mlflow",
-                                                                      "tracking-uri": "http://localhost:5000"}).to_dict()) == {}
+    assert (
+        differing_settings(
+            saved, build_config("smoke", overrides={"tracking": "mlflow", "tracking-uri": "http://localhost:5000"}).to_dict()
+        )
+        == {}
+    )
     # what the run computes still has to match
     assert set(differing_settings(saved, build_config("smoke", overrides={"tracking": "mlflow", "rounds": 2}).to_dict())) == {"rounds"}
 
@@ -197,9 +227,29 @@ def test_the_command_line_on_ray_logs_from_the_driver(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.run", "--preset", "smoke", "--rounds", "2", "--methods", "retrain,iau-cached", "--no-shadow-mia",
-         "--relearn-steps", "0", "--tracking", "tensorboard", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            "-m",
+            "simulations.run",
+            "--preset",
+            "smoke",
+            "--rounds",
+            "2",
+            "--methods",
+            "retrain,iau-cached",
+            "--no-shadow-mia",
+            "--relearn-steps",
+            "0",
+            "--tracking",
+            "tensorboard",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -30,13 +30,33 @@ from strategies.validation import bound_norm, check_gradient_reply, check_train_
 LAYOUT = ParamLayout(("w", "b"), ((3, 2), (2,)))
 NUM_TRAIN = {0: 10, 1: 20, 2: 30, 3: 40}
 NODE_OF = {p: 101 + p for p in NUM_TRAIN}
-CORRUPTIONS = ("shape", "nan", "inf", "version", "zero-count", "negative-count", "fractional-count", "nan-count",
-               "missing-tensor", "extra-tensor", "dtype", "no-metrics", "no-version", "no-gradient", "undecodable")
+CORRUPTIONS = (
+    "shape",
+    "nan",
+    "inf",
+    "version",
+    "zero-count",
+    "negative-count",
+    "fractional-count",
+    "nan-count",
+    "missing-tensor",
+    "extra-tensor",
+    "dtype",
+    "no-metrics",
+    "no-version",
+    "no-gradient",
+    "undecodable",
+)
 
 # Every corruption kind is a pytest parameter, so each runs every time; hypothesis varies the values inside a kind
 # (vectors, counts, which entry is corrupted), from a fixed seed so that a failure is found again on every run.
-settings.register_profile("fedunlearn", max_examples=10, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "fedunlearn",
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 # Mutation runs (python -m benchmarks.mutation) take 3 examples per kind: every kind still runs for every mutant.
 settings.register_profile("mutation", parent=settings.get_profile("fedunlearn"), max_examples=3)
 settings.load_profile(os.environ.get("FEDUNLEARN_HYPOTHESIS_PROFILE", "fedunlearn"))
@@ -63,8 +83,15 @@ def gradient_record(vector: np.ndarray, dtype: str = "float32") -> ArrayRecord:
     return record_of({"w": vector[:6].reshape(3, 2).astype(dtype), "b": vector[6:].astype(dtype)})
 
 
-def gradient_reply(to: Message, vector: np.ndarray, count: float = 5, version: str = "v1", corruption: str | None = None,
-                   where: int = 0, count_key: str = keys.NUM_EXAMPLES) -> Message:
+def gradient_reply(
+    to: Message,
+    vector: np.ndarray,
+    count: float = 5,
+    version: str = "v1",
+    corruption: str | None = None,
+    where: int = 0,
+    count_key: str = keys.NUM_EXAMPLES,
+) -> Message:
     """A client's gradient reply to `to`, optionally with one corruption applied (to the count under `count_key`)."""
     record = gradient_record(vector)
     metrics: dict[str, float | int] = {count_key: count}
@@ -164,8 +191,14 @@ class ScriptedGrid(Grid):
 def strategy(policy: RoundPolicy) -> IAUFed:
     """IAUFed over the four scripted clients (float32 wire, plain SGD step with eta = 1)."""
     directory = ClientDirectory(node_of=dict(NODE_OF), num_train=dict(NUM_TRAIN), num_heldout={p: 1 for p in NUM_TRAIN})
-    return IAUFed(layout=LAYOUT, iau=one_step(eta=1.0, step_rule="sgd"), directory=directory, policy=policy,
-                  train=TrainSettings(epochs=1, lr=0.1, batch_size=4, optimizer="sgd"), seed=0)
+    return IAUFed(
+        layout=LAYOUT,
+        iau=one_step(eta=1.0, step_rule="sgd"),
+        directory=directory,
+        policy=policy,
+        train=TrainSettings(epochs=1, lr=0.1, batch_size=4, optimizer="sgd"),
+        seed=0,
+    )
 
 
 def model_arrays() -> ArrayRecord:
@@ -244,8 +277,9 @@ def test_cached_protocol_abort_leaves_the_aggregate_cache_unchanged(corruption, 
         config = message.content.config_records[keys.CONFIG]
         echoed = str(config[keys.MODEL_VERSION]) if keys.MODEL_VERSION in config else version
         step = len(answered)
-        return gradient_reply(message, contributions[min(step, 2) - 1], NUM_TRAIN[0], echoed, corruption if step > 1 else None,
-                              count_key=keys.FORGET_SIZE)
+        return gradient_reply(
+            message, contributions[min(step, 2) - 1], NUM_TRAIN[0], echoed, corruption if step > 1 else None, count_key=keys.FORGET_SIZE
+        )
 
     iau = with_aggregate_cache(strategy(RoundPolicy(retries=1, on_missing="abort")), arrays, contributions[2])
     iau.iau = one_step(eta=1.0, step_rule="sgd", steps=2)
@@ -257,8 +291,7 @@ def test_cached_protocol_abort_leaves_the_aggregate_cache_unchanged(corruption, 
 
 
 def train_reply(to: Message, tensors: dict[str, np.ndarray], count: float) -> Message:
-    return Message(RecordDict({keys.ARRAYS: record_of(tensors), keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: count})}),
-                   reply_to=to)
+    return Message(RecordDict({keys.ARRAYS: record_of(tensors), keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: count})}), reply_to=to)
 
 
 TRAIN_CORRUPTIONS = ("shape", "nan", "inf", "dtype", "missing", "extra", "zero-count", "negative-count", "two-records")
@@ -267,8 +300,11 @@ TRAIN_CORRUPTIONS = ("shape", "nan", "inf", "dtype", "missing", "extra", "zero-c
 @pytest.mark.parametrize("corruption", TRAIN_CORRUPTIONS)
 @given(models=st.lists(vectors, min_size=3, max_size=3), counts=st.lists(st.integers(1, 50), min_size=3, max_size=3), bad=st.integers(0, 2))
 def test_malformed_training_replies_are_left_out_of_fedavg(corruption, models, counts, bad):
-    fedavg = UnlearningFedAvg(directory=ClientDirectory(node_of={p: NODE_OF[p] for p in range(3)}, num_train={p: 10 for p in range(3)}),
-                              train=TrainSettings(epochs=1, lr=0.1, batch_size=4, optimizer="sgd"), seed=0)
+    fedavg = UnlearningFedAvg(
+        directory=ClientDirectory(node_of={p: NODE_OF[p] for p in range(3)}, num_train={p: 10 for p in range(3)}),
+        train=TrainSettings(epochs=1, lr=0.1, batch_size=4, optimizer="sgd"),
+        seed=0,
+    )
     template = model_arrays()
     fedavg._last_arrays = template
     replies = []

@@ -11,8 +11,17 @@ from strategies.methods.pga import PGAWireSettings
 
 
 def test_settings_survive_the_wire_with_their_types():
-    query = GradientQuery(model_version="abc", role=keys.ROLE_REMAINING, request='{"client": 1}', remaining_count=7, forget_count=3,
-                          correction=False, correction_weight=2.5, allow_stale=True, gradient_dtype="float64")
+    query = GradientQuery(
+        model_version="abc",
+        role=keys.ROLE_REMAINING,
+        request='{"client": 1}',
+        remaining_count=7,
+        forget_count=3,
+        correction=False,
+        correction_weight=2.5,
+        allow_stale=True,
+        gradient_dtype="float64",
+    )
     record = query.to_record()
     # The keys a client reads, written once (strategies/keys.py), with the values as sent.
     assert record[keys.ROLE] == "remaining" and record[keys.REMAINING_COUNT] == 7 and record[keys.CORRECTION] is False
@@ -24,8 +33,9 @@ def test_settings_survive_the_wire_with_their_types():
 
 
 def test_a_key_the_record_lacks_leaves_the_default():
-    record = ConfigRecord({keys.MODEL_VERSION: "v", keys.ROLE: keys.ROLE_FORGET_ONLY, keys.REQUEST: "{}", keys.REMAINING_COUNT: 1,
-                           keys.FORGET_COUNT: 1})
+    record = ConfigRecord(
+        {keys.MODEL_VERSION: "v", keys.ROLE: keys.ROLE_FORGET_ONLY, keys.REQUEST: "{}", keys.REMAINING_COUNT: 1, keys.FORGET_COUNT: 1}
+    )
     query = GradientQuery.from_record(record)
     assert query.correction is True and query.correction_weight == 1.0 and query.gradient_dtype == "float32"
     assert PGAWireSettings.from_record(ConfigRecord({keys.LR: 0.5})) == PGAWireSettings(lr=0.5)

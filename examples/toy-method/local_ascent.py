@@ -54,19 +54,30 @@ def ascend(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     return reply(msg, {keys.NUM_EXAMPLES: len(y)}, {keys.ARRAYS: ArrayRecord(state)})
 
 
-@register(NAME, "toy: the withdrawing client ascends its loss on its forget set; its model replaces the global one",
-          handlers={QUERY: ascend})
+@register(
+    NAME, "toy: the withdrawing client ascends its loss on its forget set; its model replaces the global one", handlers={QUERY: ascend}
+)
 def local_ascent(ctx: MethodContext) -> MethodOutcome:
     """One round with client u alone; its model is the unlearned one."""
     config = ConfigRecord({keys.REQUEST: json.dumps(asdict(ctx.request))})
     config.update(LocalAscentSettings().to_record())
-    message = Message(RecordDict({keys.ARRAYS: ctx.arrays, keys.CONFIG: config}),
-                      dst_node_id=ctx.strategy.directory.node_of[ctx.request.client], message_type=f"query.{QUERY}")
+    message = Message(
+        RecordDict({keys.ARRAYS: ctx.arrays, keys.CONFIG: config}),
+        dst_node_id=ctx.strategy.directory.node_of[ctx.request.client],
+        message_type=f"query.{QUERY}",
+    )
 
     def parse(partition: int, answer: Message) -> ArrayRecord:
         metrics_of(answer)
         return answer.content.array_records[keys.ARRAYS]
 
-    outcome = ask_clients(ctx.grid, [message], directory=ctx.strategy.directory, phase="unlearn", parse=parse,
-                          retries=ctx.cfg.unlearn_retries, timeout=ctx.cfg.round_timeout)
+    outcome = ask_clients(
+        ctx.grid,
+        [message],
+        directory=ctx.strategy.directory,
+        phase="unlearn",
+        parse=parse,
+        retries=ctx.cfg.unlearn_retries,
+        timeout=ctx.cfg.round_timeout,
+    )
     return MethodOutcome(require_reply(outcome, ctx.request.client, NAME), details={"unlearning": outcome.to_dict(), "storage": storage()})

@@ -29,5 +29,17 @@ BUILT_IN = ("retrain", "iau", "finetune", "gradient_ascent", "federaser", "pga",
 for _name in (*BUILT_IN, *sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in (*BUILT_IN, "base"))):
     importlib.import_module(f"{__name__}.{_name}")
 
-__all__ = ["REGISTRY", "Method", "MethodContext", "MethodOutcome", "WireSettings", "arrays_nbytes", "check_methods", "client_handlers",
-           "get_method", "register", "registry_scope", "storage"]
+__all__ = [
+    "REGISTRY",
+    "Method",
+    "MethodContext",
+    "MethodOutcome",
+    "WireSettings",
+    "arrays_nbytes",
+    "check_methods",
+    "client_handlers",
+    "get_method",
+    "register",
+    "registry_scope",
+    "storage",
+]

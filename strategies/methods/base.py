@@ -33,15 +33,15 @@ class MethodContext:
 
     cfg: ExperimentConfig
     grid: Grid
-    strategy: IAUFed                 # this method's own branch of the training strategy (after cache filling): its ledger
-                                     # holds the requests it served before this one; the method may mutate it
-    initial_arrays: ArrayRecord      # the weights training started from (retraining starts here too)
-    arrays: ArrayRecord              # the global model when the request arrives (in a stream: this method's previous output)
+    strategy: IAUFed  # this method's own branch of the training strategy (after cache filling): its ledger
+    # holds the requests it served before this one; the method may mutate it
+    initial_arrays: ArrayRecord  # the weights training started from (retraining starts here too)
+    arrays: ArrayRecord  # the global model when the request arrives (in a stream: this method's previous output)
     request: DeletionRequest
-    forget_count: int                # |S|
+    forget_count: int  # |S|
     fedavg: Callable[..., UnlearningFedAvg]  # factory: fedavg(ledger=..., round_offset=..., label=...) with progress
-    request_round: int = 0                   # rounds trained when the request arrived
-    recorded: Any = None                     # what this method's recorder kept during training (None: it has none)
+    request_round: int = 0  # rounds trained when the request arrived
+    recorded: Any = None  # what this method's recorder kept during training (None: it has none)
     round_hook: Callable[[str], Callable[..., None]] | None = None  # round_hook(label) -> per-round progress/curve callback
 
 
@@ -76,10 +76,14 @@ REGISTRY: dict[str, Method] = {}
 _HANDLERS: dict[str, ClientHandler] = {}
 
 
-def register(name: str, summary: str, continues: bool = True, uploads_caches: bool = False,
-             handlers: Mapping[str, ClientHandler] | None = None,
-             recorder: Callable[[ExperimentConfig], UpdateRecorder] | None = None,
-             ) -> Callable[[Callable[[MethodContext], MethodOutcome]], Callable[[MethodContext], MethodOutcome]]:
+def register(
+    name: str,
+    summary: str,
+    continues: bool = True,
+    uploads_caches: bool = False,
+    handlers: Mapping[str, ClientHandler] | None = None,
+    recorder: Callable[[ExperimentConfig], UpdateRecorder] | None = None,
+) -> Callable[[Callable[[MethodContext], MethodOutcome]], Callable[[MethodContext], MethodOutcome]]:
     """Decorator adding a method (its server step, and its client handlers if any) to the registry under `name`."""
     handlers = dict(handlers or {})
 
@@ -88,13 +92,16 @@ def register(name: str, summary: str, continues: bool = True, uploads_caches: bo
             raise ValueError(f"method {name!r} is registered twice")
         for query, handler in handlers.items():
             if not query.isidentifier():
-                raise ValueError(f"method {name!r}: client handler name {query!r} must be a Python identifier (Flower's rule for "
-                                 f"query.<name> handlers), e.g. {query.replace('-', '_')!r}")
+                raise ValueError(
+                    f"method {name!r}: client handler name {query!r} must be a Python identifier (Flower's rule for "
+                    f"query.<name> handlers), e.g. {query.replace('-', '_')!r}"
+                )
             if _HANDLERS.get(query, handler) is not handler:
                 raise ValueError(f"method {name!r}: client handler 'query.{query}' is already registered by another method")
         _HANDLERS.update(handlers)
         REGISTRY[name] = Method(name, fn, summary, continues, uploads_caches, handlers, recorder)
         return fn
+
     return wrap
 
 
@@ -140,5 +147,17 @@ def storage(server_bytes: int = 0, client_bytes: int = 0, **notes: Any) -> dict[
     return {"server_bytes": int(server_bytes), "client_bytes": int(client_bytes), **notes}
 
 
-__all__ = ["REGISTRY", "Method", "MethodContext", "MethodOutcome", "WireSettings", "arrays_nbytes", "check_methods", "client_handlers",
-           "get_method", "register", "registry_scope", "storage"]
+__all__ = [
+    "REGISTRY",
+    "Method",
+    "MethodContext",
+    "MethodOutcome",
+    "WireSettings",
+    "arrays_nbytes",
+    "check_methods",
+    "client_handlers",
+    "get_method",
+    "register",
+    "registry_scope",
+    "storage",
+]

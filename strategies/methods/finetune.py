@@ -8,8 +8,9 @@ from ..fedavg import UpdateRecorder
 from .base import MethodContext, MethodOutcome, register, storage
 
 
-def remaining_fedavg_rounds(ctx: MethodContext, rounds: int, label: str, recorder: UpdateRecorder | None = None,
-                            arrays: ArrayRecord | None = None) -> tuple[ArrayRecord, int]:
+def remaining_fedavg_rounds(
+    ctx: MethodContext, rounds: int, label: str, recorder: UpdateRecorder | None = None, arrays: ArrayRecord | None = None
+) -> tuple[ArrayRecord, int]:
     """FedAvg for `rounds` rounds among the remaining clients from `arrays` (default ctx.arrays); round numbers go on after the request.
 
     `recorder`, if given, sees every round's client models (PGA keeps the last local models for the next request).

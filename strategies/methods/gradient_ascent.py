@@ -7,8 +7,11 @@ from .base import MethodContext, MethodOutcome, register, storage
 from .iau import HANDLERS
 
 
-@register("gradient-ascent", "IAU's ascent step on the forget set without the correction (ablation): only the withdrawing client is asked",
-          handlers=HANDLERS)
+@register(
+    "gradient-ascent",
+    "IAU's ascent step on the forget set without the correction (ablation): only the withdrawing client is asked",
+    handlers=HANDLERS,
+)
 def gradient_ascent(ctx: MethodContext) -> MethodOutcome:
     """theta + eta * g_f through IAUFed.unlearn with correction=False (same eta, steps and step rule as iau)."""
     strategy = ctx.strategy

@@ -28,8 +28,9 @@ from .base import MethodContext, MethodOutcome, register, storage
 
 
 # ----- client side ------------------------------------------------------------------------------------------------
-def calibrate_radius(runtime: ClientRuntime, arrays: ArrayRecord, direction: ArrayRecord, forget: torch.Tensor,
-                     heldout: torch.Tensor) -> tuple[float, list[dict[str, float]]]:
+def calibrate_radius(
+    runtime: ClientRuntime, arrays: ArrayRecord, direction: ArrayRecord, forget: torch.Tensor, heldout: torch.Tensor
+) -> tuple[float, list[dict[str, float]]]:
     """`choose_radius` on this client's forget set and held-out data, stepping its resident model along -d."""
     runtime.load(arrays)
     theta = model_vector(runtime.model).to(torch.float64)
@@ -59,8 +60,9 @@ def calibrate(runtime: ClientRuntime, msg: Message, context: Context) -> Message
     before = excluded_indices(runtime.data, pid, ledger)
     forget = forget_indices(runtime.data, request)
     forget = forget[~torch.isin(forget, before)] if before.numel() else forget
-    radius, trail = calibrate_radius(runtime, msg.content.array_records[keys.ARRAYS], msg.content.array_records[keys.DIRECTION], forget,
-                                     runtime.data.client_heldout[pid])
+    radius, trail = calibrate_radius(
+        runtime, msg.content.array_records[keys.ARRAYS], msg.content.array_records[keys.DIRECTION], forget, runtime.data.client_heldout[pid]
+    )
     metrics = {keys.RADIUS: radius, keys.FORGET_SIZE: len(forget), keys.COMPUTE_S: served.elapsed()}
     answer = reply(msg, metrics, version=str(config[keys.MODEL_VERSION]))
     answer.content.config_records[keys.CONFIG][keys.CALIBRATION_TRAIL] = json.dumps(trail)
@@ -115,8 +117,7 @@ def gradient(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
                 runtime.store.put(pid, kept_cache)  # the client keeps a cache consistent with what it still holds
                 kept_sum = kept_cache.gradient_sum
                 metrics[keys.CACHE_HIT] = int(hit)
-            vector = withdrawing_contribution(kept_sum, forget_sum, remaining_count, len(forget), query.correction,
-                                              query.correction_weight)
+            vector = withdrawing_contribution(kept_sum, forget_sum, remaining_count, len(forget), query.correction, query.correction_weight)
             metrics[keys.NUM_EXAMPLES] = len(forget)
     metrics[keys.COMPUTE_S] = served.elapsed()
     return reply(msg, metrics, {keys.GRADIENT: runtime.gradient_record(vector, wire)}, version=computed_at)
@@ -128,8 +129,7 @@ PROTOCOL_OF = {name: protocol for protocol, name in METHOD_OF.items()}
 
 # Every IAU-based method (gradient ascent too) answers through these two queries.
 # The SecAgg+ stage steps wrap them when --secure-aggregation is on (strategies/secagg.py).
-HANDLERS = {keys.QUERY_GRADIENT.removeprefix("query."): gradient, keys.QUERY_CALIBRATE.removeprefix("query."): calibrate,
-            **SECAGG_HANDLERS}
+HANDLERS = {keys.QUERY_GRADIENT.removeprefix("query."): gradient, keys.QUERY_CALIBRATE.removeprefix("query."): calibrate, **SECAGG_HANDLERS}
 
 
 # ----- server side ------------------------------------------------------------------------------------------------
@@ -174,19 +174,31 @@ def run_iau(ctx: MethodContext, protocol: str, name: str, repair_rounds: int | N
     server = total.numel() * total.element_size() if total is not None else 0
     # Each client's upload, when the server keeps them for an offline withdrawing client (--withdrawing-offline).
     server += sum(vector.numel() * vector.element_size() for vector, _, _ in ctx.strategy.client_uploads.values())
-    return MethodOutcome(arrays, details={"unlearning": {**report.to_dict(), "repair_rounds": repair},
-                                          "storage": storage(server, sum(ctx.strategy.client_cache_bytes.values()))})
+    return MethodOutcome(
+        arrays,
+        details={
+            "unlearning": {**report.to_dict(), "repair_rounds": repair},
+            "storage": storage(server, sum(ctx.strategy.client_cache_bytes.values())),
+        },
+    )
 
 
-@register(METHOD_OF["fresh"], "IAU-Fed, fresh protocol: a round per step, every remaining client sends its (cached) gradient, then --iau-repair-rounds FedAvg rounds",
-          handlers=HANDLERS)
+@register(
+    METHOD_OF["fresh"],
+    "IAU-Fed, fresh protocol: a round per step, every remaining client sends its (cached) gradient, then --iau-repair-rounds FedAvg rounds",
+    handlers=HANDLERS,
+)
 def iau_fresh(ctx: MethodContext) -> MethodOutcome:
     """IAU correction with the fresh protocol."""
     return run_iau(ctx, "fresh", METHOD_OF["fresh"])
 
 
-@register(METHOD_OF["cached"], "IAU-Fed, cached protocol: only the withdrawing client sends G_S; the server holds G_tot", uploads_caches=True,
-          handlers=HANDLERS)
+@register(
+    METHOD_OF["cached"],
+    "IAU-Fed, cached protocol: only the withdrawing client sends G_S; the server holds G_tot",
+    uploads_caches=True,
+    handlers=HANDLERS,
+)
 def iau_cached(ctx: MethodContext) -> MethodOutcome:
     """IAU correction with the cached protocol."""
     return run_iau(ctx, "cached", METHOD_OF["cached"], repair_rounds=0)  # the cached protocol contacts client u alone

@@ -52,15 +52,24 @@ QUERY = keys.QUERY_PGA.removeprefix("query.")
 class PGAWireSettings(PGASettings, WireSettings):
     """PGA's ascent settings as they travel to client u."""
 
-    WIRE = {"lr": keys.LR, "epochs": keys.EPOCHS, "batch_size": keys.BATCH_SIZE, "momentum": keys.MOMENTUM, "clip_grad": keys.CLIP_GRAD,
-            "radius": keys.PGA_RADIUS, "radius_fraction": keys.PGA_RADIUS_FRACTION, "random_models": keys.PGA_RANDOM_MODELS,
-            "stop_distance": keys.PGA_STOP_DISTANCE}
+    WIRE = {
+        "lr": keys.LR,
+        "epochs": keys.EPOCHS,
+        "batch_size": keys.BATCH_SIZE,
+        "momentum": keys.MOMENTUM,
+        "clip_grad": keys.CLIP_GRAD,
+        "radius": keys.PGA_RADIUS,
+        "radius_fraction": keys.PGA_RADIUS_FRACTION,
+        "random_models": keys.PGA_RANDOM_MODELS,
+        "stop_distance": keys.PGA_STOP_DISTANCE,
+    }
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> PGAWireSettings:
         """From the experiment (momentum, clipping and the radius rule as in the authors' code)."""
-        return cls(lr=cfg.pga_lr, epochs=cfg.pga_epochs, batch_size=cfg.batch_size, radius=cfg.pga_radius,
-                   stop_distance=cfg.pga_stop_distance)
+        return cls(
+            lr=cfg.pga_lr, epochs=cfg.pga_epochs, batch_size=cfg.batch_size, radius=cfg.pga_radius, stop_distance=cfg.pga_stop_distance
+        )
 
 
 # ----- client side ------------------------------------------------------------------------------------------------
@@ -86,12 +95,22 @@ def pga_step(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     generator = torch.Generator().manual_seed(whole(config[keys.SEED]) * 1_000_003 + pid)
     stats = projected_gradient_ascent(runtime.model, *runtime.arrays_xy(forget), reference, radius, settings, generator, local=local)
     state = OrderedDict((k, v.detach().cpu()) for k, v in runtime.model.state_dict().items())
-    return reply(msg, {
-        keys.NUM_EXAMPLES: len(forget), keys.PGA_RADIUS: radius, keys.PGA_DISTANCE: stats.final_distance,
-        keys.PGA_MAX_DISTANCE: stats.max_distance, keys.PGA_PROJECTIONS: stats.projections, keys.STEPS: stats.steps,
-        keys.PGA_STOPPED_EARLY: int(stats.stopped_early), keys.PGA_LOCAL_DISTANCE: stats.local_distance_sq,
-        keys.LOSS_AFTER: stats.final_loss, keys.COMPUTE_S: served.elapsed(),
-    }, {keys.ARRAYS: ArrayRecord(state)})
+    return reply(
+        msg,
+        {
+            keys.NUM_EXAMPLES: len(forget),
+            keys.PGA_RADIUS: radius,
+            keys.PGA_DISTANCE: stats.final_distance,
+            keys.PGA_MAX_DISTANCE: stats.max_distance,
+            keys.PGA_PROJECTIONS: stats.projections,
+            keys.STEPS: stats.steps,
+            keys.PGA_STOPPED_EARLY: int(stats.stopped_early),
+            keys.PGA_LOCAL_DISTANCE: stats.local_distance_sq,
+            keys.LOSS_AFTER: stats.final_loss,
+            keys.COMPUTE_S: served.elapsed(),
+        },
+        {keys.ARRAYS: ArrayRecord(state)},
+    )
 
 
 # ----- server side ------------------------------------------------------------------------------------------------
@@ -149,8 +168,8 @@ class ReferenceSource:
 
     store: LastModelStore | None
     model_round: int
-    label: str                 # ORIGINAL or OWN
-    missing: str = ""          # non-empty: no store describes the current model (w_ref = w), and why
+    label: str  # ORIGINAL or OWN
+    missing: str = ""  # non-empty: no store describes the current model (w_ref = w), and why
 
     def last(self, client: int) -> LastLocalModel | None:
         """Client `client`'s stored model, or None."""
@@ -162,11 +181,20 @@ def reference_source(memory: PGAMemory, original: LastModelStore | None, arrays:
     if not memory.served:  # the first request: the model training ended with, in round `request_round`
         return ReferenceSource(original, request_round, ORIGINAL)
     if memory.store is None:
-        return ReferenceSource(None, 0, OWN, "no FedAvg round of pga produced its current model (--pga-rounds 0, or none "
-                                             "of its rounds was aggregated): it is the previous request's ascent")
+        return ReferenceSource(
+            None,
+            0,
+            OWN,
+            "no FedAvg round of pga produced its current model (--pga-rounds 0, or none "
+            "of its rounds was aggregated): it is the previous request's ascent",
+        )
     if model_version(arrays) != memory.version:
-        return ReferenceSource(None, memory.model_round, OWN, f"the current model is not the aggregate of pga's own fedavg "
-                                                              f"round {memory.model_round} (training went on after it)")
+        return ReferenceSource(
+            None,
+            memory.model_round,
+            OWN,
+            f"the current model is not the aggregate of pga's own fedavg round {memory.model_round} (training went on after it)",
+        )
     return ReferenceSource(memory.store, memory.model_round, OWN)
 
 
@@ -176,8 +204,16 @@ class PGAUnlearning:
     The few FedAvg rounds among the remaining clients that follow are the caller's (any UnlearningFedAvg).
     """
 
-    def __init__(self, *, directory: ClientDirectory, settings: PGAWireSettings, seed: int, ledger: tuple[DeletionRequest, ...] = (),
-                 round_timeout: float = 600.0, policy: RoundPolicy | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        directory: ClientDirectory,
+        settings: PGAWireSettings,
+        seed: int,
+        ledger: tuple[DeletionRequest, ...] = (),
+        round_timeout: float = 600.0,
+        policy: RoundPolicy | None = None,
+    ) -> None:
         self.policy = policy or RoundPolicy()
         self.directory = directory
         self.settings = settings
@@ -185,8 +221,16 @@ class PGAUnlearning:
         self.ledger = ledger
         self.round_timeout = round_timeout
 
-    def ascend(self, grid: Grid, global_arrays: ArrayRecord, request: DeletionRequest, last: LastLocalModel | None,
-               model_round: int, source: str = ORIGINAL, missing: str = "") -> tuple[ArrayRecord, dict[str, Any]]:
+    def ascend(
+        self,
+        grid: Grid,
+        global_arrays: ArrayRecord,
+        request: DeletionRequest,
+        last: LastLocalModel | None,
+        model_round: int,
+        source: str = ORIGINAL,
+        missing: str = "",
+    ) -> tuple[ArrayRecord, dict[str, Any]]:
         """Client u's projected gradient ascent around w_ref; returns the model it sent back and what it reported.
 
         `last`: u's stored model, used when it comes from `model_round`, the round whose aggregate `global_arrays` is
@@ -210,8 +254,9 @@ class PGAUnlearning:
                 raise InvalidReplyError(f"PGA reply from client {partition} holds no '{keys.ARRAYS}' ArrayRecord")
             return answer
 
-        outcome = ask_clients(grid, [message], directory=self.directory, phase="unlearn", parse=parse, retries=self.policy.retries,
-                              timeout=self.round_timeout)
+        outcome = ask_clients(
+            grid, [message], directory=self.directory, phase="unlearn", parse=parse, retries=self.policy.retries, timeout=self.round_timeout
+        )
         answer = require_reply(outcome, request.client, "PGA")
         metrics = answer.content.metric_records[keys.METRICS]
         if subtracted:
@@ -221,16 +266,27 @@ class PGAUnlearning:
         else:
             where = f"none, w_ref = w: client {request.client} did not train in {source} round {model_round}"
         local_distance = real(metrics[keys.PGA_LOCAL_DISTANCE]) if keys.PGA_LOCAL_DISTANCE in metrics else math.nan
-        details = {"reference": "w_ref = (w - a w_u) / (1 - a)" if subtracted else "w (no local model of client u from the round that produced w)",
-                   "reference_source": where,
-                   "client_share": last.share if subtracted and last is not None else 0.0,
-                   **{k: real(metrics[key]) for k, key in (("radius", keys.PGA_RADIUS), ("final_distance", keys.PGA_DISTANCE),
-                                                              ("max_distance", keys.PGA_MAX_DISTANCE), ("projections", keys.PGA_PROJECTIONS),
-                                                              ("steps", keys.STEPS), ("final_forget_loss", keys.LOSS_AFTER))},
-                   # The authors' early stop needs w_u of the round that produced w: off in the w_ref = w fallback.
-                   "early_stop_threshold": s.stop_distance if early_stop else None,
-                   "stopped_early": bool(whole(metrics[keys.PGA_STOPPED_EARLY])) if keys.PGA_STOPPED_EARLY in metrics else False,
-                   "final_local_distance_sq": local_distance if math.isfinite(local_distance) else None, **outcome.to_dict()}
+        details = {
+            "reference": "w_ref = (w - a w_u) / (1 - a)" if subtracted else "w (no local model of client u from the round that produced w)",
+            "reference_source": where,
+            "client_share": last.share if subtracted and last is not None else 0.0,
+            **{
+                k: real(metrics[key])
+                for k, key in (
+                    ("radius", keys.PGA_RADIUS),
+                    ("final_distance", keys.PGA_DISTANCE),
+                    ("max_distance", keys.PGA_MAX_DISTANCE),
+                    ("projections", keys.PGA_PROJECTIONS),
+                    ("steps", keys.STEPS),
+                    ("final_forget_loss", keys.LOSS_AFTER),
+                )
+            },
+            # The authors' early stop needs w_u of the round that produced w: off in the w_ref = w fallback.
+            "early_stop_threshold": s.stop_distance if early_stop else None,
+            "stopped_early": bool(whole(metrics[keys.PGA_STOPPED_EARLY])) if keys.PGA_STOPPED_EARLY in metrics else False,
+            "final_local_distance_sq": local_distance if math.isfinite(local_distance) else None,
+            **outcome.to_dict(),
+        }
         return answer.content.array_records[keys.ARRAYS], details
 
 
@@ -251,8 +307,12 @@ def last_model_recorder(cfg: ExperimentConfig) -> TrainingRecorder:
     return TrainingRecorder(last_models=LastModelStore())
 
 
-@register("pga", "PGA: the withdrawing client's projected gradient ascent around w_ref, then --pga-rounds FedAvg rounds",
-          handlers={QUERY: pga_step}, recorder=last_model_recorder)
+@register(
+    "pga",
+    "PGA: the withdrawing client's projected gradient ascent around w_ref, then --pga-rounds FedAvg rounds",
+    handlers={QUERY: pga_step},
+    recorder=last_model_recorder,
+)
 def pga(ctx: MethodContext) -> MethodOutcome:
     """Client u ascends its loss inside the ball around w_ref; the remaining clients then train --pga-rounds rounds.
 
@@ -260,21 +320,37 @@ def pga(ctx: MethodContext) -> MethodOutcome:
     request, PGA's own last FedAvg round on the next ones of a stream (recorded here, kept per branch).
     """
     if not isinstance(ctx.recorded, TrainingRecorder) or ctx.recorded.last_models is None:
-        raise RuntimeError("pga needs every client's last local model: the runner installs its recorder when 'pga' is among "
-                           "--methods before training starts")
+        raise RuntimeError(
+            "pga needs every client's last local model: the runner installs its recorder when 'pga' is among "
+            "--methods before training starts"
+        )
     cfg = ctx.cfg
     memory = pga_memory(ctx.strategy)
     source = reference_source(memory, ctx.recorded.last_models, ctx.arrays, ctx.request_round)
     held = source.store.nbytes if source.store is not None else memory.nbytes  # what the server kept for this request
-    step = PGAUnlearning(directory=ctx.strategy.directory, settings=PGAWireSettings.of(cfg), seed=cfg.seed,
-                         ledger=ctx.strategy.ledger, round_timeout=cfg.round_timeout, policy=app_config.round_policy_for(cfg))
-    ascended, report = step.ascend(ctx.grid, ctx.arrays, ctx.request, source.last(ctx.request.client), source.model_round,
-                                   source=source.label, missing=source.missing)
+    step = PGAUnlearning(
+        directory=ctx.strategy.directory,
+        settings=PGAWireSettings.of(cfg),
+        seed=cfg.seed,
+        ledger=ctx.strategy.ledger,
+        round_timeout=cfg.round_timeout,
+        policy=app_config.round_policy_for(cfg),
+    )
+    ascended, report = step.ascend(
+        ctx.grid, ctx.arrays, ctx.request, source.last(ctx.request.client), source.model_round, source=source.label, missing=source.missing
+    )
     recorded = LastModelStore()  # the next request's w_u: every remaining client's model in PGA's own rounds
     arrays, rounds = remaining_fedavg_rounds(ctx, cfg.pga_rounds, "pga", TrainingRecorder(last_models=recorded), arrays=ascended)
     memory.remember(recorded if rounds > 0 else None, arrays)  # only once the request is served (a failure keeps the old)
     report["fedavg_rounds"] = rounds
     # The store read for w_ref can be dropped once w_ref is built, before the new rounds are recorded: the server
     # holds at most the larger of the two at any time.
-    return MethodOutcome(arrays, details={"unlearning": report, "storage": storage(
-        server_bytes=max(held, memory.nbytes), last_models_held_bytes=held, last_models_recorded_bytes=memory.nbytes)})
+    return MethodOutcome(
+        arrays,
+        details={
+            "unlearning": report,
+            "storage": storage(
+                server_bytes=max(held, memory.nbytes), last_models_held_bytes=held, last_models_recorded_bytes=memory.nbytes
+            ),
+        },
+    )

@@ -48,13 +48,17 @@ def example_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] |
     cfg = build_config(file_settings=dict(run_config), overrides=dict(overrides or {}))
     unsupported = [m for m in cfg.methods if m not in SUPPORTED_METHODS]
     if unsupported:
-        raise ConfigError(f"methods={','.join(cfg.methods)}: this app runs {', '.join(SUPPORTED_METHODS)}; "
-                          f"run {', '.join(unsupported)} with `python -m simulations.run --methods ...`")
+        raise ConfigError(
+            f"methods={','.join(cfg.methods)}: this app runs {', '.join(SUPPORTED_METHODS)}; "
+            f"run {', '.join(unsupported)} with `python -m simulations.run --methods ...`"
+        )
     if not any(m in PROTOCOLS for m in cfg.methods):
         raise ConfigError(f"methods={','.join(cfg.methods)}: name at least one of {', '.join(PROTOCOLS)}")
     if cfg.withdraw_round is not None:
-        raise ConfigError(f"withdraw-round={cfg.withdraw_round}: this app withdraws after training; use "
-                          "`python -m simulations.run --withdraw-round T` for mid-training requests")
+        raise ConfigError(
+            f"withdraw-round={cfg.withdraw_round}: this app withdraws after training; use "
+            "`python -m simulations.run --withdraw-round T` for mid-training requests"
+        )
     return cfg
 
 
@@ -74,9 +78,11 @@ def wait_for_federation(grid: Grid, expected: int, timeout: float, settle: float
             break
         time.sleep(0.1 if count < expected else 0.5)  # at the expected count, one more look catches late extras
     if count != expected:
-        raise ConfigError(f"the federation has {count} SuperNodes but num-clients={expected}: run "
-                          f"`flwr run . --federation-config 'num-supernodes={expected}'`, or set "
-                          f"--run-config 'num-clients={count}'")
+        raise ConfigError(
+            f"the federation has {count} SuperNodes but num-clients={expected}: run "
+            f"`flwr run . --federation-config 'num-supernodes={expected}'`, or set "
+            f"--run-config 'num-clients={count}'"
+        )
 
 
 class Checks:
@@ -104,9 +110,16 @@ class Checks:
 
     def __call__(self, arrays: ArrayRecord, reference: ArrayRecord | None = None) -> dict[str, float]:
         """Accuracies, backdoor ASR, MIA AUC; distances too when the retrained `reference` is given."""
-        return evaluate_model(self.model(arrays), test=self.test, remained=self.remained, deleted=self.deleted,
-                              triggered=self.triggered, target=self.cfg.backdoor_target, heldout=self.heldout,
-                              reference=self.model(reference) if reference is not None else None)
+        return evaluate_model(
+            self.model(arrays),
+            test=self.test,
+            remained=self.remained,
+            deleted=self.deleted,
+            triggered=self.triggered,
+            target=self.cfg.backdoor_target,
+            heldout=self.heldout,
+            reference=self.model(reference) if reference is not None else None,
+        )
 
 
 def train_and_unlearn(grid: Grid, cfg: ExperimentConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -121,10 +134,17 @@ def train_and_unlearn(grid: Grid, cfg: ExperimentConfig, say: Callable[[str], No
     torch.manual_seed(cfg.seed)
     model = build_model(app_config.model_name_for(cfg), data.input_shape, data.num_classes)
     initial = ArrayRecord(OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()))
-    strategy = IAUFed(layout=ParamLayout.of(model), iau=app_config.iau_settings_for(cfg), directory=directory,
-                      train=app_config.train_settings_for(cfg), seed=cfg.seed, fraction_train=cfg.fraction_fit,
-                      allow_stale=cfg.allow_stale_cache, round_timeout=cfg.round_timeout,
-                      policy=app_config.round_policy_for(cfg))  # unlearn-retries, unlearn-policy, gradient-norm-*
+    strategy = IAUFed(
+        layout=ParamLayout.of(model),
+        iau=app_config.iau_settings_for(cfg),
+        directory=directory,
+        train=app_config.train_settings_for(cfg),
+        seed=cfg.seed,
+        fraction_train=cfg.fraction_fit,
+        allow_stale=cfg.allow_stale_cache,
+        round_timeout=cfg.round_timeout,
+        policy=app_config.round_policy_for(cfg),
+    )  # unlearn-retries, unlearn-policy, gradient-norm-*
     started = time.perf_counter()
     trained = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout).arrays
     say(f"trained {cfg.rounds} rounds on {cfg.num_clients} clients in {time.perf_counter() - started:.1f} s")
@@ -132,12 +152,19 @@ def train_and_unlearn(grid: Grid, cfg: ExperimentConfig, say: Callable[[str], No
     final_evaluation = strategy.fill_caches(grid, trained, upload=upload)
 
     reference = None
-    results: dict[str, Any] = {"config": cfg.to_dict(), "request": asdict(request), "forget_count": forget_count,
-                               "final_evaluation": final_evaluation, "models": {}, "unlearning": {}}
+    results: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "request": asdict(request),
+        "forget_count": forget_count,
+        "final_evaluation": final_evaluation,
+        "models": {},
+        "unlearning": {},
+    }
     if REFERENCE in cfg.methods:
         started = time.perf_counter()
-        retrainer = UnlearningFedAvg(directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
-                                     fraction_train=cfg.fraction_fit, ledger=(request,))
+        retrainer = UnlearningFedAvg(
+            directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed, fraction_train=cfg.fraction_fit, ledger=(request,)
+        )
         reference = retrainer.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout).arrays
         say(f"retrained without client {request.client} in {time.perf_counter() - started:.1f} s")
         results["models"][REFERENCE] = checks(reference, reference)
@@ -152,8 +179,13 @@ def train_and_unlearn(grid: Grid, cfg: ExperimentConfig, say: Callable[[str], No
         # model, as the simulator's `iau` runs them; the cached protocol contacts client u alone and never repairs.
         repair = cfg.iau_repair_rounds if protocol == "fresh" else 0
         if repair > 0:
-            repairer = UnlearningFedAvg(directory=directory, train=app_config.train_settings_for(cfg), seed=cfg.seed,
-                                        fraction_train=cfg.fraction_fit, ledger=branch.ledger)
+            repairer = UnlearningFedAvg(
+                directory=directory,
+                train=app_config.train_settings_for(cfg),
+                seed=cfg.seed,
+                fraction_train=cfg.fraction_fit,
+                ledger=branch.ledger,
+            )
             unlearned = repairer.start(grid=grid, initial_arrays=unlearned, num_rounds=repair, timeout=cfg.round_timeout).arrays
         seconds = time.perf_counter() - started
         results["models"][method] = checks(unlearned, reference)

@@ -31,8 +31,12 @@ def main(grid: Grid, context: Context) -> None:
     num_clients = int(context.run_config.get("num-clients", 4))
     torch.manual_seed(0)
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0)
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()), num_rounds=num_rounds,
-                            train_config=ConfigRecord({"lr": 0.05, "local-epochs": 2}))
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(Net().state_dict()),
+        num_rounds=num_rounds,
+        train_config=ConfigRecord({"lr": 0.05, "local-epochs": 2}),
+    )
     measure("trained", result.arrays)
 
     unlearning = unlearning_strategy(grid, Net(), num_clients)  # unlearning: asks every client for its partition id

@@ -69,8 +69,10 @@ def load_data(partition_id: int, num_partitions: int, batch_size: int = 32) -> t
     """Train and held-out loaders of one client (the quickstart's `load_data`)."""
     (x_train, y_train), (x_held, y_held) = load_partition(partition_id, num_partitions)
     generator = torch.Generator().manual_seed(partition_id)
-    return (DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size, shuffle=True, generator=generator),
-            DataLoader(TensorDataset(x_held, y_held), batch_size=batch_size))
+    return (
+        DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size, shuffle=True, generator=generator),
+        DataLoader(TensorDataset(x_held, y_held), batch_size=batch_size),
+    )
 
 
 def load_test() -> tuple[torch.Tensor, torch.Tensor]:
