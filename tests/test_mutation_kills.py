@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from test_validation import LAYOUT, NODE_OF, NUM_TRAIN, gradient_record, gradient_reply, record_of, request_message
 from torch import nn
@@ -54,6 +54,7 @@ from strategies.validation import (
     check_withdrawal,
     echoed_version,
     finite_metric,
+    gradient_vector,
     metrics_of,
     positive_count,
     record_failure,
@@ -719,3 +720,31 @@ def test_finite_metric():
             finite_metric(with_metric(bad), "loss")
     with pytest.raises(InvalidReplyError, match="reports accuracy=None: must be a finite number$"):
         finite_metric(with_metric(1.0), "accuracy")
+
+
+# ----- strategies/validation.py survivors of the full run (docs/testing.md) ------------------------------------
+def test_a_norm_bound_below_one_is_still_a_bound():
+    vector = torch.tensor([3.0, 4.0], dtype=torch.float64)  # norm 5
+    clipped, was_clipped = bound_norm(vector, 0.5, "clip", "client 1")
+    assert was_clipped and float(clipped.norm()) == pytest.approx(0.5) and torch.allclose(clipped / 0.5, vector / 5.0)
+    with pytest.raises(InvalidReplyError, match=r"^client 1: contribution norm 5 exceeds the bound 0.5"):
+        bound_norm(vector, 0.5, "reject", "client 1")
+
+
+def test_an_error_reply_or_an_undecodable_tensor_is_named_in_the_gradient_check():
+    error = Message(Error(code=1, reason="boom"), reply_to=request_message(NODE_OF[2]))
+    error.metadata.__dict__["_src_node_id"] = NODE_OF[2]
+    with pytest.raises(InvalidReplyError, match=f"^reply from node {NODE_OF[2]} is an error: boom$"):
+        gradient_vector(error, LAYOUT)
+    reply = gradient_reply(request_message(NODE_OF[1]), np.ones(LAYOUT.numel), corruption="undecodable")
+    reply.metadata.__dict__["_src_node_id"] = NODE_OF[1]
+    with pytest.raises(InvalidReplyError, match=rf"^reply from node {NODE_OF[1]}: tensor 'b' cannot be decoded \(ValueError: "):
+        gradient_vector(reply, LAYOUT)
+
+
+def test_an_undecodable_tensor_in_a_training_reply_is_named():
+    good = {"w": np.ones((3, 2), dtype=np.float32), "b": np.ones(2, dtype=np.float32)}
+    record = record_of(good)
+    record["b"] = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"\x00\x01\x02")  # 3 bytes for 2 floats
+    with pytest.raises(InvalidReplyError, match=rf"^reply from node {NODE_OF[1]}: tensor 'b' cannot be decoded \(ValueError: "):
+        check_train_reply(train_reply(good, 7, records={keys.ARRAYS: record}), None)
