@@ -13,7 +13,7 @@ from typing import Any
 
 from .common import REPO_ROOT, format_bytes, format_ratio, format_seconds, table
 
-KIND_ORDER = ("training", "unlearning", "memory", "reliability")
+KIND_ORDER = ("training", "unlearning", "memory", "reliability", "round-trip", "secagg_overhead")
 
 
 def kind_of(result: dict[str, Any]) -> str | None:
@@ -351,7 +351,45 @@ def reliability(result: dict[str, Any], path: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"training": training, "unlearning": unlearning, "memory": memory, "reliability": reliability}
+def round_trip(result: dict[str, Any], path: Path | None = None) -> str:
+    """Median milliseconds of one simulated round trip per setting, split into the way out, the handler and back."""
+    lines = _header("One simulated round trip (ms, medians)", result, path)
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    rows = [[s["setting"], *(ms(s["median_ms"].get(k)) for k in ("total", "out", "handler", "back"))] for s in result.get("settings", [])]
+    return "\n".join([*lines, "", table(["setting", "total", "out", "handler", "back"], rows)])
+
+
+def secagg_overhead(result: dict[str, Any], path: Path | None = None) -> str:
+    """Plain vs secure IAU rounds per client count: seconds, rounds, bytes, and the quantisation error bound."""
+    lines = _header("Secure aggregation: plain vs SecAgg+ rounds", result, path)
+    rows = []
+    for run in result.get("runs", []):
+        for kind in ("correction", "caching"):
+            plain, secure = run[f"{kind}_plain"], run[f"{kind}_secure"]
+            rows.append(
+                [
+                    run["clients"],
+                    kind,
+                    f"{plain['wall_s']:.3f} / {secure['wall_s']:.3f}",
+                    f"{plain['rounds']} / {secure['rounds']}",
+                    f"{format_bytes(plain['bytes_down'] + plain['bytes_up'])} / {format_bytes(secure['bytes_down'] + secure['bytes_up'])}",
+                    f"{run['error_bound']['l2']:.1e}",
+                ]
+            )
+    return "\n".join([*lines, "", table(["clients", "round", "seconds plain / secure", "rounds", "bytes", "error bound (L2)"], rows)])
+
+
+RENDERERS = {
+    "training": training,
+    "unlearning": unlearning,
+    "memory": memory,
+    "reliability": reliability,
+    "round-trip": round_trip,
+    "secagg_overhead": secagg_overhead,
+}
 
 
 def document(files: Sequence[tuple[Path, dict[str, Any]]]) -> str:

@@ -11,6 +11,7 @@ hand: it must import nothing heavy and run where psutil is not installed; /proc 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import sys
@@ -65,17 +66,45 @@ def main(argv: list[str]) -> int:
     """Wait for the driver to go, then end what is left of its run."""
     token, driver, ray_dir = argv[0], int(argv[1]), argv[2]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the driver is not for the one cleaning up after it
-    try:
-        while sys.stdin.buffer.read(65536):
-            pass
-    except OSError:
-        pass
-    # Again until a scan finds nothing: a raylet killed mid-start may have forked a worker after the first scan.
+    wait_for_driver(driver)
+    # Again until two scans in a row find nothing: a raylet killed mid-start may have forked a worker after a scan.
     deadline = time.monotonic() + SWEEP_S
-    while sweep(token, exclude={os.getpid(), driver}) and time.monotonic() < deadline:
+    empty = 0
+    while empty < 2 and time.monotonic() < deadline:
+        try:
+            empty = 0 if sweep(token, exclude={os.getpid(), driver}) else empty + 1
+        except Exception:  # never give up the sweep over one odd /proc entry
+            empty = 0
         time.sleep(0.5)
     shutil.rmtree(ray_dir, ignore_errors=True)
     return 0
+
+
+def driver_alive(pid: int) -> bool:
+    """Whether the driver still runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
+
+
+def wait_for_driver(driver: int) -> None:
+    """Until the driver's end of the pipe closes (it finished or died) or the driver is seen gone, whichever is first.
+
+    End of file is the normal signal; the check of the driver's pid every half second covers a pipe whose write
+    end some other process still holds, so a SIGKILLed driver is noticed either way.
+    """
+    stdin = sys.stdin.buffer
+    while True:
+        try:
+            ready, _, _ = select.select([stdin], [], [], 0.5)
+            if ready and not os.read(stdin.fileno(), 65536):
+                return
+        except (OSError, ValueError):
+            return
+        if not driver_alive(driver):
+            return
 
 
 if __name__ == "__main__":
