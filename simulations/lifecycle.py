@@ -10,7 +10,8 @@ itself (`private_ray`), in a temporary folder of its own, and shuts it down on e
 - SIGKILL of the driver, which no handler sees: a reaper process (`python -m simulations.reaper`) started
   before Ray holds the read end of a pipe from the driver; when the driver dies the pipe closes and the
   reaper ends every process that carries this run's token in its environment (Ray's GCS, raylet, agents
-  and workers inherit the driver's environment), then removes Ray's folder. Measured before this: after
+  and workers inherit the driver's environment) or holds a file open in Ray's folder of this run, then
+  removes that folder. Measured before this: after
   SIGKILL the DashboardAgent and RuntimeEnvAgent stayed alive with parent 1.
 """
 
