@@ -21,8 +21,11 @@ Medians in milliseconds.
 Then the `iau-cached` part (`--profile-calls`, 0 skips it): where one unlearning call of `iau-cached` on the
 default scenario goes (benchmarks/round_trip_profile.py, in a fresh process per source tree): the engine's round
 trips, the clients' compute, the simulator's stale-drift measurement and the server's own code, by function.
-`--before-tree DIR` profiles another checkout beside this one in the same run (e.g. the commit before a change,
-exported with `git archive COMMIT | tar -x -C DIR`), so before and after are measured side by side.
+`--before REF` profiles another version beside this tree in the same run (a commit of this repository, exported
+with `git archive`, or a checkout's folder), so before and after a change are measured side by side;
+`--profile-scenario` (repeatable, comma-separated KEY=VALUE settings, `default` for none) picks the scenarios.
+
+    python -m benchmarks.round_trip --before e71bb60 --profile-scenario default --profile-scenario iau-steps=1
 Writes benchmarks/results/round-trip.json.
 """
 
@@ -166,6 +169,28 @@ def _ms(seconds: float) -> float | None:
     return None if math.isnan(seconds) else 1000 * seconds
 
 
+def scenario_settings(scenario: str) -> list[str]:
+    """`default` (or nothing): the default scenario; else comma-separated KEY=VALUE settings on top of it."""
+    items = [item.strip() for item in scenario.split(",") if item.strip() and item.strip() != "default"]
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--profile-scenario {scenario!r}: {item!r} is not KEY=VALUE, e.g. --profile-scenario iau-steps=1")
+    return items
+
+
+def export_commit(ref: str, into: Path) -> str:
+    """`git archive` of commit `ref` of this repository into `into`; returns the commit's full id."""
+    resolved = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"], capture_output=True, text=True)
+    if resolved.returncode != 0:
+        raise SystemExit(f"--before {ref}: neither a folder nor a commit of this repository ({resolved.stderr.strip()})")
+    commit = resolved.stdout.strip()
+    archive = subprocess.Popen(["git", "-C", str(REPO_ROOT), "archive", commit], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(into)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise SystemExit(f"--before {ref}: git archive failed")
+    return commit
+
+
 def profile_tree(label: str, tree: Path, calls: int, settings: list[str], timeout: float = 1800) -> dict[str, Any]:
     """benchmarks/round_trip_profile.py on `tree`'s code (its PYTHONPATH, Ray's workers' too), in a fresh process."""
     with tempfile.TemporaryDirectory(prefix="fedunlearn-rt-profile-") as tmp:
@@ -215,28 +240,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile-calls", type=int, default=7, help="iau-cached calls profiled per tree, unprofiled and profiled each (0: none)"
     )
-    parser.add_argument("--before-tree", default=None, help="another checkout profiled beside this one (the code before a change)")
-    parser.add_argument("--profile-set", action="append", default=[], metavar="KEY=VALUE", help="scenario setting of the profile")
+    parser.add_argument("--before", default=None, metavar="REF", help="a commit (or a checkout's folder) profiled beside this tree")
+    parser.add_argument(
+        "--profile-scenario", action="append", default=None, metavar="SETTINGS", help="KEY=VALUE,... on the default scenario (repeatable)"
+    )
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/round-trip.json)")
     args = parser.parse_args(argv)
     if args.trips < 0 or args.profile_calls < 0:
         raise SystemExit(f"--trips {args.trips} --profile-calls {args.profile_calls}: must be >= 0")
-    before = Path(args.before_tree).resolve() if args.before_tree else None
-    if before is not None and not (before / "strategies" / "iau_fed.py").is_file():
-        raise SystemExit(f"--before-tree {args.before_tree}: not a fedunlearn checkout (no strategies/iau_fed.py there)")
+    scenarios = args.profile_scenario or ["default"]
+    settings_of = {scenario: scenario_settings(scenario) for scenario in scenarios}  # bad input ends here, before anything runs
+    exported = tempfile.TemporaryDirectory(prefix="fedunlearn-rt-before-")
+    before: Path | None = None
+    before_commit: str | None = None
+    if args.before is not None and Path(args.before).is_dir():
+        before = Path(args.before).resolve()
+        if not (before / "strategies" / "iau_fed.py").is_file():
+            raise SystemExit(f"--before {args.before}: not a fedunlearn checkout (no strategies/iau_fed.py there)")
+    elif args.before is not None:
+        before, before_commit = Path(exported.name), export_commit(args.before, Path(exported.name))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    result = envelope("round-trip", {"trips": args.trips, "profile_calls": args.profile_calls, "profile_set": args.profile_set}, argv)
+    result = envelope("round-trip", {"trips": args.trips, "profile_calls": args.profile_calls, "profile_scenarios": scenarios}, argv)
     result["load_average_before"] = list(os.getloadavg())
     result["settings"] = [measure(*setting, trips=args.trips) for setting in SETTINGS] if args.trips else []
     if args.profile_calls:
         trees = [("before", before)] if before is not None else []
         trees.append(("after" if before is not None else "this tree", REPO_ROOT))
-        profiles = []
-        for label, tree in trees:
-            load = os.getloadavg()[0]
-            profiles.append({**profile_tree(label, tree, args.profile_calls, args.profile_set), "load_average_at_start": load})
-        result["iau_cached"] = {"calls": args.profile_calls, "scenario": ["default", *args.profile_set], "trees": profiles}
+        result["iau_cached"] = []
+        for scenario in scenarios:
+            profiles = []
+            for label, tree in trees:
+                load = os.getloadavg()[0]
+                profiles.append({**profile_tree(label, tree, args.profile_calls, settings_of[scenario]), "load_average_at_start": load})
+                if label == "before" and before_commit is not None:
+                    profiles[-1]["commit"] = before_commit
+            result["iau_cached"].append({"scenario": scenario, "calls": args.profile_calls, "trees": profiles})
+    exported.cleanup()
     result["load_average_after"] = list(os.getloadavg())
     if result["settings"]:
         rows = [
@@ -247,10 +287,10 @@ def main(argv: list[str] | None = None) -> int:
             f"\nOne round trip, median ms over {args.trips} trips ({result['machine']['cpu']}, load {result['load_average_before'][0]:.1f})"
         )
         print(table(["setting", "total", "out (to handler start)", "handler", "back (to server)"], rows))
-    if "iau_cached" in result:
-        print(f"\nOne iau-cached call (ms; the first call, then medians of the {args.profile_calls - 1 or 1} after it)")
+    for part in result.get("iau_cached", []):
+        print(f"\nOne iau-cached call, {part['scenario']} (ms; the first call, then medians of the {args.profile_calls - 1 or 1} after it)")
         headers = ["tree", "first: metered", "metered", "wall", "engine", "client compute", "stale drift", "server own", "rounds"]
-        print(table(headers, _profile_rows(result["iau_cached"]["trees"])))
+        print(table(headers, _profile_rows(part["trees"])))
     out = Path(args.out) if args.out else RESULTS_DIR / "round-trip.json"
     write_json(out, result)
     print(f"\nwrote {out}")
