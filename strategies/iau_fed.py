@@ -363,8 +363,8 @@ class IAUFed(UnlearningFedAvg):
     def _query(
         self, arrays: ArrayRecord, version: str, request: DeletionRequest, role: str, remaining_count: int, forget_count: int
     ) -> RecordDict:
-        """A `query.gradient` message's content; `version` is `model_version(arrays)`, hashed once per round by the caller
-        (hashing the model once per message cost a SHA-256 pass over every parameter for each of the n clients)."""
+        """A `query.gradient` message's content at `arrays`, whose `model_version` the caller hashed once for the round."""
+        # Hashing here, once per message, cost a SHA-256 pass over every parameter for each of the n clients of a round.
         record = self.base_config()
         record.update(
             GradientQuery(
