@@ -486,6 +486,7 @@ class Experiment:
                 request_round=request_round,
                 recorded=recorded.get(method.name),
                 round_hook=self._round_hook,
+                untimed=self.meter.untimed,
             )
             phase = f"unlearn:{method.name}{suffix}"
             with self.meter.phase(phase):

@@ -6,7 +6,7 @@ import copy
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -124,15 +124,20 @@ class UnlearningReport:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "step_arrays"}
 
 
-def arrays_to_vector(arrays: ArrayRecord, layout: ParamLayout) -> torch.Tensor:
-    """Trainable parameters of an ArrayRecord as one float64 vector."""
-    state = arrays.to_torch_state_dict()
+def arrays_to_vector(arrays: ArrayRecord | Mapping[str, torch.Tensor], layout: ParamLayout) -> torch.Tensor:
+    """Trainable parameters of an ArrayRecord (or of its decoded state dict) as one float64 vector."""
+    state = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else arrays
     return layout.flatten({n: state[n].to(torch.float64) for n in layout.names})
 
 
-def vector_to_arrays(vector: torch.Tensor, template: ArrayRecord, layout: ParamLayout) -> ArrayRecord:
-    """A copy of `template` with its trainable parameters replaced by `vector` (dtypes kept)."""
-    state = template.to_torch_state_dict()
+def vector_to_arrays(vector: torch.Tensor, template: ArrayRecord | Mapping[str, torch.Tensor], layout: ParamLayout) -> ArrayRecord:
+    """A copy of `template` with its trainable parameters replaced by `vector` (dtypes kept).
+
+    `template` may be an ArrayRecord's decoded state dict (`to_torch_state_dict()`, left unchanged): decoding
+    every array from its bytes is most of the cost, and a multi-step correction builds one model per step
+    from the same template.
+    """
+    state = dict(template.to_torch_state_dict() if isinstance(template, ArrayRecord) else template)
     for name, value in layout.unflatten(vector).items():
         state[name] = value.to(state[name].dtype).clone()
     return ArrayRecord(OrderedDict(state))
@@ -289,7 +294,8 @@ class IAUFed(UnlearningFedAvg):
             )
         remaining_count = n_total - forget_count
         report = UnlearningReport(method, protocol, asdict(request), forget_count, remaining_count)
-        theta = arrays_to_vector(arrays, self.layout)
+        template = arrays.to_torch_state_dict()  # decoded once: every step's model is built from it
+        theta = arrays_to_vector(template, self.layout)
         segments = tuple(int(np.prod(shape)) for shape in self.layout.shapes)
         stepper = CorrectionStepper(theta, self.iau, segments)
         current = arrays
@@ -318,7 +324,7 @@ class IAUFed(UnlearningFedAvg):
                 theta = stepper.step(direction)
                 report.step_norms.append(float((theta - before).norm()))
                 report.steps += 1
-                current = vector_to_arrays(theta, arrays, self.layout)
+                current = vector_to_arrays(theta, template, self.layout)
                 if report.fallback and step + 1 < self.iau.steps:
                     # An offline client u's uploaded cache is G_S at one model: it cannot give G_S at the next one.
                     report.reason = f"withdrawing client offline: {step + 1} of {self.iau.steps} steps, from its uploaded cache"
@@ -354,11 +360,15 @@ class IAUFed(UnlearningFedAvg):
     def _kept(self, partition: int) -> int:
         return self.directory.num_train[partition] - self._excluded_counts.get(partition, 0)
 
-    def _query(self, arrays: ArrayRecord, request: DeletionRequest, role: str, remaining_count: int, forget_count: int) -> RecordDict:
+    def _query(
+        self, arrays: ArrayRecord, version: str, request: DeletionRequest, role: str, remaining_count: int, forget_count: int
+    ) -> RecordDict:
+        """A `query.gradient` message's content at `arrays`, whose `model_version` the caller hashed once for the round."""
+        # Hashing here, once per message, cost a SHA-256 pass over every parameter for each of the n clients of a round.
         record = self.base_config()
         record.update(
             GradientQuery(
-                model_version=model_version(arrays),
+                model_version=version,
                 role=role,
                 request=json.dumps(asdict(request)),
                 remaining_count=remaining_count,
@@ -480,9 +490,9 @@ class IAUFed(UnlearningFedAvg):
         messages = []
         for p in self.active_partitions():
             if p == client:
-                content = self._query(arrays, request, keys.ROLE_WITHDRAWING, remaining_count, report.forget_count)
+                content = self._query(arrays, version, request, keys.ROLE_WITHDRAWING, remaining_count, report.forget_count)
             elif self.iau.correction:
-                content = self._query(arrays, request, keys.ROLE_REMAINING, remaining_count, report.forget_count)
+                content = self._query(arrays, version, request, keys.ROLE_REMAINING, remaining_count, report.forget_count)
             else:
                 continue
             messages.append(Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.QUERY_GRADIENT))
@@ -526,7 +536,7 @@ class IAUFed(UnlearningFedAvg):
             raise _Abort(f"no remaining client answered (missing: {others_missing}): g_r cannot be estimated")
         withdrawing_vector = withdrawing["vector"]
         if not request.client_level and self.iau.correction:
-            content = self._query(arrays, request, keys.ROLE_WITHDRAWING, answered_count, report.forget_count)
+            content = self._query(arrays, version, request, keys.ROLE_WITHDRAWING, answered_count, report.forget_count)
             again, still = self._ask(
                 grid,
                 [Message(content, dst_node_id=self.directory.node_of[client], message_type=keys.QUERY_GRADIENT)],
@@ -582,7 +592,7 @@ class IAUFed(UnlearningFedAvg):
         report: UnlearningReport,
     ) -> tuple[dict[int, Any], list[int]]:
         """Ask client u alone for G_S at `arrays` (validated: |S|, the version, the norm bound)."""
-        content = self._query(arrays, request, keys.ROLE_FORGET_ONLY, remaining_count, forget_count)
+        content = self._query(arrays, version, request, keys.ROLE_FORGET_ONLY, remaining_count, forget_count)
         message = Message(content, dst_node_id=self.directory.node_of[request.client], message_type=keys.QUERY_GRADIENT)
 
         def parse(partition: int, reply: Message) -> tuple[Message, torch.Tensor]:

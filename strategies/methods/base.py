@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,9 @@ class MethodContext:
     request_round: int = 0  # rounds trained when the request arrived
     recorded: Any = None  # what this method's recorder kept during training (None: it has none)
     round_hook: Callable[[str], Callable[..., None]] | None = None  # round_hook(label) -> per-round progress/curve callback
+    # `with ctx.untimed():` around a measurement of the simulator's (the driver holds every client's data), not the
+    # method's: its seconds stay out of the method's wall time, as the per-round progress evaluation's do.
+    untimed: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
 
 @dataclass
