@@ -317,6 +317,9 @@ class CohortGrid(GridWrapper):
                 for message in group:
                     self._packed_of.pop(message.metadata.message_id, None)
                 virtuals = self._unpack(reply, group)[::-1]
+                if not reply.has_error():  # the virtual replies hold the records now: each is freed with its reply
+                    for key in list(reply.content.keys()):
+                        del reply.content[key]
                 del reply
                 try:
                     while virtuals:

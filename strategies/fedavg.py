@@ -223,7 +223,7 @@ class UnlearningFedAvg(FedAvg):
         partition_of = {nid: p for p, nid in self.directory.node_of.items()}
         recorder = streaming_recorder(self.update_recorder) if self.update_recorder is not None else None
         models = WeightedModelSum()
-        template: ArrayRecord | None = None
+        names: list[str] = []  # tensor order of the first model (not the model: that would keep one reply alive)
         # The metrics alone (a few numbers per client) are kept, to be averaged by FedAvg's own function in partition order.
         metric_contents: list[tuple[int, RecordDict]] = []
         metric_keys: set[str] | None = None
@@ -233,6 +233,9 @@ class UnlearningFedAvg(FedAvg):
             count = self.check_train(absolute_round, partition, reply)
             if count is None:
                 errors += reply.has_error()
+                if not reply.has_error():  # a rejected reply is released too
+                    for name in [n for n, r in reply.content.items() if isinstance(r, ArrayRecord)]:
+                        del reply.content[name]
                 continue
             assert partition is not None  # check_train rejects a reply from an unknown node
             metric_record = reply.content.metric_records[keys.METRICS]
@@ -242,11 +245,12 @@ class UnlearningFedAvg(FedAvg):
                 reason = f"reports metrics {sorted(metric_record.keys())}, the round's first reply {sorted(metric_keys)}: FedAvg cannot average them"
                 record_rejection(self.rejected, "train", partition, reply, reason, absolute_round)
                 continue
-            record = reply.content.array_records[self.arrayrecord_key]
+            record = reply.content[self.arrayrecord_key]  # not `array_records`: that view is a cycle that would keep the model
+            assert isinstance(record, ArrayRecord)  # check_train_reply made sure
             if recorder is not None and self._last_arrays is not None:
                 recorder.record_client(absolute_round, partition, record, count, self._last_arrays)
             models.add({name: array.numpy() for name, array in record.items()}, count)
-            template = template or record
+            names = names or list(record.keys())
             metric_contents.append((partition, RecordDict({keys.METRICS: metric_record})))
             del reply.content[self.arrayrecord_key]  # released: the running sum holds all the server needs of it
             del record
@@ -255,9 +259,8 @@ class UnlearningFedAvg(FedAvg):
         log(INFO, "aggregate_train: folded %s results as they arrived, %s failures", models.count, errors)
         if not models.count:
             return None, None
-        assert template is not None
         mean = models.mean()
-        arrays = ArrayRecord({name: Array(mean[name]) for name in template.keys()})
+        arrays = ArrayRecord({name: Array(mean[name]) for name in names})
         metric_contents.sort(key=lambda item: item[0])
         metrics = self.train_metrics_aggr_fn([content for _, content in metric_contents], self.weighted_by_key)
         return arrays, metrics
