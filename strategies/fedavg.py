@@ -231,20 +231,22 @@ class UnlearningFedAvg(FedAvg):
         for reply in replies:
             partition = partition_of.get(reply.metadata.src_node_id)
             count = self.check_train(absolute_round, partition, reply)
+            if count is not None:
+                assert partition is not None  # check_train rejects a reply from an unknown node
+                metric_record = reply.content.metric_records[keys.METRICS]
+                if metric_keys is None:
+                    metric_keys = set(metric_record.keys())
+                elif set(metric_record.keys()) != metric_keys:  # FedAvg refuses the whole round for this; one reply is refused here
+                    reason = f"reports metrics {sorted(metric_record.keys())}, the round's first reply {sorted(metric_keys)}: cannot average them"
+                    record_rejection(self.rejected, "train", partition, reply, reason, absolute_round)
+                    count = None
             if count is None:
                 errors += reply.has_error()
                 if not reply.has_error():  # a rejected reply is released too
                     for name in [n for n, r in reply.content.items() if isinstance(r, ArrayRecord)]:
                         del reply.content[name]
                 continue
-            assert partition is not None  # check_train rejects a reply from an unknown node
-            metric_record = reply.content.metric_records[keys.METRICS]
-            if metric_keys is None:
-                metric_keys = set(metric_record.keys())
-            elif set(metric_record.keys()) != metric_keys:  # FedAvg refuses the whole round for this; one reply is refused here
-                reason = f"reports metrics {sorted(metric_record.keys())}, the round's first reply {sorted(metric_keys)}: FedAvg cannot average them"
-                record_rejection(self.rejected, "train", partition, reply, reason, absolute_round)
-                continue
+            assert partition is not None
             record = reply.content[self.arrayrecord_key]  # not `array_records`: that view is a cycle that would keep the model
             assert isinstance(record, ArrayRecord)  # check_train_reply made sure
             if recorder is not None and self._last_arrays is not None:
@@ -285,7 +287,7 @@ class UnlearningFedAvg(FedAvg):
                 for partition, (record, count) in clients.items():
                     self.update_recorder.record_client(server_round + self.round_offset, partition, record, count, self._last_arrays)
                 self.update_recorder.end_round(server_round + self.round_offset, sum(n for _, n in clients.values()))
-            elif clients:
+            else:
                 self.update_recorder(server_round + self.round_offset, clients, self._last_arrays)
         arrays, metrics = super().aggregate_train(server_round, ordered)
         # Flower's start() keeps this round's replies referenced until the next round's arrive: drop their models now,

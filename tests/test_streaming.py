@@ -39,6 +39,7 @@ SHAPES = {"w": (30, 20), "b": (20,)}
 REJECTED = 2  # answers with a NaN in its model: validation refuses it
 CRASHED = 5  # raises in its ClientApp: an error reply
 MODES = ("per-node", "cohort")
+EXTRA_METRIC: set[int] = set()  # partitions that report one metric more than the others
 
 
 def examples_of(partition: int) -> int:
@@ -102,6 +103,8 @@ def toy_app() -> ClientApp:
             model["b"][3] = np.nan
         record = record_of(model)
         metrics = MetricRecord({keys.NUM_EXAMPLES: examples_of(pid), keys.TRAIN_LOSS: 0.25 * pid + 1.0, "lists": [pid, 2 * pid]})
+        if pid in EXTRA_METRIC:
+            metrics["extra"] = 1.0
         return Message(RecordDict({keys.ARRAYS: record, keys.METRICS: metrics}), reply_to=msg)
 
     return app
@@ -349,3 +352,24 @@ def test_a_reply_stream_is_one_pass_and_stops_at_its_timeout(small_cfg, tmp_path
     with pytest.raises(RuntimeError, match="iterated once"):
         list(stream)
     assert StreamingGrid(grid).send_and_receive([], timeout=1) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_reply_with_other_metrics_is_refused_alone(small_cfg, tmp_path, mode):
+    """Flower's FedAvg refuses the whole gathered round when metric keys differ; the streamed round refuses that reply.
+
+    The first accepted reply sets the round's keys: partition 4 is never first here (each cohort answers its lowest first).
+    """
+    EXTRA_METRIC.add(4)
+    try:
+        strategy, result, _ = run_rounds(make_grid(small_cfg, tmp_path, mode), streaming=True, rounds=1)
+    finally:
+        EXTRA_METRIC.clear()
+    assert [(e["partition"], "reports metrics" in e["reason"]) for e in strategy.rejected if e["partition"] != REJECTED] == [(4, True)]
+    accepted = [p for p in range(NUM_CLIENTS) if p not in (REJECTED, CRASHED, 4)]
+    mean = np.average(
+        np.stack([client_model(p, 1, initial_model())["w"].astype(np.float64) for p in accepted]),
+        axis=0,
+        weights=[examples_of(p) for p in accepted],
+    )
+    assert np.all(np.abs(result.arrays["w"].numpy() - mean) <= 2.0**-24 * np.abs(mean))
