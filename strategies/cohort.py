@@ -309,7 +309,8 @@ class CohortGrid(GridWrapper):
             if message_id in self._replies:  # unpacked by an earlier pull that did not ask for it
                 wanted_set.discard(message_id)
                 yield self._replies.pop(message_id)
-        for packed_id in sorted({self._packed_of[i] for i in wanted_set if i in self._packed_of}):
+        asked = {self._packed_of[i] for i in wanted_set if i in self._packed_of}
+        for packed_id in [p for p in self._pending if p in asked]:  # in push order: in-process runs fold in one order
             for reply in self.grid.pull_messages([packed_id]):
                 group = self._pending.pop(reply.metadata.reply_to_message_id, None)
                 if group is None:

@@ -35,6 +35,7 @@ __all__ = [
     "StreamingRecorder",
     "UpdateRecorder",
     "WeightedModelSum",
+    "answers_at_push",
     "poll_interval_of",
     "streaming_recorder",
 ]
@@ -85,17 +86,32 @@ class WeightedModelSum:
         return out
 
 
-def poll_interval_of(grid: Grid) -> float:
-    """The wait between two pulls: the innermost grid's `pull_interval` (Flower's grids; `--grid-poll-interval`), else 0.1 s."""
+def _grid_chain(grid: Grid) -> Iterator[object]:
+    """The grid and every grid it wraps (GridWrapper's `grid`), outermost first."""
     seen: set[int] = set()
     current: object = grid
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        yield current
+        current = getattr(current, "grid", None)
+
+
+def poll_interval_of(grid: Grid) -> float:
+    """The wait between two pulls: the innermost grid's `pull_interval` (Flower's grids; `--grid-poll-interval`), else 0.1 s."""
+    for current in _grid_chain(grid):
         interval = getattr(current, "pull_interval", None)
         if isinstance(interval, int | float):
             return float(interval)
-        current = getattr(current, "grid", None)
     return DEFAULT_POLL_INTERVAL
+
+
+def answers_at_push(grid: Grid) -> bool:
+    """Whether the grid under the wrappers answers every message while it is pushed (LocalGrid: in-process, synchronous).
+
+    Such a grid already holds every reply when the push returns, so there is nothing to stream, and a reply missing
+    then never comes (no round timeout to wait out).
+    """
+    return any(getattr(current, "answers_at_push", False) is True for current in _grid_chain(grid))
 
 
 class ReplyStream:
@@ -108,7 +124,7 @@ class ReplyStream:
 
     def __init__(self, grid: Grid, message_ids: Iterable[str], timeout: float | None, poll_interval: float) -> None:
         self.grid = grid
-        self.pending: set[str] = set(message_ids)
+        self.pending: dict[str, None] = dict.fromkeys(message_ids)  # in push order: in-process grids answer in the order asked
         self.timeout = timeout
         self.poll_interval = poll_interval
         self._started = False
@@ -123,11 +139,11 @@ class ReplyStream:
         end = time.monotonic() + (self.timeout if self.timeout is not None else 0.0)
         while self.pending and (self.timeout is None or time.monotonic() < end):
             pulled = False
-            for reply in self.grid.pull_messages(sorted(self.pending)):
+            for reply in self.grid.pull_messages(list(self.pending)):
                 answered = reply.metadata.reply_to_message_id
                 if answered not in self.pending:
                     continue
-                self.pending.discard(answered)
+                del self.pending[answered]
                 pulled = True
                 yield reply
             if self.pending and not pulled:
@@ -136,13 +152,13 @@ class ReplyStream:
     @property
     def missing(self) -> list[str]:
         """Message ids without a reply (all of them before iteration; those left when it ended afterwards)."""
-        return sorted(self.pending)
+        return list(self.pending)
 
 
 class StreamingGrid(GridWrapper):
     """A Grid whose `send_and_receive` pushes at once and returns a `ReplyStream` instead of the gathered list.
 
-    Hand it to Flower's `Strategy.start()` (UnlearningFedAvg does, unless `streaming=False`) so that
+    Over a grid that `answers_at_push` (the in-process LocalGrid) it returns that grid's replies as they are. Hand it to Flower's `Strategy.start()` (UnlearningFedAvg does, unless `streaming=False`) so that
     `aggregate_train` receives the round's replies as they arrive. Every other call passes through.
     """
 
@@ -152,6 +168,8 @@ class StreamingGrid(GridWrapper):
         if not messages:
             return []
         grid = self._inner()
+        if answers_at_push(grid):  # in-process: every reply exists once pushed; its send_and_receive returns them in push order
+            return list(grid.send_and_receive(messages, timeout=timeout))
         ids = list(grid.push_messages(messages))
         return ReplyStream(grid, ids, timeout, poll_interval_of(grid))
 

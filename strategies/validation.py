@@ -120,9 +120,10 @@ def gradient_vector(reply: Message, layout: ParamLayout, dtype: str | None = Non
     """The gradient vector a reply carries in its '{gradient}' ArrayRecord, checked against the layout."""
     if reply.has_error():
         raise InvalidReplyError(f"{_who(reply)} is an error: {reply.error.reason}")
-    if keys.GRADIENT not in reply.content.array_records:
+    record = reply.content.get(keys.GRADIENT)  # not `array_records`: that view is a cycle keeping the record after it is dropped
+    if not isinstance(record, ArrayRecord):
         raise InvalidReplyError(f"{_who(reply)} has no '{keys.GRADIENT}' ArrayRecord")
-    return vector_from_record(reply.content.array_records[keys.GRADIENT], layout, reply, dtype)
+    return vector_from_record(record, layout, reply, dtype)
 
 
 def check_gradient_reply(
