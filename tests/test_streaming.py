@@ -388,3 +388,30 @@ def test_over_an_in_process_grid_the_replies_come_as_they_are():
     ]
     replies = StreamingGrid(grid).send_and_receive(messages, timeout=3600)
     assert [r.metadata.src_node_id for r in replies] == [grid.node_ids[0], grid.node_ids[2]]
+
+
+def test_ask_clients_streamed_gives_the_outcome_of_the_gathered_round(small_cfg, tmp_path):
+    """The unlearning rounds' helper, streamed over replies that arrive one by one: same accepted, missing and failures."""
+    from strategies.rounds import ask_clients
+
+    outcomes = []
+    for stream in (True, False):
+        grid = make_grid(small_cfg, tmp_path / str(stream), "per-node", lazy=True)
+        directory = discover_clients(grid, NUM_CLIENTS, timeout=5)
+        grid.offline = {directory.node_of[3]}  # type: ignore[attr-defined]
+        messages = [
+            Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=directory.node_of[p], message_type=keys.QUERY_INFO)
+            for p in range(NUM_CLIENTS)
+        ]
+        parsed: list[int] = []
+
+        def parse(partition: int, reply: Message, parsed: list[int] = parsed) -> int:
+            parsed.append(partition)
+            return as_int(reply.content.metric_records[keys.METRICS][keys.NUM_TRAIN])
+
+        outcome = ask_clients(grid, messages, directory=directory, phase="info", parse=parse, retries=1, timeout=0.3, stream=stream)
+        outcomes.append((outcome.accepted, outcome.missing, [(f["partition"], f["reason"]) for f in outcome.failures], sorted(parsed)))
+    assert outcomes[0] == outcomes[1]
+    accepted, missing, failures, _ = outcomes[0]
+    assert accepted == {p: examples_of(p) for p in range(NUM_CLIENTS) if p != 3}
+    assert missing == [3] and [p for p, _ in failures] == [3, 3]  # asked again once, missing twice
