@@ -25,7 +25,8 @@ from .common import RESULTS_DIR, envelope, format_bytes, table, write_json
 from .training import FEDUNLEARN_PATHS, NOISE_NOTE, add_scale_arguments, exit_code, parse_variants, run_paths, summarise
 from .variants import LABELS, Scale
 
-TARGET_BYTES = 8 * 10**9  # issue 6: 1000 clients with caches in under 8 GB peak RSS (2-core CPU)
+TARGET_BYTES = 6 * 10**9  # issue 15: 1000 x 60 with caches, all processes at most 6 GB peak RSS (2-core CPU); issue 6 said 8
+DRIVER_TARGET_BYTES = 3 * 10**9  # issue 15: and the driver (the ServerApp's process) at most 3 GB
 
 
 def int_list(text: str) -> list[int]:
@@ -49,18 +50,20 @@ def cache_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def target_checks(scales: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The 8 GB target at 1000 clients for each fedunlearn path that was asked for (per-node, cohort)."""
+    """The 1000-client targets (all processes, driver) for each fedunlearn path that was asked for."""
     paths = [p for p in FEDUNLEARN_PATHS if any(p in e["variants"] for e in scales)] or ["fedunlearn"]
-    return [target_check(scales, path) for path in paths]
+    return [check for path in paths for check in (target_check(scales, path), target_check(scales, path, driver=True))]
 
 
-def target_check(scales: list[dict[str, Any]], path: str = "fedunlearn") -> dict[str, Any]:
-    """The 8 GB target at 1000 clients, on one fedunlearn path with caches."""
+def target_check(scales: list[dict[str, Any]], path: str = "fedunlearn", driver: bool = False) -> dict[str, Any]:
+    """A 1000-client target on one fedunlearn path with caches: all processes under TARGET_BYTES, or the driver under DRIVER_TARGET_BYTES."""
     entry = next((s for s in scales if s["clients"] == 1000), None)
+    required = DRIVER_TARGET_BYTES if driver else TARGET_BYTES
+    what = "the driver" if driver else "all processes"
     base = {
-        "target": f"2-core CPU: 1000 clients with caches in under 8 GB peak RSS ({path}, all processes)",
+        "target": f"2-core CPU: 1000 clients with caches, {what} at most {required / 1e9:g} GB peak RSS ({path})",
         "path": path,
-        "required_bytes": TARGET_BYTES,
+        "required_bytes": required,
         "better": "lower",
     }
     if entry is None or path not in entry["variants"]:
@@ -75,15 +78,22 @@ def target_check(scales: list[dict[str, Any]], path: str = "fedunlearn") -> dict
             "met": False,
             "note": "the run did not finish: " + "; ".join(str(e).splitlines()[0] for e in summary.get("errors", [])),
         }
+    if driver:
+        measured = summary["driver_peak_rss_bytes"]
+        note = f"driver peak RSS {measured / 1e9:.2f} GB" if measured is not None else "driver peak not recorded"
+        met = measured is not None and measured <= required
+        if not met and measured is not None:
+            note += f"; missed by {measured / required:.2f}x"
+        return {**base, "measured_bytes": measured, "met": met, "note": note}
     total = summary["total_rss_peak_bytes"]
     upper = (summary["driver_peak_rss_bytes"] or 0) + (summary["workers_peak_rss_sum_bytes"] or 0)
-    met = total is not None and total < TARGET_BYTES
+    met = total is not None and total <= required
     note = (
         f"peak of the summed RSS {total / 1e9:.2f} GB (sum of per-process peaks, an upper bound: {upper / 1e9:.2f} GB + Ray's "
         f"own processes)"
     )
     if not met and total is not None:
-        note += f"; missed by {total / TARGET_BYTES:.2f}x"
+        note += f"; missed by {total / required:.2f}x"
     return {**base, "measured_bytes": total, "sum_of_peaks_bytes": upper, "met": met, "note": note}
 
 

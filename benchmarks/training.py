@@ -24,13 +24,13 @@ from typing import Any
 
 from . import data
 from .common import RESULTS_DIR, envelope, format_bytes, format_ratio, format_seconds, median, ratio, run_child, table, write_json
-from .variants import ENGINES, LABELS, VARIANTS, Scale
+from .variants import ENGINES, GATHERED_VARIANTS, LABELS, VARIANTS, Scale
 
 # Targets of issue 6 for this benchmark (the H100 ones need the cohort execution mode and a GPU).
 TARGET_VS_FLOWER = 1.0  # 2-core CPU, 100 clients: no slower than the plain Flower app
 TARGET_VS_LOOP = 1.25  # 2-core CPU, 100 clients: within 1.25x of the single-process loop
 H100_TARGETS = {100: 5.0, 1000: 10.0}  # H100: steady round at least this many times faster than the plain Flower app
-FEDUNLEARN_PATHS = ("fedunlearn", "fedunlearn-cohort")
+FEDUNLEARN_PATHS = ("fedunlearn", "fedunlearn-cohort", *GATHERED_VARIANTS)
 
 NOISE_NOTE = (
     "The machine is shared with other engineers running tests: timings are noisy. Every path records the mean "
@@ -44,7 +44,11 @@ def add_scale_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
     """The flags every training-style benchmark takes."""
     parser.add_argument("--rounds", type=int, default=rounds, help=f"FedAvg rounds per run (round 1 is reported apart; default {rounds})")
     parser.add_argument("--repeats", type=int, default=1, help="independent runs of every path, interleaved (default 1)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)}, or {','.join(GATHERED_VARIANTS)} (the training round gathered, as before issue 15)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--lr", type=float, default=0.01)
@@ -101,9 +105,9 @@ def add_scale_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
 def parse_variants(text: str) -> list[str]:
     """The requested paths, checked."""
     names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = [v for v in names if v not in (*VARIANTS, *GATHERED_VARIANTS)]
     if unknown or not names:
-        raise SystemExit(f"--variants {text!r}: unknown {unknown or 'empty'}; choose from {','.join(VARIANTS)}")
+        raise SystemExit(f"--variants {text!r}: unknown {unknown or 'empty'}; choose from {','.join((*VARIANTS, *GATHERED_VARIANTS))}")
     return names
 
 
@@ -276,7 +280,36 @@ def compare(summaries: dict[str, dict[str, Any]], clients: int, gpu: str | None 
                     + ("" if speedup >= required else f"; missed by {required / speedup:.2f}x"),
                 )
             targets.append(entry)
+    targets.extend(streaming_targets(steady, comparison))
     return comparison, targets
+
+
+STREAMED_AND_GATHERED = (("fedunlearn", "fedunlearn-gathered"), ("fedunlearn-cohort", "fedunlearn-cohort-gathered"))
+
+
+def streaming_targets(steady: dict[str, Any], comparison: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 15: the streamed training round no slower than the gathered one, per mode measured side by side."""
+    targets = []
+    for streamed, gathered in STREAMED_AND_GATHERED:
+        if gathered not in steady:
+            continue
+        slowdown = ratio(steady.get(streamed), steady.get(gathered))
+        comparison[f"{streamed.replace('-', '_')}_streamed_over_gathered"] = slowdown
+        met = None if slowdown is None else slowdown <= 1.0
+        targets.append(
+            {
+                "target": f"streaming must not cost speed: {streamed}'s steady round no slower than {gathered}'s (same run)",
+                "path": streamed,
+                "measured": slowdown,
+                "required": 1.0,
+                "better": "lower",
+                "met": met,
+                "note": "not measured: one of the two paths failed or ran one round"
+                if slowdown is None
+                else f"streamed / gathered = {slowdown:.3f}" + ("" if met else " (slower; compare with the runs' load averages)"),
+            }
+        )
+    return targets
 
 
 def _absent(summary: dict[str, Any], path: str) -> str:

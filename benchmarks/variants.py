@@ -9,6 +9,9 @@
   and `iau` corrections, and the bytes the gradient caches occupy;
 - `fedunlearn-cohort` (d): the same with `execution = "cohort"` (each SuperNode hosts a cohort of virtual
   clients trained as one vectorised computation), assembled from the ExperimentConfig as the runner does;
+- `fedunlearn-gathered`, `fedunlearn-cohort-gathered`: (c) and (d) with the training round gathered before it is
+  aggregated (`UnlearningFedAvg(streaming=False)`, Flower's own `send_and_receive`), the path before issue 15,
+  for side-by-side comparisons with the streamed default; not in the default `--variants`;
 - `experiment`: one `simulations.runner.Experiment` (the unlearning benchmark reads its results.json).
 
 `engine = "local"` in the spec serves the ClientApps in-process through `strategies.local_grid.LocalGrid`
@@ -27,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,14 @@ LABELS = {
     "fedunlearn": "(c) fedunlearn, per-node",
     "fedunlearn-cohort": "(d) fedunlearn, cohort",
 }
+# The gathered training round (before issue 15), only when asked for by name: streamed vs gathered side by side.
+GATHERED_VARIANTS = ("fedunlearn-gathered", "fedunlearn-cohort-gathered")
+LABELS.update(
+    {
+        "fedunlearn-gathered": "(c') fedunlearn, per-node, gathered round",
+        "fedunlearn-cohort-gathered": "(d') fedunlearn, cohort, gathered round",
+    }
+)
 ENGINES = ("ray", "local")
 
 
@@ -123,15 +134,19 @@ class ClockedStrategy:
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> Any:
-        """Count the replies, aggregate as the strategy does, stamp the round's end."""
-        replies = list(replies)
-        answered = [r for r in replies if not r.has_error()]
-        self.clock.replies[server_round] = len(answered)
-        for reply in answered:
-            metrics = reply.content.metric_records.get("metrics")
-            if metrics is not None and "torch-threads" in metrics:
-                self.clock.torch_threads.add(int(metrics["torch-threads"]))
-        out = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        """Count the replies as they pass to the strategy's own aggregation (a streamed round is never listed), stamp the round's end."""
+        self.clock.replies[server_round] = 0
+
+        def counted() -> Iterator[Any]:
+            for reply in replies:
+                if not reply.has_error():
+                    self.clock.replies[server_round] += 1
+                    metrics = reply.content.metric_records.get("metrics")
+                    if metrics is not None and "torch-threads" in metrics:
+                        self.clock.torch_threads.add(int(metrics["torch-threads"]))
+                yield reply
+
+        out = super().aggregate_train(server_round, counted())  # type: ignore[misc]
         self.clock.ended[server_round] = time.perf_counter()
         return out
 
@@ -448,7 +463,17 @@ def run_fedunlearn_cohort(scale: Scale) -> dict[str, Any]:
     return run_fedunlearn(scale, execution="cohort")
 
 
-def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
+def run_fedunlearn_gathered(scale: Scale) -> dict[str, Any]:
+    """Path (c'): (c) with the training round gathered before aggregation."""
+    return run_fedunlearn(scale, streaming=False)
+
+
+def run_fedunlearn_cohort_gathered(scale: Scale) -> dict[str, Any]:
+    """Path (d'): (d) with the training round gathered before aggregation."""
+    return run_fedunlearn(scale, execution="cohort", streaming=False)
+
+
+def run_fedunlearn(scale: Scale, execution: str = "per-node", streaming: bool = True) -> dict[str, Any]:
     """Path (c): build_client_app + IAUFed through a MeteredGrid on run_simulation, as simulations/runner.py does."""
     from collections import OrderedDict
 
@@ -510,6 +535,7 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
             train=app_config.train_settings_for(cfg),
             seed=cfg.seed,
             fraction_train=cfg.fraction_fit,
+            streaming=streaming,
         )
         strategy.clock = clock
         started = time.perf_counter()
@@ -555,6 +581,7 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node") -> dict[str, Any]:
         "engine": scale.engine,
         "device": cfg.device,
         **execution_info,
+        "training_round": "streamed" if streaming else "gathered",
         **startup_times(times, clock.ended[1], scale.engine),
         "discovery_s": marks["discovered"] - marks["main"],
         **round_summary(rounds),
@@ -653,6 +680,8 @@ RUNNERS: dict[str, Callable[[Scale], dict[str, Any]]] = {
     "single-process-loop": run_single_process_loop,
     "fedunlearn": run_fedunlearn,
     "fedunlearn-cohort": run_fedunlearn_cohort,
+    "fedunlearn-gathered": run_fedunlearn_gathered,
+    "fedunlearn-cohort-gathered": run_fedunlearn_cohort_gathered,
     "calibration": run_calibration,
 }
 

@@ -31,7 +31,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 from uuid import uuid4
 
@@ -295,18 +295,43 @@ class CohortGrid(GridWrapper):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Replies available for these virtual message ids."""
-        wanted = list(message_ids)
-        packed_ids = {self._packed_of[i] for i in wanted if i in self._packed_of}
-        for reply in self.grid.pull_messages(sorted(packed_ids)):
-            group = self._pending.pop(reply.metadata.reply_to_message_id, None)
-            if group is None:
-                continue
-            for message in group:
-                self._packed_of.pop(message.metadata.message_id, None)
-            for virtual in self._unpack(reply, group):
-                self._replies[virtual.metadata.reply_to_message_id] = virtual
-        return [self._replies.pop(i) for i in wanted if i in self._replies]
+        """Replies available for these virtual message ids, unpacked one physical reply at a time as the caller consumes them.
+
+        A generator: each packed reply is pulled from the wrapped grid only when the virtual replies of the
+        previous one have been taken, so a caller that folds and drops each reply (UnlearningFedAvg's streamed
+        round) holds one cohort's models at a time, not the round's.
+        """
+        return self._pull(list(message_ids))
+
+    def _pull(self, wanted: list[str]) -> Iterator[Message]:
+        wanted_set = set(wanted)
+        for message_id in wanted:
+            if message_id in self._replies:  # unpacked by an earlier pull that did not ask for it
+                wanted_set.discard(message_id)
+                yield self._replies.pop(message_id)
+        asked = {self._packed_of[i] for i in wanted_set if i in self._packed_of}
+        for packed_id in [p for p in self._pending if p in asked]:  # in push order: in-process runs fold in one order
+            for reply in self.grid.pull_messages([packed_id]):
+                group = self._pending.pop(reply.metadata.reply_to_message_id, None)
+                if group is None:
+                    continue
+                for message in group:
+                    self._packed_of.pop(message.metadata.message_id, None)
+                virtuals = self._unpack(reply, group)[::-1]
+                if not reply.has_error():  # the virtual replies hold the records now: each is freed with its reply
+                    for key in list(reply.content.keys()):
+                        del reply.content[key]
+                del reply
+                try:
+                    while virtuals:
+                        virtual = virtuals.pop()
+                        if virtual.metadata.reply_to_message_id in wanted_set:
+                            yield virtual
+                        else:
+                            self._replies[virtual.metadata.reply_to_message_id] = virtual
+                finally:  # the caller stopped early: keep what it did not take for a later pull
+                    for virtual in virtuals:
+                        self._replies[virtual.metadata.reply_to_message_id] = virtual
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Send one packed message per (physical node, type), wait, and unpack the replies."""

@@ -1,15 +1,25 @@
-"""FedAvg that knows about clients and deletions: seeded sampling by partition id, withdrawn clients excluded."""
+"""FedAvg that knows about clients and deletions: seeded sampling by partition id, withdrawn clients excluded.
+
+Training replies are folded as they arrive (strategies/streaming.py): `start()` hands Flower's round loop a
+`StreamingGrid`, so `aggregate_train` receives a one-pass stream of replies and never the whole round at once.
+A subclass that wants to look at each training reply overrides `aggregate_train` and passes `super()` a generator
+over `replies` that inspects each one as it goes by (as benchmarks/variants.py's `ClockedStrategy` does); calling
+`list(replies)` works too, but gathers the round's models again. `streaming=False` restores the gathered path
+(Flower's `send_and_receive` and `FedAvg.aggregate_train` over the replies in partition order).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import time
 from collections.abc import Callable, Iterable
+from logging import INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.supercore import log
 
 from fedunlearn.deletion import DeletionRequest, encode_ledger
 from fedunlearn.errors import InvalidReplyError, MissingRepliesError
@@ -17,13 +27,11 @@ from fedunlearn.training import TrainSettings
 
 from . import keys
 from .directory import ClientDirectory
+from .streaming import StreamingGrid, StreamingRecorder, UpdateRecorder, WeightedModelSum, streaming_recorder
 from .validation import check_train_reply, record_failure, record_rejection
 from .wire import as_int
 
 __all__ = ["ClientDirectory", "UnlearningFedAvg", "UpdateRecorder", "discover_clients", "model_version", "sample_partitions"]
-
-# (absolute round, {partition: (client model, examples it trained on)}, global model the round started from)
-UpdateRecorder = Callable[[int, dict[int, tuple[ArrayRecord, int]], ArrayRecord], None]
 
 
 def model_version(arrays: ArrayRecord) -> str:
@@ -88,7 +96,8 @@ class UnlearningFedAvg(FedAvg):
         ledger: tuple[DeletionRequest, ...] = (),
         round_offset: int = 0,
         on_round_end: Callable[[int, ArrayRecord, MetricRecord | None], None] | None = None,
-        update_recorder: UpdateRecorder | None = None,
+        update_recorder: UpdateRecorder | StreamingRecorder | None = None,
+        streaming: bool = True,
     ) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.directory = directory
@@ -97,8 +106,11 @@ class UnlearningFedAvg(FedAvg):
         self.ledger: tuple[DeletionRequest, ...] = tuple(ledger)
         self.round_offset = round_offset
         self.on_round_end = on_round_end
-        # Optional: sees every round's client models (FedEraser stores updates, PGA the last local models).
+        # Optional: sees every round's client models (FedEraser stores updates, PGA the last local models); a
+        # StreamingRecorder gets them one at a time, a plain callable the whole round at once.
         self.update_recorder = update_recorder
+        # Fold training replies as they arrive (True) or gather the round first, as Flower's start() does (False).
+        self.streaming = streaming
         self._last_arrays: ArrayRecord | None = None
         # Replies refused by validation and clients that answered with an error: logged, counted, never aggregated.
         self.rejected: list[dict] = []
@@ -148,52 +160,139 @@ class UnlearningFedAvg(FedAvg):
         self._last_arrays = arrays  # the global model of this round, before aggregation (what the update recorder needs)
         return [Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.TRAIN) for p in cohort]
 
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's round loop; with `streaming`, through a StreamingGrid so that replies reach aggregate_train as they arrive."""
+        return super().start(
+            StreamingGrid(grid) if self.streaming else grid,
+            initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
+        )
+
+    def check_train(self, absolute_round: int, partition: int | None, reply: Message) -> int | None:
+        """The example count of a reply that passes validation; None for an error reply (a failure) or a rejected one."""
+        if reply.has_error():
+            record_failure(self.failures, "train", partition, reply.error.reason or f"error code {reply.error.code}", absolute_round)
+            return None
+        try:
+            if partition is None:
+                raise InvalidReplyError(f"reply from node {reply.metadata.src_node_id}, which serves no known partition")
+            return check_train_reply(reply, self._last_arrays, self.arrayrecord_key)
+        except InvalidReplyError as err:
+            record_rejection(self.rejected, "train", partition, reply, str(err), absolute_round)
+            return None
+
     def valid_train_replies(self, absolute_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The training replies that pass validation; rejected ones go to `self.rejected`, error replies to `self.failures`."""
+        """The training replies that pass validation, plus the error replies (FedAvg logs and skips them); see `check_train`."""
         partition_of = {nid: p for p, nid in self.directory.node_of.items()}
-        kept: list[Message] = []
-        for reply in replies:
-            partition = partition_of.get(reply.metadata.src_node_id)
-            if reply.has_error():  # kept for FedAvg, which logs and skips it
-                record_failure(self.failures, "train", partition, reply.error.reason or f"error code {reply.error.code}", absolute_round)
-                kept.append(reply)
-                continue
-            try:
-                if partition is None:
-                    raise InvalidReplyError(f"reply from node {reply.metadata.src_node_id}, which serves no known partition")
-                check_train_reply(reply, self._last_arrays, self.arrayrecord_key)
-            except InvalidReplyError as err:
-                record_rejection(self.rejected, "train", partition, reply, str(err), absolute_round)
-                continue
-            kept.append(reply)
-        return kept
+        return [
+            reply
+            for reply in replies
+            if self.check_train(absolute_round, partition_of.get(reply.metadata.src_node_id), reply) is not None or reply.has_error()
+        ]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg's weighted average over replies in partition order; then report the round to the recorder and progress hook."""
+        """The example-weighted mean of the valid replies' models and metrics; then the recorder and the progress hook.
+
+        Streaming: each reply is validated, recorded, folded into a float64 running sum and released as it
+        comes. Gathered (`streaming=False`): Flower's FedAvg over the valid replies in partition order.
+        """
+        if self.streaming:
+            arrays, metrics = self.fold_train_replies(server_round, replies)
+        else:
+            arrays, metrics = self.aggregate_gathered(server_round, replies)
+        if self.on_round_end is not None and arrays is not None:
+            self.on_round_end(server_round + self.round_offset, arrays, metrics)
+        return arrays, metrics
+
+    def fold_train_replies(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, record and fold each reply as it arrives, dropping its model right after: the round is never held at once."""
+        absolute_round = server_round + self.round_offset
+        partition_of = {nid: p for p, nid in self.directory.node_of.items()}
+        recorder = streaming_recorder(self.update_recorder) if self.update_recorder is not None else None
+        models = WeightedModelSum()
+        names: list[str] = []  # tensor order of the first model (not the model: that would keep one reply alive)
+        # The metrics alone (a few numbers per client) are kept, to be averaged by FedAvg's own function in partition order.
+        metric_contents: list[tuple[int, RecordDict]] = []
+        metric_keys: set[str] | None = None
+        errors = 0
+        for reply in replies:
+            partition = partition_of.get(reply.metadata.src_node_id)
+            count = self.check_train(absolute_round, partition, reply)
+            if count is not None:
+                assert partition is not None  # check_train rejects a reply from an unknown node
+                metric_record = reply.content.metric_records[keys.METRICS]
+                if metric_keys is None:
+                    metric_keys = set(metric_record.keys())
+                elif set(metric_record.keys()) != metric_keys:  # FedAvg refuses the whole round for this; one reply is refused here
+                    reason = f"reports metrics {sorted(metric_record.keys())}, the round's first reply {sorted(metric_keys)}: cannot average them"
+                    record_rejection(self.rejected, "train", partition, reply, reason, absolute_round)
+                    count = None
+            if count is None:
+                errors += reply.has_error()
+                if not reply.has_error():  # a rejected reply is released too
+                    for name in [n for n, r in reply.content.items() if isinstance(r, ArrayRecord)]:
+                        del reply.content[name]
+                continue
+            assert partition is not None
+            record = reply.content[self.arrayrecord_key]  # not `array_records`: that view is a cycle that would keep the model
+            assert isinstance(record, ArrayRecord)  # check_train_reply made sure
+            if recorder is not None and self._last_arrays is not None:
+                recorder.record_client(absolute_round, partition, record, count, self._last_arrays)
+            models.add({name: array.numpy() for name, array in record.items()}, count)
+            names = names or list(record.keys())
+            metric_contents.append((partition, RecordDict({keys.METRICS: metric_record})))
+            del reply.content[self.arrayrecord_key]  # released: the running sum holds all the server needs of it
+            del record
+        if recorder is not None:
+            recorder.end_round(absolute_round, models.total_weight)
+        log(INFO, "aggregate_train: folded %s results as they arrived, %s failures", models.count, errors)
+        if not models.count:
+            return None, None
+        mean = models.mean()
+        arrays = ArrayRecord({name: Array(mean[name]) for name in names})
+        metric_contents.sort(key=lambda item: item[0])
+        metrics = self.train_metrics_aggr_fn([content for _, content in metric_contents], self.weighted_by_key)
+        return arrays, metrics
+
+    def aggregate_gathered(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's FedAvg over the valid replies in partition order (every model held at once); the recorder sees the round."""
         ordered = self.in_partition_order(self.valid_train_replies(server_round + self.round_offset, replies))
         if self.update_recorder is not None and self._last_arrays is not None:
             partition_of = {nid: p for p, nid in self.directory.node_of.items()}
-            self.update_recorder(
-                server_round + self.round_offset,
-                {
-                    partition_of[r.metadata.src_node_id]: (
-                        r.content.array_records[self.arrayrecord_key],
-                        as_int(r.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES]),
-                    )
-                    for r in ordered
-                    if not r.has_error()
-                    and r.metadata.src_node_id in partition_of
-                    and self.arrayrecord_key in r.content.array_records
-                    and keys.METRICS in r.content.metric_records
-                },
-                self._last_arrays,
-            )
+            clients = {
+                partition_of[r.metadata.src_node_id]: (
+                    r.content.array_records[self.arrayrecord_key],
+                    as_int(r.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES]),
+                )
+                for r in ordered
+                if not r.has_error()
+                and r.metadata.src_node_id in partition_of
+                and self.arrayrecord_key in r.content.array_records
+                and keys.METRICS in r.content.metric_records
+            }
+            if isinstance(self.update_recorder, StreamingRecorder):
+                for partition, (record, count) in clients.items():
+                    self.update_recorder.record_client(server_round + self.round_offset, partition, record, count, self._last_arrays)
+                self.update_recorder.end_round(server_round + self.round_offset, sum(n for _, n in clients.values()))
+            else:
+                self.update_recorder(server_round + self.round_offset, clients, self._last_arrays)
         arrays, metrics = super().aggregate_train(server_round, ordered)
         # Flower's start() keeps this round's replies referenced until the next round's arrive: drop their models now,
         # or two rounds of client models are held at once (measured: 14.4 GB at 1000 McMahan-CNN clients).
         for reply in ordered:
             if not reply.has_error() and self.arrayrecord_key in reply.content.array_records:
                 del reply.content[self.arrayrecord_key]
-        if self.on_round_end is not None and arrays is not None:
-            self.on_round_end(server_round + self.round_offset, arrays, metrics)
         return arrays, metrics

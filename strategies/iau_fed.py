@@ -399,6 +399,7 @@ class IAUFed(UnlearningFedAvg):
             timeout=self.round_timeout,
             rejected_log=self.rejected,
             failures_log=self.failures,
+            stream=True,  # each reply's vector is summed and dropped by parse: never hold the round's uploads at once
         )
         if report is not None:
             report.rounds += outcome.attempts

@@ -26,6 +26,9 @@ class LocalGrid(GridWrapper):
     simulation engine does (the default lets it propagate, so a test sees the real traceback).
     """
 
+    # Every reply exists once its message is pushed: a streamed round (strategies/streaming.py) has nothing to wait for.
+    answers_at_push = True
+
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, seed: int = 0, capture_errors: bool = False) -> None:
         super().__init__(None)  # answers itself: the wrapper's interface boilerplate, no grid to pass to
         TaskIdentity.run_id = run_id

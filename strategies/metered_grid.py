@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -47,11 +47,13 @@ class MeteredGrid(GridWrapper):
         return self._inner().push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Pull and count the bytes sent up."""
-        replies = list(self._inner().pull_messages(message_ids))
-        for reply in replies:
+        """Pull and count the bytes sent up, each reply as the caller takes it (a streamed round never lists them all)."""
+        return self._pull(message_ids)
+
+    def _pull(self, message_ids: Iterable[str]) -> Iterator[Message]:
+        for reply in self._inner().pull_messages(message_ids):
             self._record(reply)
-        return replies
+            yield reply
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Send, wait, and count the round."""

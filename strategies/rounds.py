@@ -10,7 +10,7 @@ aggregated, and the clients concerned are asked again up to `RoundPolicy.retries
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from fedunlearn.errors import InvalidReplyError, MissingRepliesError
 from fedunlearn.secagg import SecAggSettings
 
 from .directory import ClientDirectory
+from .streaming import StreamingGrid
 from .validation import record_failure, record_rejection
 
 logger = logging.getLogger("fedunlearn.rounds")
@@ -96,10 +97,14 @@ def ask_clients(
     timeout: float | None = None,
     rejected_log: list[dict[str, Any]] | None = None,
     failures_log: list[dict[str, Any]] | None = None,
+    stream: bool = False,
 ) -> RoundOutcome:
     """Send `messages`, validate each reply with `parse`, re-ask the clients still missing up to `retries` times.
 
-    Replies are taken in partition order (float sums depend on order; arrival order varies between runs).
+    Replies are taken in partition order (float sums depend on order; arrival order varies between runs), or with
+    `stream` parsed one by one as they arrive, so a `parse` that sums and drops each reply's payload never has the
+    round's replies held at once (the caching upload: one gradient per client). Streamed, the order is the arrival
+    order: in-process the order the messages were pushed, on Ray whatever came first.
     Rejections and failures go to the returned outcome and, if given, to the caller's run-wide logs.
     """
     partition_of = {nid: p for p, nid in directory.node_of.items()}
@@ -117,7 +122,11 @@ def ask_clients(
         outcome.attempts += 1
         batch = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type) for m in pending.values()]
         answered: set[int] = set()
-        replies = sorted(grid.send_and_receive(batch, timeout=timeout), key=lambda r: partition_of.get(r.metadata.src_node_id, -1))
+        replies: Iterable[Message] = (
+            StreamingGrid(grid).send_and_receive(batch, timeout=timeout)
+            if stream
+            else sorted(grid.send_and_receive(batch, timeout=timeout), key=lambda r: partition_of.get(r.metadata.src_node_id, -1))
+        )
         for reply in replies:
             partition = partition_of.get(reply.metadata.src_node_id)
             if partition is None or partition not in pending or partition in answered:

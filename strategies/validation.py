@@ -120,9 +120,10 @@ def gradient_vector(reply: Message, layout: ParamLayout, dtype: str | None = Non
     """The gradient vector a reply carries in its '{gradient}' ArrayRecord, checked against the layout."""
     if reply.has_error():
         raise InvalidReplyError(f"{_who(reply)} is an error: {reply.error.reason}")
-    if keys.GRADIENT not in reply.content.array_records:
+    record = reply.content.get(keys.GRADIENT)  # not `array_records`: that view is a cycle keeping the record after it is dropped
+    if not isinstance(record, ArrayRecord):
         raise InvalidReplyError(f"{_who(reply)} has no '{keys.GRADIENT}' ArrayRecord")
-    return vector_from_record(reply.content.array_records[keys.GRADIENT], layout, reply, dtype)
+    return vector_from_record(record, layout, reply, dtype)
 
 
 def check_gradient_reply(
@@ -143,7 +144,9 @@ def check_gradient_reply(
 def check_train_reply(reply: Message, template: ArrayRecord | None, arrays_key: str = keys.ARRAYS) -> int:
     """A FedAvg training reply: one model with the global model's keys, shapes and dtypes, finite, and a positive count."""
     count = positive_count(reply)
-    records = reply.content.array_records
+    # A plain dict, not Flower's `array_records` view: the view is a reference cycle holding every model it lists, so a
+    # model the streamed round drops would live on until the cyclic garbage collector ran (measured in tests/test_streaming.py).
+    records = {name: record for name, record in reply.content.items() if isinstance(record, ArrayRecord)}
     if list(records.keys()) != [arrays_key]:
         raise InvalidReplyError(f"{_who(reply)} holds ArrayRecords {list(records.keys())}: expected exactly one, '{arrays_key}'")
     record = records[arrays_key]

@@ -25,12 +25,16 @@ class RecordingGrid(LocalGrid):
         self.sent: list[Message] = []
         self.received: list[Message] = []
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    # Push and pull, not send_and_receive: the streamed training round uses those (LocalGrid's send_and_receive calls both).
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         self.sent.extend(messages)
-        replies = list(super().send_and_receive(messages, timeout=timeout))
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(super().pull_messages(message_ids))
         # Copies: the strategies drop a client's arrays from its reply once they are summed (memory at scale).
-        self.received.extend(Message(copy.deepcopy(r.content), reply_to=m) for r, m in zip(replies, messages, strict=True))
+        self.received.extend(Message(copy.deepcopy(r.content), reply_to=r) if not r.has_error() else r for r in replies)
         return replies
 
 

@@ -148,6 +148,8 @@ def test_every_malformed_gradient_reply_is_rejected(corruption, vector, count, w
 class ScriptedGrid(Grid):
     """A Grid whose replies come from `answer(message) -> reply | None` (None: the node does not answer)."""
 
+    answers_at_push = True  # answers at once: a streamed round takes its send_and_receive as is (strategies/streaming.py)
+
     def __init__(self, answer: Callable[[Message], Message | None]) -> None:
         self.answer = answer
         self.sent: list[Message] = []
