@@ -5,12 +5,17 @@ IMU's single-client rounds, FedEraser's calibration rounds) goes through `ask_cl
 `FedAvg._check_and_log_replies` reused by its other strategies: a reply the round's `parse` refuses
 (`InvalidReplyError`) is rejected and logged, an error reply or none is a failure; both are recorded, never
 aggregated, and the clients concerned are asked again up to `RoundPolicy.retries` times.
+
+Replies are consumed as they arrive (`arriving_replies`: push, then pull until all are in or the timeout), in
+partition order through a reorder buffer: `parse` sums each vector and drops it, so a round over 10,000 clients
+holds only the replies that arrived ahead of a slower, lower-numbered client, not every client's upload at once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +28,12 @@ from fedunlearn.errors import InvalidReplyError, MissingRepliesError
 from fedunlearn.secagg import SecAggSettings
 
 from .directory import ClientDirectory
+from .grid_wrapper import GridWrapper
 from .validation import record_failure, record_rejection
 
 logger = logging.getLogger("fedunlearn.rounds")
 
-__all__ = ["MISSING_POLICIES", "RoundFailedError", "RoundOutcome", "RoundPolicy", "ask_clients", "require_reply"]
+__all__ = ["MISSING_POLICIES", "RoundFailedError", "RoundOutcome", "RoundPolicy", "arriving_replies", "ask_clients", "require_reply"]
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,22 @@ def ask_clients(
         outcome.attempts += 1
         batch = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type) for m in pending.values()]
         answered: set[int] = set()
-        replies = sorted(grid.send_and_receive(batch, timeout=timeout), key=lambda r: partition_of.get(r.metadata.src_node_id, -1))
-        for reply in replies:
+        # Replies are parsed in partition order (float sums depend on order, arrival order varies between runs): one that
+        # arrives ahead of a lower partition still on its way waits in `early` until that one arrives or the round ends.
+        order = sorted(pending)
+        position = 0
+        early: dict[int, Message] = {}
+
+        def consume(partition: int, reply: Message) -> None:
+            if reply.has_error():
+                note(outcome.failures, record_failure([], phase, partition, str(reply.error.reason)), failures_log)
+                return
+            try:
+                outcome.accepted[partition] = parse(partition, reply)
+            except InvalidReplyError as err:
+                note(outcome.rejected, record_rejection([], phase, partition, reply, str(err)), rejected_log)
+
+        for reply in arriving_replies(grid, batch, timeout):
             partition = partition_of.get(reply.metadata.src_node_id)
             if partition is None or partition not in pending or partition in answered:
                 note(
@@ -128,13 +148,12 @@ def ask_clients(
                 )
                 continue
             answered.add(partition)
-            if reply.has_error():
-                note(outcome.failures, record_failure([], phase, partition, str(reply.error.reason)), failures_log)
-                continue
-            try:
-                outcome.accepted[partition] = parse(partition, reply)
-            except InvalidReplyError as err:
-                note(outcome.rejected, record_rejection([], phase, partition, reply, str(err)), rejected_log)
+            early[partition] = reply
+            while position < len(order) and order[position] in early:
+                consume(order[position], early.pop(order[position]))
+                position += 1
+        for partition in sorted(early):  # the round ended with gaps: the rest, still in partition order
+            consume(partition, early.pop(partition))
         for partition in sorted(set(pending) - answered):
             note(
                 outcome.failures,
@@ -148,6 +167,50 @@ def ask_clients(
             break
     outcome.missing = sorted(pending)
     return outcome
+
+
+def polled_grid(grid: Grid) -> Grid | None:
+    """The grid under this project's wrappers if it polls for replies (has `pull_interval`), else None.
+
+    Flower's InMemoryGrid, the simulation engine's, says how long it waits between pulls; reached through
+    GridWrappers only, push and pull are known to pass through to it. A LocalGrid answers within the push,
+    a test's or user's own Grid may implement `send_and_receive` alone, and Flower's HttpGrid polls every 3 s
+    without saying so: those are asked with `send_and_receive` as before.
+    """
+    while isinstance(grid, GridWrapper) and grid.grid is not None:
+        grid = grid.grid
+    return grid if hasattr(grid, "pull_interval") else None
+
+
+def arriving_replies(grid: Grid, messages: Sequence[Message], timeout: float | None) -> Iterator[Message]:
+    """The replies to `messages`, each yielded as soon as a pull brings it, until every one is in or `timeout` passes.
+
+    On a polling grid (see `polled_grid`) this is what `Grid.send_and_receive` does (one push, then a pull every
+    `pull_interval` seconds), except that the caller gets each reply at once instead of a list of all of them at the
+    end, so it can use and release it. The wait between pulls is at least four times the last pull's own duration
+    (as `engine_tuning`'s pickup loop does), so polling 10,000 outstanding ids costs at most a fifth of the
+    driver's thread. Any other grid is asked with `send_and_receive` (what it returns, it has already held).
+    """
+    if not messages:
+        return
+    polled = polled_grid(grid)
+    if polled is None:
+        yield from grid.send_and_receive(messages, timeout=timeout)
+        return
+    interval = float(polled.pull_interval)  # type: ignore[attr-defined]
+    waiting = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while waiting:
+        started = time.perf_counter()
+        replies = list(grid.pull_messages(list(waiting)))
+        pulled_in = time.perf_counter() - started
+        for reply in replies:
+            waiting.discard(reply.metadata.reply_to_message_id)
+        yield from replies
+        del replies
+        if not waiting or (deadline is not None and time.monotonic() >= deadline):
+            return
+        time.sleep(max(interval, 4.0 * pulled_in))
 
 
 class RoundFailedError(MissingRepliesError):
