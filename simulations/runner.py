@@ -487,7 +487,6 @@ class Experiment:
                 request_round=request_round,
                 recorded=recorded.get(method.name),
                 round_hook=self._round_hook,
-                exclude_wall=self.meter.exclude_wall,
             )
             phase = f"unlearn:{method.name}{suffix}"
             with self.meter.phase(phase):

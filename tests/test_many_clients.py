@@ -215,39 +215,3 @@ def test_a_model_record_is_decoded_once_and_reloaded_intact_after_training_chang
     runtime.load(second)  # another record: decoded anew
     state = runtime.model.state_dict()
     assert torch.equal(state["weight"], torch.zeros(2, 3)) and torch.equal(state["bias"], torch.ones(2))
-
-
-def test_the_stale_drift_measurement_is_taken_out_of_the_cached_methods_seconds(monkeypatch):
-    from types import SimpleNamespace
-
-    from fedunlearn.config import build_config
-    from strategies.methods import iau
-    from strategies.methods.base import MethodContext
-
-    ticks = iter([100.0, 107.5])  # the clock before and after the measurement
-    monkeypatch.setattr(iau, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
-    monkeypatch.setattr(iau, "stale_drift", lambda ctx, report: [0.25])
-    report = SimpleNamespace(steps=2, stale_drift=[], to_dict=dict)
-    strategy = SimpleNamespace(
-        unlearn=lambda *args, **kwargs: ("corrected", report),
-        iau=SimpleNamespace(refresh_every=0),
-        gradient_total=None,
-        client_uploads={},
-        client_cache_bytes={},
-    )
-    excluded: list[float] = []
-    ctx = MethodContext(
-        cfg=build_config(),
-        grid=None,  # type: ignore[arg-type]
-        strategy=strategy,  # type: ignore[arg-type]
-        initial_arrays=None,  # type: ignore[arg-type]
-        arrays=None,  # type: ignore[arg-type]
-        request=None,  # type: ignore[arg-type]
-        forget_count=1,
-        fedavg=None,  # type: ignore[arg-type]
-        exclude_wall=excluded.append,
-    )
-    outcome = iau.run_iau(ctx, "cached", "iau-cached", repair_rounds=0)
-    assert outcome.arrays == "corrected" and report.stale_drift == [0.25]
-    assert excluded == [7.5]  # the 7.5 s the measurement took, not counted as the method's
-    assert iau.run_iau(ctx, "fresh", "iau", repair_rounds=0) and excluded == [7.5]  # the fresh protocol measures nothing

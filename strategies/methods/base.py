@@ -43,8 +43,6 @@ class MethodContext:
     request_round: int = 0  # rounds trained when the request arrived
     recorded: Any = None  # what this method's recorder kept during training (None: it has none)
     round_hook: Callable[[str], Callable[..., None]] | None = None  # round_hook(label) -> per-round progress/curve callback
-    # Takes seconds of the simulator's own measuring (not the method's work) out of the method's wall seconds.
-    exclude_wall: Callable[[float], None] | None = None
 
 
 @dataclass

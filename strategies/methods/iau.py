@@ -8,7 +8,6 @@ alone) and `query.calibrate` (client u's own choice of the step length).
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 import torch.nn.functional as F
@@ -163,12 +162,7 @@ def run_iau(ctx: MethodContext, protocol: str, name: str, repair_rounds: int | N
     strategy = ctx.strategy
     arrays, report = strategy.unlearn(ctx.grid, ctx.arrays, ctx.request, ctx.forget_count, protocol=protocol, method=name)
     if protocol == "cached" and report.steps > 1 and not strategy.iau.refresh_every:
-        # A measurement of the simulator over all remaining data in the driver (seconds at 10,000 clients): not the
-        # method's work, so not in its seconds.
-        started = time.perf_counter()
         report.stale_drift = stale_drift(ctx, report)
-        if ctx.exclude_wall is not None:
-            ctx.exclude_wall(time.perf_counter() - started)
     repair = ctx.cfg.iau_repair_rounds if repair_rounds is None else repair_rounds
     if ctx.cfg.withdraw_round is not None:
         repair = 0  # a mid-training request: FedAvg without the data continues right after anyway
