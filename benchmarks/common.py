@@ -205,15 +205,17 @@ class PeakMonitor:
 
     Reads /proc (Linux); the kernel's high-water mark is exact per process, so sampling only has to
     see each process once before it exits. `total_rss_peak` sums the current RSS of all of them at each
-    sample (an estimate of the simultaneous peak; shared pages count once per process).
+    sample (an estimate of the simultaneous peak; shared pages count once per process). With `timeline`,
+    every sample is also kept as (perf_counter, driver RSS, summed RSS) so peaks can be read per phase.
     """
 
-    def __init__(self, interval: float = 0.25) -> None:
+    def __init__(self, interval: float = 0.25, timeline: bool = False) -> None:
         self.interval = interval
         self.available = Path(f"/proc/{os.getpid()}/status").exists()
         self.peaks: dict[int, int] = {}
         self.commands: dict[int, str] = {}
         self.total_rss_peak = 0
+        self.timeline: list[tuple[float, int, int]] | None = [] if timeline else None
         self.load_samples: list[float] = []  # 1-minute load average: how much others competed for the cores
         self._lock = threading.Lock()  # the sampling thread and a phase mark may sample at once
         self._stop = threading.Event()
@@ -237,8 +239,9 @@ class PeakMonitor:
     def sample(self) -> None:
         """Record one sample of every process's high-water mark and of the summed current RSS."""
         with self._lock:
-            total = 0
-            for pid in [os.getpid(), *descendants(os.getpid())]:
+            total, driver = 0, 0
+            me = os.getpid()
+            for pid in [me, *descendants(me)]:
                 hwm, rss = _status_kib(pid, "VmHWM"), _status_kib(pid, "VmRSS")
                 if hwm is None:
                     continue
@@ -246,9 +249,23 @@ class PeakMonitor:
                 if pid not in self.commands:
                     self.commands[pid] = _command_of(pid)
                 total += (rss or 0) * 1024
+                if pid == me:
+                    driver = (rss or 0) * 1024
             self.total_rss_peak = max(self.total_rss_peak, total)
+            if self.timeline is not None:
+                self.timeline.append((time.perf_counter(), driver, total))
             if hasattr(os, "getloadavg"):
                 self.load_samples.append(os.getloadavg()[0])
+
+    def peaks_between(self, start: float, end: float) -> dict[str, int | None]:
+        """Largest driver RSS and summed RSS among the timeline's samples in [start, end] (None without samples)."""
+        with self._lock:
+            inside = [(d, t) for when, d, t in (self.timeline or []) if start <= when <= end]
+        return {
+            "driver_rss_peak_bytes": max((d for d, _ in inside), default=None),
+            "total_rss_peak_bytes": max((t for _, t in inside), default=None),
+            "samples": len(inside),
+        }
 
     def report(self) -> dict[str, Any]:
         """Peak RSS of the driver, of each Ray worker process and of Ray's own processes, in bytes."""

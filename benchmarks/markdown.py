@@ -13,7 +13,7 @@ from typing import Any
 
 from .common import REPO_ROOT, format_bytes, format_ratio, format_seconds, table
 
-KIND_ORDER = ("training", "unlearning", "memory", "reliability", "round-trip", "secagg_overhead")
+KIND_ORDER = ("training", "unlearning", "memory", "reliability", "round-trip", "secagg_overhead", "many_clients")
 
 
 def kind_of(result: dict[str, Any]) -> str | None:
@@ -382,6 +382,55 @@ def secagg_overhead(result: dict[str, Any], path: Path | None = None) -> str:
     return "\n".join([*lines, "", table(["clients", "round", "seconds plain / secure", "rounds", "bytes", "error bound (L2)"], rows)])
 
 
+def many_clients(result: dict[str, Any], path: Path | None = None) -> str:
+    """A whole experiment per virtual-client count: peak RSS, cache bytes on disk, then each point's seconds and peaks per phase."""
+    lines = _header("Many virtual clients: a whole experiment per client count (cohort, mlp)", result, path)
+    points = result.get("points", [])
+    overview = [
+        [
+            p["clients"],
+            p["status"],
+            "-" if p.get("process_wall_s") is None else f"{p['process_wall_s']:.0f}",
+            format_bytes(p.get("driver_peak_rss_bytes")),
+            format_bytes(p.get("total_rss_peak_bytes")),
+            format_bytes(p.get("cache_bytes_on_disk")),
+            p.get("cache_files") if p.get("cache_files") is not None else "-",
+            format_bytes(p.get("results_json_bytes")),
+        ]
+        for p in points
+    ]
+    parts = [
+        *lines,
+        "",
+        table(
+            ["clients", "status", "wall s", "driver peak RSS", "all processes peak RSS", "caches on disk", "cache files", "results.json"],
+            overview,
+        ),
+    ]
+    for p in points:
+        rows = [
+            [
+                name,
+                "-" if row.get("wall_s") is None else f"{row['wall_s']:.1f}",
+                row.get("rounds") if row.get("rounds") is not None else "-",
+                format_bytes(row.get("bytes")),
+                format_bytes(row.get("driver_rss_peak_bytes")),
+                format_bytes(row.get("total_rss_peak_bytes")),
+            ]
+            for name, row in (p.get("phases") or {}).items()
+        ]
+        if rows:
+            parts += [
+                "",
+                f"{p['clients']} clients, per phase:",
+                "",
+                table(["phase", "wall s", "rounds", "bytes", "driver peak RSS", "all processes peak RSS"], rows),
+            ]
+    if result.get("target"):
+        parts += targets_table([result["target"]])
+    return "\n".join(parts)
+
+
 RENDERERS = {
     "training": training,
     "unlearning": unlearning,
@@ -389,6 +438,7 @@ RENDERERS = {
     "reliability": reliability,
     "round-trip": round_trip,
     "secagg_overhead": secagg_overhead,
+    "many_clients": many_clients,
 }
 
 

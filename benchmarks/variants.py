@@ -632,7 +632,7 @@ def run_calibration(scale: Scale, steps: int = 20) -> dict[str, Any]:
 # ----- the whole experiment (unlearning benchmark) ------------------------------------------------------
 
 
-def drive_in_process(cfg: Any, out_dir: str | Path) -> None:
+def drive_in_process(cfg: Any, out_dir: str | Path, experiment: Any = None) -> None:
     """One Experiment driven through a LocalGrid in this process: the runner's phases without Ray (engine "local")."""
     import shutil
 
@@ -646,13 +646,68 @@ def drive_in_process(cfg: Any, out_dir: str | Path) -> None:
     try:
         spec = app_config.client_spec_for(cfg, cache_dir)
         client_app, num_nodes, _, _ = execution_setup(cfg, with_faults(build_client_app(spec), app_config.fault_plan_for(cfg)), spec)
-        Experiment(cfg, out_dir=out_dir, show_progress=False).drive(LocalGrid(client_app, num_nodes, capture_errors=True))
+        experiment = experiment if experiment is not None else Experiment(cfg, out_dir=out_dir, show_progress=False)
+        experiment.cache_dir = cache_dir
+        experiment.drive(LocalGrid(client_app, num_nodes, capture_errors=True))
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
+def folder_bytes(folder: str | Path | None) -> tuple[int, int]:
+    """(bytes, files) of the plain files directly in `folder` ((0, 0) if it is gone or not given)."""
+    if folder is None:
+        return 0, 0
+    total = files = 0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+                    files += 1
+    except FileNotFoundError:
+        return 0, 0
+    return total, files
+
+
+def spanned_meter(monitor: PeakMonitor, experiment: Any) -> Any:
+    """A CostMeter that, at the end of each phase, notes its span, the RSS peaks inside it and the cache folder's size."""
+    from contextlib import contextmanager
+
+    from fedunlearn.costs import CostMeter
+
+    class SpannedMeter(CostMeter):
+        """CostMeter plus, per phase, when it ran and what the processes held meanwhile (benchmarks only)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.spans: dict[str, dict[str, Any]] = {}
+
+        @contextmanager
+        def phase(self, name: str) -> Any:
+            start = time.perf_counter()
+            try:
+                with super().phase(name) as cost:
+                    yield cost
+            finally:
+                monitor.sample()  # one sample at the very end: a short phase still gets one
+                end = time.perf_counter()
+                cache_bytes, cache_files = folder_bytes(experiment.cache_dir)
+                span = self.spans.setdefault(name, {"runs": 0, "driver_rss_peak_bytes": None, "total_rss_peak_bytes": None})
+                peaks = monitor.peaks_between(start, end)
+                for key in ("driver_rss_peak_bytes", "total_rss_peak_bytes"):
+                    values = [v for v in (span[key], peaks[key]) if v is not None]
+                    span[key] = max(values) if values else None
+                span.update(runs=span["runs"] + 1, cache_bytes_after=cache_bytes, cache_files_after=cache_files)
+
+    return SpannedMeter()
+
+
 def run_experiment(spec: dict[str, Any]) -> dict[str, Any]:
-    """One simulations.runner.Experiment (on Ray, or in-process with spec engine "local"); the caller reads its results.json."""
+    """One simulations.runner.Experiment (on Ray, or in-process with spec engine "local"); the caller reads its results.json.
+
+    With spec `phase_memory`, the result also holds per phase the peak RSS of the driver and of all processes
+    and the bytes and files of the clients' cache folder when the phase ended (`phases`).
+    """
     from fedunlearn.config import build_config
     from simulations.runner import Experiment
 
@@ -660,19 +715,27 @@ def run_experiment(spec: dict[str, Any]) -> dict[str, Any]:
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: must be one of {', '.join(ENGINES)}")
     cfg = build_config(spec.get("preset", "default"), overrides=spec.get("overrides", {}))
+    per_phase = bool(spec.get("phase_memory", False))
     started = time.perf_counter()
-    with PeakMonitor() as monitor:
+    meter = None
+    with PeakMonitor(timeline=per_phase) as monitor:
+        experiment = Experiment(cfg, out_dir=spec["out_dir"], show_progress=False)
+        if per_phase:
+            meter = experiment.meter = spanned_meter(monitor, experiment)
         if engine == "local":
-            drive_in_process(cfg, spec["out_dir"])
+            drive_in_process(cfg, spec["out_dir"], experiment)
         else:
-            Experiment(cfg, out_dir=spec["out_dir"], show_progress=False).run()
-    return {
+            experiment.run()
+    result: dict[str, Any] = {
         "ok": True,
         "engine": engine,
         "results_path": str(Path(spec["out_dir"]) / "results.json"),
         "wall_s": time.perf_counter() - started,
         "memory": monitor.report(),
     }
+    if meter is not None:
+        result["phases"] = meter.spans
+    return result
 
 
 RUNNERS: dict[str, Callable[[Scale], dict[str, Any]]] = {

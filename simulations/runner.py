@@ -117,6 +117,7 @@ class Experiment:
             self.results["requests"] = [asdict(r) for r in self.requests]
             self.results["stream"] = []
         self._error: BaseException | None = None
+        self.cache_dir: str | None = None  # the clients' cache folder while run() runs (benchmarks measure it on disk)
         # Every strategy the run drives, by label: their rejected replies and failures feed results["reliability"].
         self._observed: list[tuple[str, UnlearningFedAvg]] = []
         self._checkpoint_label: str | None = None
@@ -233,7 +234,7 @@ class Experiment:
         if not self.cfg.verbose:  # errors still show; Flower's per-round INFO and deprecation notices do not
             for name in ("flwr", "ray"):
                 logging.getLogger(name).setLevel(logging.ERROR)
-        cache_dir = tempfile.mkdtemp(prefix="fedunlearn-caches-")
+        cache_dir = self.cache_dir = tempfile.mkdtemp(prefix="fedunlearn-caches-")
         spec = app_config.client_spec_for(self.cfg, cache_dir)
         client_app, num_supernodes = app_config.supernode_app(
             self.cfg, spec, with_faults(build_client_app(spec), app_config.fault_plan_for(self.cfg))

@@ -139,15 +139,21 @@ class ReplyStream:
         end = time.monotonic() + (self.timeout if self.timeout is not None else 0.0)
         while self.pending and (self.timeout is None or time.monotonic() < end):
             pulled = False
+            started = time.perf_counter()
+            pulled_in = 0.0
             for reply in self.grid.pull_messages(list(self.pending)):
+                pulled_in += time.perf_counter() - started  # the pull's own time, not the consumer's between yields
                 answered = reply.metadata.reply_to_message_id
-                if answered not in self.pending:
-                    continue
-                del self.pending[answered]
-                pulled = True
-                yield reply
+                if answered in self.pending:
+                    del self.pending[answered]
+                    pulled = True
+                    yield reply
+                started = time.perf_counter()
+            pulled_in += time.perf_counter() - started
             if self.pending and not pulled:
-                time.sleep(self.poll_interval)
+                # At least four times the pull's own cost (as engine_tuning's pickup loop does): polling 10,000
+                # outstanding ids every 5 ms would otherwise take most of the driver's thread.
+                time.sleep(max(self.poll_interval, 4.0 * pulled_in))
 
     @property
     def missing(self) -> list[str]:
