@@ -34,6 +34,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "cache": ("fedunlearn/cache.py", [KILLS, "tests/test_cache.py"]),
     "metrics": ("fedunlearn/metrics.py", [KILLS, "tests/test_metrics.py"]),
     "validation": ("strategies/validation.py", [KILLS, "tests/test_validation.py"]),
+    # The baselines' math (FedEraser's calibration, PGA's projection and ascent, IMU's weights): the Flower-free tests.
+    "baselines": ("fedunlearn/baselines.py", [KILLS, "tests/test_baselines.py", "tests/test_pga.py"]),
 }
 STATUSES = (
     "killed",
