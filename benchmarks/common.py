@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -434,3 +435,15 @@ def run_child(
         result: dict[str, Any] = json.loads(out.read_text())
         result["process_wall_s"] = wall
         return result
+
+
+def add_point_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engine, --in-process and --data-root of the benchmarks that run one whole experiment per point (scaling, many_clients)."""
+    parser.add_argument(
+        "--engine",
+        default="ray",
+        choices=("ray", "local"),
+        help="ray: Flower's simulation engine (what is benchmarked); local: in-process LocalGrid (miniatures)",
+    )
+    parser.add_argument("--in-process", action="store_true", help="run each point in this process (tests, debugging)")
+    parser.add_argument("--data-root", default=None, help="folder for the synthetic MNIST files (default: the system temp dir)")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import data
-from .common import RESULTS_DIR, envelope, format_bytes, format_ratio, format_seconds, run_child, table, write_json
+from .common import RESULTS_DIR, add_point_arguments, envelope, format_bytes, format_ratio, format_seconds, run_child, table, write_json
 from .training import NOISE_NOTE
 from .unlearning import CACHED_TARGET, FINISHED, method_row
 
@@ -214,14 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one point may run")
     parser.add_argument("--memory-cap-gb", type=float, default=None)
-    parser.add_argument(
-        "--engine",
-        default="ray",
-        choices=("ray", "local"),
-        help="ray: Flower's simulation engine (what is benchmarked); local: in-process LocalGrid (miniatures)",
-    )
-    parser.add_argument("--in-process", action="store_true", help="run each point in this process (tests, debugging)")
-    parser.add_argument("--data-root", default=None, help="folder for the synthetic MNIST files (default: the system temp dir)")
+    add_point_arguments(parser)
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/scaling.json; the plot goes beside it)")
     args = parser.parse_args(argv)
     grid = parse_grid(args.grid) if args.grid else default_grid()
