@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .common import REPO_ROOT, format_bytes, format_ratio, format_seconds, table
+from .scaling import SCALING_HEADERS, crossing_line, report_rows
 
-KIND_ORDER = ("training", "unlearning", "memory", "reliability", "round-trip", "secagg_overhead", "many_clients")
+KIND_ORDER = ("training", "unlearning", "memory", "reliability", "round-trip", "secagg_overhead", "many_clients", "scaling")
 
 
 def kind_of(result: dict[str, Any]) -> str | None:
@@ -431,6 +432,12 @@ def many_clients(result: dict[str, Any], path: Path | None = None) -> str:
     return "\n".join(parts)
 
 
+def scaling(result: dict[str, Any], path: Path | None = None) -> str:
+    """The speedups of iau and iau-cached over retrain per grid point, and where iau-cached first passes its target."""
+    lines = _header("Scaling: speedups over retraining as the work retraining redoes grows", result, path)
+    return "\n".join([*lines, "", table(SCALING_HEADERS, report_rows(result)), "", f"- {crossing_line(result)}"])
+
+
 RENDERERS = {
     "training": training,
     "unlearning": unlearning,
@@ -439,6 +446,7 @@ RENDERERS = {
     "round-trip": round_trip,
     "secagg_overhead": secagg_overhead,
     "many_clients": many_clients,
+    "scaling": scaling,
 }
 
 

@@ -133,11 +133,28 @@ def plot(points: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def print_report(result: dict[str, Any]) -> None:
-    """One row per point, then the smallest crossing."""
+SCALING_HEADERS = [
+    "clients",
+    "rounds",
+    "examples",
+    "execution",
+    "retrain s",
+    "iau x s",
+    "iau x rounds",
+    "iau x bytes",
+    "iau-cached s",
+    "iau-cached x s",
+    "iau-cached x rounds",
+    "iau-cached x bytes",
+    "status",
+]
+
+
+def report_rows(result: dict[str, Any]) -> list[list[Any]]:
+    """One row per point (SCALING_HEADERS): retraining's seconds, each method's speedups, the point's status."""
     rows = []
-    for p in result["points"]:
-        m = p["methods"]
+    for p in result.get("points", []):
+        m = p.get("methods") or {}
 
         def cell(method: str, key: str, fmt: Any = format_ratio, m: dict[str, Any] = m) -> str:
             value = (m.get(method) or {}).get(key)
@@ -148,7 +165,7 @@ def print_report(result: dict[str, Any]) -> None:
                 p["clients"],
                 p["rounds"],
                 p["examples"],
-                p["execution"],
+                p.get("execution", "-"),
                 cell("retrain", "wall_s", format_seconds),
                 cell("iau", "speedup_wall"),
                 cell("iau", "speedup_rounds"),
@@ -157,52 +174,39 @@ def print_report(result: dict[str, Any]) -> None:
                 cell("iau-cached", "speedup_wall"),
                 cell("iau-cached", "speedup_rounds"),
                 cell("iau-cached", "speedup_bytes"),
-                p["status"],
+                p.get("status", "-"),
             ]
         )
-    print(f"\nScaling ({result['machine']['cpu']}, {result['date']})")
-    print(
-        table(
-            [
-                "clients",
-                "rounds",
-                "examples",
-                "execution",
-                "retrain s",
-                "iau x s",
-                "iau x rounds",
-                "iau x bytes",
-                "iau-cached s",
-                "iau-cached x s",
-                "iau-cached x rounds",
-                "iau-cached x bytes",
-                "status",
-            ],
-            rows,
-        )
-    )
-    crossing = result["smallest_crossing"]
+    return rows
+
+
+def crossing_line(result: dict[str, Any]) -> str:
+    """Where iau-cached first passes the wall-clock target, or the best it reached when it never does."""
+    crossing = result.get("smallest_crossing")
     if crossing is None:
         best = max(
-            (p for p in result["points"] if (p["methods"].get("iau-cached") or {}).get("speedup_wall")),
+            (p for p in result.get("points", []) if ((p.get("methods") or {}).get("iau-cached") or {}).get("speedup_wall")),
             key=lambda p: p["methods"]["iau-cached"]["speedup_wall"],
             default=None,
         )
-        print(
-            f"  iau-cached passes {CACHED_TARGET:g}x in wall-clock at none of the measured points"
-            + (
-                ""
-                if best is None
-                else f" (best: {best['methods']['iau-cached']['speedup_wall']:.0f}x at "
-                f"{best['clients']} x {best['rounds']} rounds x {best['examples']})"
-            )
+        return f"iau-cached passes {CACHED_TARGET:g}x in wall-clock at none of the measured points" + (
+            ""
+            if best is None
+            else f" (best: {best['methods']['iau-cached']['speedup_wall']:.0f}x at "
+            f"{best['clients']} x {best['rounds']} rounds x {best['examples']})"
         )
-    else:
-        print(
-            f"  smallest measured point where iau-cached passes {CACHED_TARGET:g}x: {crossing['clients']} clients, "
-            f"{crossing['rounds']} rounds, {crossing['examples']} examples per client "
-            f"({crossing['methods']['iau-cached']['speedup_wall']:.0f}x)"
-        )
+    return (
+        f"smallest measured point where iau-cached passes {CACHED_TARGET:g}x: {crossing['clients']} clients, "
+        f"{crossing['rounds']} rounds, {crossing['examples']} examples per client "
+        f"({crossing['methods']['iau-cached']['speedup_wall']:.0f}x)"
+    )
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """One row per point, then the smallest crossing."""
+    print(f"\nScaling ({result['machine']['cpu']}, {result['date']})")
+    print(table(SCALING_HEADERS, report_rows(result)))
+    print("  " + crossing_line(result))
 
 
 def main(argv: list[str] | None = None) -> int:
