@@ -45,11 +45,13 @@ LABELS = {
     "fedunlearn-cohort": "(d) fedunlearn, cohort",
 }
 # The gathered training round (before issue 15), only when asked for by name: streamed vs gathered side by side.
-GATHERED_VARIANTS = ("fedunlearn-gathered", "fedunlearn-cohort-gathered")
+# And cohort mode with one model per client in each worker's reply (streamed, no partial sums): the path between.
+GATHERED_VARIANTS = ("fedunlearn-gathered", "fedunlearn-cohort-gathered", "fedunlearn-cohort-unsummed")
 LABELS.update(
     {
         "fedunlearn-gathered": "(c') fedunlearn, per-node, gathered round",
         "fedunlearn-cohort-gathered": "(d') fedunlearn, cohort, gathered round",
+        "fedunlearn-cohort-unsummed": "(d'') fedunlearn, cohort, streamed, no partial sums",
     }
 )
 ENGINES = ("ray", "local")
@@ -144,6 +146,11 @@ class ClockedStrategy:
                     metrics = reply.content.metric_records.get("metrics")
                     if metrics is not None and "torch-threads" in metrics:
                         self.clock.torch_threads.add(int(metrics["torch-threads"]))
+                    summed = reply.content.config_records.get("cohort-sum-info")  # a cohort's partial sum: its clients' metrics
+                    if summed is not None:
+                        for client in json.loads(str(summed["client-metrics"])):
+                            if "torch-threads" in client:
+                                self.clock.torch_threads.add(int(client["torch-threads"]))
                 yield reply
 
         out = super().aggregate_train(server_round, counted())  # type: ignore[misc]
@@ -473,7 +480,12 @@ def run_fedunlearn_cohort_gathered(scale: Scale) -> dict[str, Any]:
     return run_fedunlearn(scale, execution="cohort", streaming=False)
 
 
-def run_fedunlearn(scale: Scale, execution: str = "per-node", streaming: bool = True) -> dict[str, Any]:
+def run_fedunlearn_cohort_unsummed(scale: Scale) -> dict[str, Any]:
+    """Path (d''): (d) with each worker replying one model per client (no partial sums)."""
+    return run_fedunlearn(scale, execution="cohort", partial_sums=False)
+
+
+def run_fedunlearn(scale: Scale, execution: str = "per-node", streaming: bool = True, partial_sums: bool = True) -> dict[str, Any]:
     """Path (c): build_client_app + IAUFed through a MeteredGrid on run_simulation, as simulations/runner.py does."""
     from collections import OrderedDict
 
@@ -536,6 +548,7 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node", streaming: bool = 
             seed=cfg.seed,
             fraction_train=cfg.fraction_fit,
             streaming=streaming,
+            partial_sums=partial_sums,
         )
         strategy.clock = clock
         started = time.perf_counter()
@@ -581,7 +594,8 @@ def run_fedunlearn(scale: Scale, execution: str = "per-node", streaming: bool = 
         "engine": scale.engine,
         "device": cfg.device,
         **execution_info,
-        "training_round": "streamed" if streaming else "gathered",
+        "training_round": ("streamed" if streaming else "gathered")
+        + (", partial sums" if streaming and partial_sums and execution == "cohort" else ""),
         **startup_times(times, clock.ended[1], scale.engine),
         "discovery_s": marks["discovered"] - marks["main"],
         **round_summary(rounds),
@@ -745,6 +759,7 @@ RUNNERS: dict[str, Callable[[Scale], dict[str, Any]]] = {
     "fedunlearn-cohort": run_fedunlearn_cohort,
     "fedunlearn-gathered": run_fedunlearn_gathered,
     "fedunlearn-cohort-gathered": run_fedunlearn_cohort_gathered,
+    "fedunlearn-cohort-unsummed": run_fedunlearn_cohort_unsummed,
     "calibration": run_calibration,
 }
 

@@ -282,7 +282,13 @@ class ExperimentConfig:
     cohort_size: int = field(
         default=0,
         metadata={
-            "help": "with --execution cohort: virtual clients per SuperNode (0 = auto: ceil(num-clients / W), at most 64, W = this machine's CPUs / --num-cpus-per-client, capped by its GPUs / --num-gpus-per-client when that is > 0; set it explicitly on a multi-machine Ray cluster; a cohort's training reply holds one model per client)"
+            "help": "with --execution cohort: virtual clients per SuperNode (0 = auto: ceil(num-clients / W), at most 64, W = this machine's CPUs / --num-cpus-per-client, capped by its GPUs / --num-gpus-per-client when that is > 0; set it explicitly on a multi-machine Ray cluster)"
+        },
+    )
+    cohort_partial_sums: bool = field(
+        default=True,
+        metadata={
+            "help": "with --execution cohort: each worker checks its clients' training models and replies with one float64 partial sum of them instead of one model per client (memory; same mean to float64 rounding, same per-client checks, rejections and byte counts; off when FedEraser or PGA must record every client's model; strategies/partial_sums.py)"
         },
     )
     cohort_train: str = field(

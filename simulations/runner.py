@@ -353,6 +353,7 @@ class Experiment:
                 ledger=ledger,
                 round_offset=round_offset,
                 on_round_end=self._round_hook(label),
+                partial_sums=cfg.cohort_partial_sums,
             )
             self._observed.append((label, made))
             return made
@@ -369,6 +370,7 @@ class Experiment:
             on_round_end=self._round_hook("original"),
             policy=app_config.round_policy_for(cfg),
             keep_client_uploads=cfg.withdrawing_offline,
+            partial_sums=cfg.cohort_partial_sums,
         )
         self._observed.append(("original", strategy))
         # What some methods need from training (FedEraser the client updates of every Delta_t-th round, PGA each

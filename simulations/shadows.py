@@ -268,6 +268,7 @@ class _ShadowRun:
                 fraction_train=cfg.fraction_fit,
                 ledger=ledger,
                 round_offset=round_offset,
+                partial_sums=cfg.cohort_partial_sums,
             )
 
         forget_count = len(forget_indices(DatasetStore.get(self.spec.data), request))

@@ -32,7 +32,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 import torch
@@ -47,7 +47,9 @@ from fedunlearn.errors import ConfigError, MissingRepliesError
 
 from . import keys
 from .faults import FaultyClientApp
+from .fedavg import model_version
 from .grid_wrapper import GridWrapper
+from .partial_sums import summarise
 from .runtime import ClientRuntime, ClientSpec, train_seed, train_settings_from
 from .wire import as_int, as_ints
 
@@ -62,6 +64,7 @@ __all__ = [
     "cohort_partitions",
     "cohort_size_for",
     "cohort_size_of",
+    "manifest_of",
     "num_cohorts",
     "pack",
     "unpack",
@@ -130,8 +133,12 @@ def cohort_size_for(
 Entry = tuple[int, "RecordDict | Error"]
 
 
-def pack(entries: Sequence[Entry]) -> RecordDict:
-    """One RecordDict holding every (partition, content or error); a record object shared by several is stored once."""
+def pack(entries: Sequence[Entry], partial_sums: bool = False) -> RecordDict:
+    """One RecordDict holding every (partition, content or error); a record object shared by several is stored once.
+
+    `partial_sums` (train messages): the worker may answer with one partial sum of its clients' models
+    (strategies/partial_sums.py). It travels in the manifest, which is packing, never metered per client.
+    """
     packed = RecordDict()
     key_of: dict[int, str] = {}
     clients: list[dict[str, object]] = []
@@ -147,15 +154,23 @@ def pack(entries: Sequence[Entry]) -> RecordDict:
                 packed[key] = record
             names.append([name, key])
         clients.append({"pid": partition, "records": names})
-    packed[MANIFEST] = ConfigRecord({MANIFEST_KEY: json.dumps({"clients": clients})})
+    manifest: dict[str, object] = {"clients": clients}
+    if partial_sums:
+        manifest[keys.PARTIAL_SUMS] = True
+    packed[MANIFEST] = ConfigRecord({MANIFEST_KEY: json.dumps(manifest)})
     return packed
+
+
+def manifest_of(packed: RecordDict) -> dict[str, Any]:
+    """The manifest of a packed RecordDict (which records belong to which virtual client, and the packing's flags)."""
+    if MANIFEST not in packed.config_records:
+        raise ValueError(f"not a packed cohort message: it has no {MANIFEST!r} record (records: {list(packed)})")
+    return dict(json.loads(str(packed.config_records[MANIFEST][MANIFEST_KEY])))
 
 
 def unpack(packed: RecordDict) -> list[Entry]:
     """The (partition, content or error) pairs of a packed RecordDict; shared records stay one object."""
-    if MANIFEST not in packed.config_records:
-        raise ValueError(f"not a packed cohort message: it has no {MANIFEST!r} record (records: {list(packed)})")
-    manifest = json.loads(str(packed.config_records[MANIFEST][MANIFEST_KEY]))
+    manifest = manifest_of(packed)
     entries: list[Entry] = []
     for client in manifest["clients"]:
         if "error" in client:
@@ -192,6 +207,7 @@ class CohortGrid(GridWrapper):
         self._pending: dict[str, list[Message]] = {}  # packed message id -> its virtual messages (push/pull)
         self._packed_of: dict[str, str] = {}  # virtual message id -> packed message id
         self._replies: dict[str, Message] = {}  # virtual message id -> its reply, once pulled
+        self._partial_ok: set[int] = set()  # id() of virtual train messages whose replies may come as partial sums
 
     def get_node_ids(self) -> Iterable[int]:
         """One virtual node id per client once every physical node has said which cohort it hosts (empty until then)."""
@@ -238,6 +254,14 @@ class CohortGrid(GridWrapper):
         self._node_of = node_of
         return True
 
+    def allow_partial_sums(self, messages: Iterable[Message]) -> None:
+        """Let the workers answer these train messages (about to be pushed) with partial sums; forgotten at the next push.
+
+        UnlearningFedAvg calls it from configure_train when it can fold partial sums (strategies/partial_sums.py); a
+        strategy that never calls it gets one reply with one model per client, as always.
+        """
+        self._partial_ok.update(id(m) for m in messages)
+
     def partition_of(self, node_id: int) -> int:
         """The virtual client behind a virtual node id."""
         partition = node_id - VIRTUAL_NODE_BASE
@@ -253,6 +277,7 @@ class CohortGrid(GridWrapper):
         if self._node_of is None and not self._discover():
             raise MissingRepliesError(f"only {len(list(self.grid.get_node_ids()))} of {self.num_cohorts} cohort nodes are connected")
         assert self._node_of is not None
+        allowed, self._partial_ok = self._partial_ok, set()
         groups: OrderedDict[tuple[int, str], list[Message]] = OrderedDict()
         for message in messages:
             _set_message_id(message)
@@ -260,7 +285,8 @@ class CohortGrid(GridWrapper):
             groups.setdefault((node, message.metadata.message_type), []).append(message)
         packed = []
         for (node, message_type), group in groups.items():
-            content = pack([(self.partition_of(m.metadata.dst_node_id), m.content) for m in group])
+            partial = message_type == keys.TRAIN and all(id(m) in allowed for m in group)
+            content = pack([(self.partition_of(m.metadata.dst_node_id), m.content) for m in group], partial_sums=partial)
             ttl = min(m.metadata.ttl for m in group)
             packed.append(
                 (Message(content, dst_node_id=node, message_type=message_type, ttl=ttl, group_id=group[0].metadata.group_id), group)
@@ -385,6 +411,7 @@ class CohortClientApp(ClientApp):
             record = ConfigRecord({COHORT_INDEX: index, COHORT_PARTITIONS: list(hosted)})
             return Message(RecordDict({COHORT_RECORD: record}), reply_to=message)
         entries = unpack(message.content)
+        partial_sums = bool(manifest_of(message.content).get(keys.PARTIAL_SUMS, False))
         for partition, _ in entries:
             if partition not in hosted:
                 raise ValueError(
@@ -392,11 +419,17 @@ class CohortClientApp(ClientApp):
                     "the grid and the client app disagree on cohort-size"
                 )
         contents = [content for _, content in entries if isinstance(content, RecordDict)]
-        if message_type == keys.TRAIN and self.vectorise_train and len(contents) == len(entries) and self._shared(contents):
+        shared = message_type == keys.TRAIN and len(contents) == len(entries) and self._shared(contents)
+        results: Iterable[Entry]
+        if shared and self.vectorise_train:
             results = self._train(entries, contents)
-        else:
-            results = [(p, self._serve_one(message, p, c, context)) for p, c in entries if isinstance(c, RecordDict)]
-        return Message(pack(results), reply_to=message)
+        else:  # a generator: with partial sums, each client's model is summed and dropped before the next one trains
+            results = ((p, self._serve_one(message, p, c, context)) for p, c in entries if isinstance(c, RecordDict))
+        if shared and partial_sums:
+            template = contents[0][keys.ARRAYS]
+            assert isinstance(template, ArrayRecord)  # _shared made sure
+            results = summarise(results, template, model_version(template), lambda p: f"reply from node {virtual_node_id(p)}")
+        return Message(pack(list(results)), reply_to=message)
 
     @staticmethod
     def _shared(contents: list[RecordDict]) -> bool:

@@ -27,7 +27,8 @@ from fedunlearn.training import TrainSettings
 
 from . import keys
 from .directory import ClientDirectory
-from .streaming import StreamingGrid, StreamingRecorder, UpdateRecorder, WeightedModelSum, streaming_recorder
+from .partial_sums import PartialSumBook, is_summed
+from .streaming import StreamingGrid, StreamingRecorder, UpdateRecorder, WeightedModelSum, grid_chain, streaming_recorder
 from .validation import check_train_reply, record_failure, record_rejection
 from .wire import as_int
 
@@ -98,6 +99,7 @@ class UnlearningFedAvg(FedAvg):
         on_round_end: Callable[[int, ArrayRecord, MetricRecord | None], None] | None = None,
         update_recorder: UpdateRecorder | StreamingRecorder | None = None,
         streaming: bool = True,
+        partial_sums: bool = True,
     ) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.directory = directory
@@ -111,6 +113,10 @@ class UnlearningFedAvg(FedAvg):
         self.update_recorder = update_recorder
         # Fold training replies as they arrive (True) or gather the round first, as Flower's start() does (False).
         self.streaming = streaming
+        # Let cohort workers answer a streamed round with one partial sum of their clients' models (strategies/partial_sums.py);
+        # asked only when no update recorder needs each client's model. Per-client nodes ignore it.
+        self.partial_sums = partial_sums
+        self._asked: list[int] = []  # the partitions this round's training messages went to
         self._last_arrays: ArrayRecord | None = None
         # Replies refused by validation and clients that answered with an error: logged, counted, never aggregated.
         self.rejected: list[dict] = []
@@ -157,8 +163,20 @@ class UnlearningFedAvg(FedAvg):
             }
         )
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: record})
+        self._asked = cohort
         self._last_arrays = arrays  # the global model of this round, before aggregation (what the update recorder needs)
-        return [Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.TRAIN) for p in cohort]
+        messages = [Message(content, dst_node_id=self.directory.node_of[p], message_type=keys.TRAIN) for p in cohort]
+        if self.asks_partial_sums:  # a CohortGrid in the chain lets its workers sum (packing: not a byte the clients send)
+            for layer in grid_chain(grid):
+                allow = getattr(layer, "allow_partial_sums", None)
+                if callable(allow):
+                    allow(messages)
+        return messages
+
+    @property
+    def asks_partial_sums(self) -> bool:
+        """Whether this round's training messages let cohort workers reply with partial sums (see `partial_sums`)."""
+        return self.partial_sums and self.streaming and self.update_recorder is None and self.arrayrecord_key == keys.ARRAYS
 
     def start(
         self,
@@ -228,8 +246,27 @@ class UnlearningFedAvg(FedAvg):
         metric_contents: list[tuple[int, RecordDict]] = []
         metric_keys: set[str] | None = None
         errors = 0
+        book: PartialSumBook | None = None
         for reply in replies:
             partition = partition_of.get(reply.metadata.src_node_id)
+            if partition is not None and not reply.has_error() and is_summed(reply.content):
+                template = self._last_arrays
+                assert template is not None  # configure_train set it: summed replies answer this round's messages
+                if book is None:  # hashing the model costs a pass over it: only in rounds that get partial sums
+                    book = PartialSumBook(template, model_version(template), self._asked)
+                try:
+                    folded = book.take(partition, reply.content, models, metric_keys, f"reply from node {reply.metadata.src_node_id}")
+                except InvalidReplyError as err:
+                    record_rejection(self.rejected, "train", partition, reply, str(err), absolute_round)
+                    folded = []
+                for client, metric_record in folded:
+                    metric_keys = metric_keys if metric_keys is not None else set(metric_record.keys())
+                    metric_contents.append((client, RecordDict({keys.METRICS: metric_record})))
+                if folded and not names:
+                    names = list(template.keys())  # a partial sum has the global model's tensors (the book checked)
+                for name in [n for n, r in reply.content.items() if isinstance(r, ArrayRecord)]:
+                    del reply.content[name]  # the running sum holds all the server needs of it
+                continue
             count = self.check_train(absolute_round, partition, reply)
             if count is not None:
                 assert partition is not None  # check_train rejects a reply from an unknown node
@@ -256,9 +293,13 @@ class UnlearningFedAvg(FedAvg):
             metric_contents.append((partition, RecordDict({keys.METRICS: metric_record})))
             del reply.content[self.arrayrecord_key]  # released: the running sum holds all the server needs of it
             del record
+        if book is not None:
+            for client, reason in book.settle():
+                record_rejection(self.rejected, "train", client, int(self.directory.node_of.get(client, -1)), reason, absolute_round)
         if recorder is not None:
             recorder.end_round(absolute_round, models.total_weight)
-        log(INFO, "aggregate_train: folded %s results as they arrived, %s failures", models.count, errors)
+        summed = "" if book is None else f" ({len(book.covered)} of them in {len(set(book.covered.values()))} cohort partial sums)"
+        log(INFO, "aggregate_train: folded %s results as they arrived%s, %s failures", models.count, summed, errors)
         if not models.count:
             return None, None
         mean = models.mean()

@@ -17,6 +17,11 @@ CONFIG = "config"
 METRICS = "metrics"
 COHORT_MANIFEST = "cohort-manifest"  # cohort mode: ConfigRecord of a packed message (which records belong to which virtual client)
 COHORT_RECORD = "cohort"  # cohort mode: the ConfigRecord of the reply to query.cohort
+COHORT_SUM = "cohort-sum"  # cohort partial sums: sum_k n_k w_k (float64) of a cohort's accepted training models
+COHORT_SUM_INFO = "cohort-sum-info"  # cohort partial sums: which clients the sum covers, their counts, norms, metrics
+COHORT_SUMMED_IN = "cohort-summed-in"  # cohort partial sums: this client's model is in the sum another client's reply carries
+COHORT_REJECTED = "cohort-rejected"  # cohort partial sums: the cohort worker refused this client's model (and why)
+COHORT_METER = "cohort-meter"  # cohort partial sums: the bytes and compute the client's own reply would have cost
 PGA_LOCAL_MODEL = "pga-local-model"  # query.pga: client u's last local model w_u (server -> client), for the early stop
 
 # Config keys (server -> client)
@@ -54,6 +59,14 @@ IMU_QUANTILE = "imu-quantile"  # query.imu: weights are clipped at this quantile
 COHORT_MANIFEST_KEY = "manifest"  # cohort mode: the manifest's JSON inside COHORT_MANIFEST
 COHORT_INDEX = "cohort-index"  # cohort mode, query.cohort reply: the cohort this node hosts
 COHORT_PARTITIONS = "partition-ids"  # cohort mode, query.cohort reply: the partitions it hosts
+PARTIAL_SUMS = "partial-sums"  # cohort manifest of a packed train message: the worker may answer with one partial sum
+SUM_PARTITIONS = "partitions"  # COHORT_SUM_INFO: the clients the sum covers, in the worker's order
+SUM_COUNTS = "counts"  # COHORT_SUM_INFO: their example counts (the sum's weights)
+SUM_NORMS = "update-norms"  # COHORT_SUM_INFO: their ||w_k - w_global||_2 (float64)
+SUM_METRICS = "client-metrics"  # COHORT_SUM_INFO: JSON list of their metric records
+SUM_CARRIER = "carrier"  # COHORT_SUMMED_IN: the partition whose reply carries the sum
+REJECTED_REASON = "reason"  # COHORT_REJECTED: why the worker refused the model
+WIRE_BYTES = "wire-bytes"  # COHORT_METER: bytes of the reply the client would have sent on its own
 
 # Metric keys (client -> server)
 NUM_EXAMPLES = "num-examples"

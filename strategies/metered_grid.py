@@ -4,19 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedunlearn.costs import CostMeter
 
 from . import keys
 from .grid_wrapper import GridWrapper
-from .wire import as_float
+from .wire import as_float, as_int
 
 
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of a message payload: the sum of its records' sizes (Flower's own `count_bytes`)."""
     return sum(record.count_bytes() for record in content.values())
+
+
+def reply_bytes(content: RecordDict) -> int:
+    """Bytes a reply is charged: its payload, or for a client inside a cohort's partial sum (strategies/partial_sums.py)
+    the bytes its own reply would have carried, which its worker measured before summing."""
+    meter = content.get(keys.COHORT_METER)
+    if isinstance(meter, MetricRecord) and keys.WIRE_BYTES in meter:
+        return as_int(meter[keys.WIRE_BYTES])
+    return payload_bytes(content)
 
 
 def reply_compute_seconds(reply: Message) -> float:
@@ -68,4 +77,4 @@ class MeteredGrid(GridWrapper):
 
     def _record(self, reply: Message) -> None:
         ok = not reply.has_error()
-        self.meter.record_reply(payload_bytes(reply.content) if ok else 0, reply_compute_seconds(reply), ok)
+        self.meter.record_reply(reply_bytes(reply.content) if ok else 0, reply_compute_seconds(reply), ok)

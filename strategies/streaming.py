@@ -36,6 +36,7 @@ __all__ = [
     "UpdateRecorder",
     "WeightedModelSum",
     "answers_at_push",
+    "grid_chain",
     "poll_interval_of",
     "streaming_recorder",
 ]
@@ -74,6 +75,36 @@ class WeightedModelSum:
         self.total_weight += int(weight)
         self.count += 1
 
+    def add_sum(self, sums: Mapping[str, np.ndarray], dtypes: Mapping[str, np.dtype], total_weight: int, count: int) -> None:
+        """Fold a partial sum (sum_k n_k w_k in float64 over `count` models weighing `total_weight`), e.g. a cohort worker's."""
+        if total_weight < 1 or count < 1:
+            raise ValueError(f"total_weight={total_weight}, count={count}: a partial sum covers at least one model and example")
+        if self._sums and set(sums) != set(self._sums):
+            raise ValueError(f"tensors {sorted(sums)[:3]}... differ from the first model's {sorted(self._sums)[:3]}...")
+        for name, value in sums.items():
+            if value.dtype != np.float64:
+                raise ValueError(f"tensor {name!r} of a partial sum has dtype {value.dtype}: partial sums are float64")
+            if name not in self._sums:
+                self._dtypes[name] = np.dtype(dtypes[name])
+                self._sums[name] = np.array(value, dtype=np.float64)
+                self._scratch[name] = np.empty_like(self._sums[name])
+                continue
+            if value.shape != self._sums[name].shape:
+                raise ValueError(f"tensor {name!r} has shape {value.shape}, the first model's is {self._sums[name].shape}")
+            self._sums[name] += value
+        self.total_weight += int(total_weight)
+        self.count += int(count)
+
+    @property
+    def sums(self) -> dict[str, np.ndarray]:
+        """The running sums sum_k n_k w_k (float64, by tensor name): what a cohort worker sends as its partial sum."""
+        return self._sums
+
+    @property
+    def dtypes(self) -> dict[str, np.dtype]:
+        """Each tensor's dtype (the first model's): what `mean()` casts to."""
+        return self._dtypes
+
     def mean(self) -> dict[str, np.ndarray]:
         """sum_k n_k w_k / sum_k n_k per tensor, cast to the tensor's dtype (integer tensors rounded to the nearest)."""
         if not self.count:
@@ -86,7 +117,7 @@ class WeightedModelSum:
         return out
 
 
-def _grid_chain(grid: Grid) -> Iterator[object]:
+def grid_chain(grid: Grid) -> Iterator[object]:
     """The grid and every grid it wraps (GridWrapper's `grid`), outermost first."""
     seen: set[int] = set()
     current: object = grid
@@ -98,7 +129,7 @@ def _grid_chain(grid: Grid) -> Iterator[object]:
 
 def poll_interval_of(grid: Grid) -> float:
     """The wait between two pulls: the innermost grid's `pull_interval` (Flower's grids; `--grid-poll-interval`), else 0.1 s."""
-    for current in _grid_chain(grid):
+    for current in grid_chain(grid):
         interval = getattr(current, "pull_interval", None)
         if isinstance(interval, int | float):
             return float(interval)
@@ -111,7 +142,7 @@ def answers_at_push(grid: Grid) -> bool:
     Such a grid already holds every reply when the push returns, so there is nothing to stream, and a reply missing
     then never comes (no round timeout to wait out).
     """
-    return any(getattr(current, "answers_at_push", False) is True for current in _grid_chain(grid))
+    return any(getattr(current, "answers_at_push", False) is True for current in grid_chain(grid))
 
 
 class ReplyStream:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedunlearn.config import NORM_ACTIONS
 from fedunlearn.deletion import DeletionRequest
@@ -40,19 +40,26 @@ def metrics_of(reply: Message) -> MetricRecord:
     """The reply's MetricRecord; error replies and replies without one are invalid."""
     if reply.has_error():
         raise InvalidReplyError(f"{_who(reply)} is an error: {reply.error.reason}")
-    if keys.METRICS not in reply.content.metric_records:
-        raise InvalidReplyError(f"{_who(reply)} has no '{keys.METRICS}' MetricRecord: the client must report its metrics there")
-    return reply.content.metric_records[keys.METRICS]
+    return _metrics_in(reply.content, _who(reply))
+
+
+def _metrics_in(content: RecordDict, who: str) -> MetricRecord:
+    if keys.METRICS not in content.metric_records:
+        raise InvalidReplyError(f"{who} has no '{keys.METRICS}' MetricRecord: the client must report its metrics there")
+    return content.metric_records[keys.METRICS]
 
 
 def positive_count(reply: Message, key: str = keys.NUM_EXAMPLES) -> int:
     """The example count `key` a reply reports; it must be a whole number >= 1."""
-    metrics = metrics_of(reply)
+    return _count_in(metrics_of(reply), _who(reply), key)
+
+
+def _count_in(metrics: MetricRecord, who: str, key: str = keys.NUM_EXAMPLES) -> int:
     if key not in metrics:
-        raise InvalidReplyError(f"{_who(reply)} does not report '{key}': the server weights and scales by it")
+        raise InvalidReplyError(f"{who} does not report '{key}': the server weights and scales by it")
     value = metrics[key]
     if isinstance(value, list) or not math.isfinite(float(value)) or not float(value).is_integer() or int(value) < 1:
-        raise InvalidReplyError(f"{_who(reply)} reports {key}={value!r}: must be a positive whole number of examples")
+        raise InvalidReplyError(f"{who} reports {key}={value!r}: must be a positive whole number of examples")
     return int(value)
 
 
@@ -80,11 +87,12 @@ def check_version(reply: Message, expected: str, stale_ok: bool = False) -> str:
     return version
 
 
-def _decode(array: Any, reply: Message, name: str) -> np.ndarray:
+def _decode(array: Any, reply: Message | str, name: str) -> np.ndarray:
     try:
         return np.asarray(array.numpy())
     except Exception as err:  # a declared shape or dtype that does not match the bytes: unreadable
-        raise InvalidReplyError(f"{_who(reply)}: tensor {name!r} cannot be decoded ({type(err).__name__}: {err})") from None
+        who = reply if isinstance(reply, str) else _who(reply)
+        raise InvalidReplyError(f"{who}: tensor {name!r} cannot be decoded ({type(err).__name__}: {err})") from None
 
 
 def vector_from_record(record: ArrayRecord, layout: ParamLayout, reply: Message, dtype: str | None = None) -> torch.Tensor:
@@ -143,31 +151,42 @@ def check_gradient_reply(
 
 def check_train_reply(reply: Message, template: ArrayRecord | None, arrays_key: str = keys.ARRAYS) -> int:
     """A FedAvg training reply: one model with the global model's keys, shapes and dtypes, finite, and a positive count."""
-    count = positive_count(reply)
+    if reply.has_error():
+        raise InvalidReplyError(f"{_who(reply)} is an error: {reply.error.reason}")
+    return check_train_content(reply.content, template, arrays_key, _who(reply))
+
+
+def check_train_content(content: RecordDict, template: ArrayRecord | None, arrays_key: str = keys.ARRAYS, who: str = "reply") -> int:
+    """`check_train_reply` on a reply's content (a cohort worker checks its virtual clients' replies with it); `who` names the sender."""
+    count = _count_in(_metrics_in(content, who), who)
     # A plain dict, not Flower's `array_records` view: the view is a reference cycle holding every model it lists, so a
     # model the streamed round drops would live on until the cyclic garbage collector ran (measured in tests/test_streaming.py).
-    records = {name: record for name, record in reply.content.items() if isinstance(record, ArrayRecord)}
+    records = {name: record for name, record in content.items() if isinstance(record, ArrayRecord)}
     if list(records.keys()) != [arrays_key]:
-        raise InvalidReplyError(f"{_who(reply)} holds ArrayRecords {list(records.keys())}: expected exactly one, '{arrays_key}'")
+        raise InvalidReplyError(f"{who} holds ArrayRecords {list(records.keys())}: expected exactly one, '{arrays_key}'")
     record = records[arrays_key]
     if template is not None:
-        if set(record.keys()) != set(template.keys()):
-            missing = sorted(set(template.keys()) - set(record.keys()))
-            extra = sorted(set(record.keys()) - set(template.keys()))
-            raise InvalidReplyError(
-                f"{_who(reply)}: model tensors differ from the global model's (missing {missing[:3]}, unexpected {extra[:3]})"
-            )
-        for name, expected in template.items():
-            got = record[name]
-            if tuple(got.shape) != tuple(expected.shape):
-                raise InvalidReplyError(f"{_who(reply)}: tensor {name!r} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
-            if got.dtype != expected.dtype:
-                raise InvalidReplyError(f"{_who(reply)}: tensor {name!r} has dtype {got.dtype}, expected {expected.dtype}")
+        check_like(record, template, who)
     for name, array in record.items():
-        values = _decode(array, reply, name)
+        values = _decode(array, who, name)
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
-            raise InvalidReplyError(f"{_who(reply)}: tensor {name!r} holds non-finite values (NaN or inf): never aggregated")
+            raise InvalidReplyError(f"{who}: tensor {name!r} holds non-finite values (NaN or inf): never aggregated")
     return count
+
+
+def check_like(record: ArrayRecord, template: ArrayRecord, who: str, dtype: str | None = None) -> None:
+    """The record has the template's tensor names and shapes, and its dtypes (or `dtype` for every tensor, when given)."""
+    if set(record.keys()) != set(template.keys()):
+        missing = sorted(set(template.keys()) - set(record.keys()))
+        extra = sorted(set(record.keys()) - set(template.keys()))
+        raise InvalidReplyError(f"{who}: model tensors differ from the global model's (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, expected in template.items():
+        got = record[name]
+        if tuple(got.shape) != tuple(expected.shape):
+            raise InvalidReplyError(f"{who}: tensor {name!r} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+        wanted = expected.dtype if dtype is None else dtype
+        if got.dtype != wanted:
+            raise InvalidReplyError(f"{who}: tensor {name!r} has dtype {got.dtype}, expected {wanted}")
 
 
 def bound_norm(vector: torch.Tensor, bound: float, action: str, who: str) -> tuple[torch.Tensor, bool]:
@@ -185,10 +204,11 @@ def bound_norm(vector: torch.Tensor, bound: float, action: str, who: str) -> tup
 
 
 def record_rejection(
-    log: list[dict[str, Any]], phase: str, partition: int | None, reply: Message, reason: str, server_round: int | None = None
+    log: list[dict[str, Any]], phase: str, partition: int | None, reply: Message | int, reason: str, server_round: int | None = None
 ) -> dict[str, Any]:
-    """Log why a reply was rejected and append the entry to `log` (what the results count)."""
-    entry: dict[str, Any] = {"phase": phase, "partition": partition, "node": int(reply.metadata.src_node_id), "reason": reason}
+    """Log why a reply was rejected and append the entry to `log` (what the results count); `reply` or its sender's node id."""
+    node = reply if isinstance(reply, int) else int(reply.metadata.src_node_id)
+    entry: dict[str, Any] = {"phase": phase, "partition": partition, "node": node, "reason": reason}
     if server_round is not None:
         entry["round"] = server_round
     log.append(entry)

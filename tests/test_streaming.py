@@ -6,7 +6,10 @@ Tolerances: the streamed mean is the float64 weighted mean rounded once to float
 ulp of the float64 reference (checked as |streamed - reference| <= 2**-24 |reference|); Flower's gathered path sums
 float32 products in float32, so streamed vs gathered agree to float32 accumulation error (K float32 ulps of the largest
 value, K the clients summed).
-Both execution modes run: per-node (a LocalGrid of plain nodes) and cohort (a CohortGrid over cohort nodes).
+Both execution modes run: per-node (a LocalGrid of plain nodes) and cohort (a CohortGrid over cohort nodes), the
+latter twice: each worker's packed reply holding one model per client (`cohort`, partial_sums=False) and one partial
+sum of its clients' models (`cohort-sums`, strategies/partial_sums.py: the round's mean is the same float64 sum
+regrouped, so the same half-ulp bound against numpy holds).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ NUM_CLIENTS = 7
 SHAPES = {"w": (30, 20), "b": (20,)}
 REJECTED = 2  # answers with a NaN in its model: validation refuses it
 CRASHED = 5  # raises in its ClientApp: an error reply
-MODES = ("per-node", "cohort")
+MODES = ("per-node", "cohort", "cohort-sums")
+SUMS = "cohort-sums"
 EXTRA_METRIC: set[int] = set()  # partitions that report one metric more than the others
 
 
@@ -155,14 +159,18 @@ def make_grid(small_cfg, tmp_path, mode: str, lazy: bool = False) -> GridWrapper
     node_grid = LazyGrid if lazy else LocalGrid
     if mode == "per-node":
         return node_grid(toy_app(), NUM_CLIENTS, capture_errors=True)
+    assert mode in ("cohort", SUMS)
     cohort_size = 3
     spec = app_config.client_spec_for(small_cfg.replace(num_clients=NUM_CLIENTS), str(tmp_path / "caches"))
     nodes = node_grid(CohortClientApp(spec, cohort_size, toy_app(), vectorise_train=False), num_cohorts(NUM_CLIENTS, cohort_size))
     return CohortGrid(nodes, num_clients=NUM_CLIENTS, cohort_size=cohort_size, timeout=5)
 
 
-def run_rounds(grid, streaming: bool, rounds: int = 2, recorder=None, round_offset: int = 0):
-    """Train `rounds` rounds through UnlearningFedAvg.start(); returns the strategy, the Result and the per-round ends."""
+def run_rounds(grid, streaming: bool, rounds: int = 2, recorder=None, round_offset: int = 0, partial_sums: bool = False):
+    """Train `rounds` rounds through UnlearningFedAvg.start(); returns the strategy, the Result and the per-round ends.
+
+    `partial_sums`: let cohort workers answer with partial sums (mode `cohort-sums`).
+    """
     directory = discover_clients(grid, NUM_CLIENTS, timeout=5)
     ends: list[tuple[int, ArrayRecord, MetricRecord | None]] = []
     strategy = UnlearningFedAvg(
@@ -173,6 +181,7 @@ def run_rounds(grid, streaming: bool, rounds: int = 2, recorder=None, round_offs
         update_recorder=recorder,
         round_offset=round_offset,
         on_round_end=lambda r, a, m: ends.append((r, a, m)),
+        partial_sums=partial_sums,
     )
     result = strategy.start(grid=grid, initial_arrays=record_of(initial_model()), num_rounds=rounds, timeout=30)
     return strategy, result, ends
@@ -194,7 +203,7 @@ def reference_rounds(rounds: int, round_offset: int = 0) -> list[dict[str, np.nd
 
 @pytest.mark.parametrize("mode", MODES)
 def test_the_streamed_round_is_the_weighted_mean_of_the_accepted_models(small_cfg, tmp_path, mode):
-    strategy, result, ends = run_rounds(make_grid(small_cfg, tmp_path, mode), streaming=True, round_offset=3)
+    strategy, result, ends = run_rounds(make_grid(small_cfg, tmp_path, mode), streaming=True, round_offset=3, partial_sums=mode == SUMS)
     expected = reference_rounds(2, round_offset=3)
     assert [r for r, _, _ in ends] == [4, 5]  # absolute rounds: round_offset applied
     for (_, arrays, _), reference in zip(ends, expected, strict=True):
@@ -219,7 +228,7 @@ def test_the_streamed_round_is_the_weighted_mean_of_the_accepted_models(small_cf
 
 @pytest.mark.parametrize("mode", MODES)
 def test_streamed_and_gathered_rounds_agree(small_cfg, tmp_path, mode):
-    streamed, s_result, _ = run_rounds(make_grid(small_cfg, tmp_path / "s", mode), streaming=True)
+    streamed, s_result, _ = run_rounds(make_grid(small_cfg, tmp_path / "s", mode), streaming=True, partial_sums=mode == SUMS)
     gathered, g_result, _ = run_rounds(make_grid(small_cfg, tmp_path / "g", mode), streaming=False)
     for name in SHAPES:
         s_mean, g_mean = s_result.arrays[name].numpy(), g_result.arrays[name].numpy()
@@ -241,7 +250,10 @@ def test_recorders_see_the_same_clients_streamed_or_gathered(small_cfg, tmp_path
     def plain(calls):  # a plain callable recorder: still handed the whole round, in partition order
         return lambda r, clients, before: calls.append((r, {p: (a["w"].numpy().copy(), n) for p, (a, n) in clients.items()}))
 
-    run_rounds(make_grid(small_cfg, tmp_path / "s", mode), streaming=True, recorder=fan_out([s_rec, plain(s_calls)]))
+    # With a recorder the strategy never asks for partial sums (the recorders need every client's model): cohort-sums too.
+    run_rounds(
+        make_grid(small_cfg, tmp_path / "s", mode), streaming=True, recorder=fan_out([s_rec, plain(s_calls)]), partial_sums=mode == SUMS
+    )
     run_rounds(make_grid(small_cfg, tmp_path / "g", mode), streaming=False, recorder=fan_out([g_rec, plain(g_calls)]))
     accepted = [p for p in range(NUM_CLIENTS) if p not in (REJECTED, CRASHED)]
     total = sum(examples_of(p) for p in accepted)
@@ -291,27 +303,30 @@ def test_the_server_never_holds_the_rounds_models_at_once(small_cfg, tmp_path, m
 
         UnlearningFedAvg.check_train = counting  # type: ignore[method-assign]
         try:
-            run_rounds(grid, streaming=streaming, rounds=1)
+            run_rounds(grid, streaming=streaming, rounds=1, partial_sums=mode == SUMS)
         finally:
             UnlearningFedAvg.check_train = original  # type: ignore[method-assign]
         peaks[streaming] = peak[0]
         gc.collect()
         assert len(LIVE_CLIENT_MODELS) == 0  # nothing kept after the round, either way
     sent = NUM_CLIENTS - 1  # the crashed client sends no model
-    # Per-node: the reply being checked; cohort: the models of the one packed reply being unpacked (cohort size 3).
-    assert peaks[True] <= (1 if mode == "per-node" else 3)
+    # Per-node: the reply being checked; cohort: the models of the one packed reply being unpacked (cohort size 3);
+    # cohort-sums: the one partial sum that packed reply holds instead. Gathered, partial sums are never asked for.
+    assert peaks[True] <= {"per-node": 1, "cohort": 3, SUMS: 1}[mode]
     assert peaks[False] == sent
 
 
-def test_metering_counts_every_streamed_reply(small_cfg, tmp_path):
+@pytest.mark.parametrize("mode", ["cohort", SUMS])
+def test_metering_counts_every_streamed_reply(small_cfg, tmp_path, mode):
+    """Rounds, participations and bytes both ways: with partial sums each client is charged the reply it would have sent."""
     from fedunlearn.costs import CostMeter
 
     counts = {}
     for streaming in (True, False):
         meter = CostMeter()
-        grid = MeteredGrid(make_grid(small_cfg, tmp_path / str(streaming), "cohort"), meter)
+        grid = MeteredGrid(make_grid(small_cfg, tmp_path / str(streaming), mode), meter)
         with meter.phase("training"):
-            run_rounds(grid, streaming=streaming)
+            run_rounds(grid, streaming=streaming, partial_sums=mode == SUMS)
         cost = meter.get("training")
         counts[streaming] = (cost.rounds, cost.participations, cost.bytes_down, cost.bytes_up)
     assert counts[True] == counts[False]
@@ -370,7 +385,7 @@ def test_a_reply_with_other_metrics_is_refused_alone(small_cfg, tmp_path, mode):
     """
     EXTRA_METRIC.add(4)
     try:
-        strategy, result, _ = run_rounds(make_grid(small_cfg, tmp_path, mode), streaming=True, rounds=1)
+        strategy, result, _ = run_rounds(make_grid(small_cfg, tmp_path, mode), streaming=True, rounds=1, partial_sums=mode == SUMS)
     finally:
         EXTRA_METRIC.clear()
     assert [(e["partition"], "reports metrics" in e["reason"]) for e in strategy.rejected if e["partition"] != REJECTED] == [(4, True)]
