@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,9 +333,9 @@ def partition_labels(labels: np.ndarray, spec: DataSpec, seed: int | None = None
     Shard and pathological partitions can leave rows in no client (the last incomplete shards; classes
     no client drew); every client gets at least `MIN_CLIENT_EXAMPLES` rows or ConfigError says how to fix it.
     `seed` defaults to `spec.seed`; the shuffle and the partitioner draw from two streams derived from it.
+    From `PARTITION_CACHE_FROM` clients on, the parts are read from (or written to) a file keyed by the labels, the
+    partition options, the seed and the library versions: the first process on a machine computes them.
     """
-    from datasets import Dataset
-
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels has shape {labels.shape}: must be 1-D")
@@ -343,7 +344,76 @@ def partition_labels(labels: np.ndarray, spec: DataSpec, seed: int | None = None
             f"num_clients={spec.num_clients}: {labels.size} training examples cannot give every client "
             f"{MIN_CLIENT_EXAMPLES} (one to train on, one held out); use fewer clients"
         )
-    shuffle_seed, partitioner_seed = (int(s) for s in np.random.SeedSequence(spec.seed if seed is None else seed).generate_state(2))
+    seed = spec.seed if seed is None else seed
+    cache = _partition_cache_file(labels, spec, seed)
+    if cache is not None:
+        cached = _read_partition_cache(cache, spec.num_clients)
+        if cached is not None:
+            return cached
+    parts = _partition_labels(labels, spec, seed)
+    if cache is not None:
+        _write_partition_cache(cache, parts)
+    return parts
+
+
+# Partitioning calls flwr-datasets' load_partition once per client (about 20 ms each): at 10,000 clients that is
+# minutes, paid by the driver and again by every Ray worker that loads the data. From this many clients on, the
+# parts are kept in a file keyed by everything they depend on, so the first process on a machine computes them and
+# the others read them. FEDUNLEARN_PARTITION_CACHE: the folder (default: <temp>/fedunlearn-partitions), or "off".
+PARTITION_CACHE_FROM = 1000
+PARTITION_CACHE_VERSION = 1  # raise when partition_labels changes what it returns for the same inputs
+
+
+def _partition_cache_file(labels: np.ndarray, spec: DataSpec, seed: int) -> Path | None:
+    import hashlib
+    import os
+    import tempfile
+
+    setting = os.environ.get("FEDUNLEARN_PARTITION_CACHE", "")
+    if spec.num_clients < PARTITION_CACHE_FROM or setting.lower() == "off":
+        return None
+    import datasets
+    import flwr_datasets
+
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(labels.astype(np.int64)).tobytes())
+    key = f"{PARTITION_CACHE_VERSION}|{_partition_settings(spec)}|seed={seed}|flwr-datasets={flwr_datasets.__version__}|datasets={datasets.__version__}"
+    digest.update(key.encode())
+    folder = Path(setting) if setting else Path(tempfile.gettempdir()) / "fedunlearn-partitions"
+    return folder / f"parts-{spec.num_clients}-{digest.hexdigest()[:24]}.npz"
+
+
+def _read_partition_cache(path: Path, num_clients: int) -> list[np.ndarray] | None:
+    """The cached parts, or None when the file is missing or unreadable (then they are computed again)."""
+    try:
+        with np.load(path) as stored:
+            flat, offsets = stored["flat"], stored["offsets"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    if offsets.shape != (num_clients + 1,) or int(offsets[-1]) != flat.size:
+        return None
+    return [flat[offsets[i] : offsets[i + 1]].astype(np.int64) for i in range(num_clients)]
+
+
+def _write_partition_cache(path: Path, parts: list[np.ndarray]) -> None:
+    """Write atomically (a temporary file renamed), so a process reading at the same time sees all of it or nothing."""
+    import os
+
+    offsets = np.concatenate([[0], np.cumsum([p.size for p in parts])]).astype(np.int64)
+    flat = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(temporary, flat=flat, offsets=offsets)
+        os.replace(temporary, path)
+    except OSError:  # a read-only or full temp folder: the parts are still returned, only not kept
+        pass
+
+
+def _partition_labels(labels: np.ndarray, spec: DataSpec, seed: int) -> list[np.ndarray]:
+    from datasets import Dataset
+
+    shuffle_seed, partitioner_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
     # The permutation is applied here rather than by Dataset.shuffle: the same order, without an indices mapping
     # that every partition's select would compose (2x slower at 100 clients).
     order = np.random.default_rng(shuffle_seed).permutation(labels.size)

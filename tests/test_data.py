@@ -503,3 +503,40 @@ def test_dataset_store_caches_per_spec() -> None:
 def test_replace_revalidates() -> None:
     with pytest.raises(ValueError, match="backdoor_client"):
         replace(DataSpec(), num_clients=2, backdoor_client=5)
+
+
+def test_many_clients_partition_once_per_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From PARTITION_CACHE_FROM clients the parts are kept in a file: a second process reads them, bit for bit.
+
+    The reference is the partitioner run with the cache off; a changed option, seed or label set gets its own file;
+    a torn or foreign file is recomputed, never trusted.
+    """
+    from fedunlearn import data as data_module
+
+    monkeypatch.setattr(data_module, "PARTITION_CACHE_FROM", 20)
+    labels = np.random.default_rng(0).integers(0, 10, 400)
+    spec = DataSpec(num_clients=20, partition="dirichlet", alpha=0.5, min_partition_size=2, seed=1)
+    monkeypatch.setenv("FEDUNLEARN_PARTITION_CACHE", "off")
+    reference = partition_labels(labels, spec)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setenv("FEDUNLEARN_PARTITION_CACHE", str(tmp_path))
+    first = partition_labels(labels, spec)
+    files = list(tmp_path.glob("parts-20-*.npz"))
+    assert len(files) == 1
+    calls: list[int] = []
+    monkeypatch.setattr(data_module, "_partition_labels", lambda *a: calls.append(1) or reference)
+    again = partition_labels(labels, spec)
+    assert calls == []  # read from the file, not partitioned again
+    for parts in (first, again):
+        assert len(parts) == 20 and all(p.dtype == np.int64 and np.array_equal(p, r) for p, r in zip(parts, reference, strict=True))
+    partition_labels(labels, DataSpec(num_clients=20, partition="dirichlet", alpha=0.5, min_partition_size=2, seed=2))
+    partition_labels(labels[::-1].copy(), spec)
+    partition_labels(labels, DataSpec(num_clients=20, partition="dirichlet", alpha=0.3, min_partition_size=2, seed=1))
+    assert calls == [1, 1, 1] and len(list(tmp_path.glob("parts-20-*.npz"))) == 4
+    files[0].write_bytes(files[0].read_bytes()[:50])  # torn
+    assert len(partition_labels(labels, spec)) == 20 and calls == [1, 1, 1, 1]
+    np.savez(files[0], flat=np.arange(5), offsets=np.array([0, 5]))  # another shape
+    assert len(partition_labels(labels, spec)) == 20 and calls == [1, 1, 1, 1, 1]
+    small = DataSpec(num_clients=10, partition="iid")
+    partition_labels(labels, small)  # below the threshold: never cached
+    assert not list(tmp_path.glob("parts-10-*.npz"))
