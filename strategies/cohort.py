@@ -51,6 +51,7 @@ from .fedavg import model_version
 from .grid_wrapper import GridWrapper
 from .partial_sums import summarise
 from .runtime import ClientRuntime, ClientSpec, train_seed, train_settings_from
+from .streaming import ReplyStream, poll_interval_of
 from .wire import as_int, as_ints
 
 if TYPE_CHECKING:
@@ -79,6 +80,8 @@ COHORT_RECORD = keys.COHORT_RECORD
 COHORT_INDEX = keys.COHORT_INDEX
 COHORT_PARTITIONS = keys.COHORT_PARTITIONS
 STATE_PREFIX = "cohort-client-"  # per-virtual-client records in the physical node's context.state
+# A packed reply to a gradient query or caching round holds about this many bytes of arrays at most (CohortGrid._chunks).
+REPLY_BUDGET_BYTES = 64 * 2**20
 # Virtual node ids: far above any partition id, nonzero, never the SuperLink's id (1).
 VIRTUAL_NODE_BASE = 1 << 40
 
@@ -193,14 +196,19 @@ class CohortGrid(GridWrapper):
 
     `num_clients` virtual clients in cohorts of `cohort_size`; the wrapped grid must have exactly
     num_cohorts(num_clients, cohort_size) nodes running the cohort ClientApp built with the same sizes.
+    `reply_budget_bytes` (default REPLY_BUDGET_BYTES): a node's non-training messages that carry arrays go in
+    chunks whose replies hold about that much, one chunk at a time (`_chunks`).
     """
 
     grid: Grid
 
-    def __init__(self, grid: Grid, num_clients: int, cohort_size: int, timeout: float = 120.0) -> None:
+    def __init__(
+        self, grid: Grid, num_clients: int, cohort_size: int, timeout: float = 120.0, reply_budget_bytes: int | None = None
+    ) -> None:
         super().__init__(grid)
         self.num_clients = num_clients
         self.cohort_size = cohort_size
+        self.reply_budget_bytes = REPLY_BUDGET_BYTES if reply_budget_bytes is None else reply_budget_bytes
         self.num_cohorts = num_cohorts(num_clients, cohort_size)
         self.timeout = timeout
         self._node_of: dict[int, int] | None = None  # partition -> physical node id
@@ -208,6 +216,7 @@ class CohortGrid(GridWrapper):
         self._packed_of: dict[str, str] = {}  # virtual message id -> packed message id
         self._replies: dict[str, Message] = {}  # virtual message id -> its reply, once pulled
         self._partial_ok: set[int] = set()  # id() of virtual train messages whose replies may come as partial sums
+        self._later: dict[int, list[tuple[Message, list[Message]]]] = {}  # physical node -> its chunks not pushed yet
 
     def get_node_ids(self) -> Iterable[int]:
         """One virtual node id per client once every physical node has said which cohort it hosts (empty until then)."""
@@ -286,12 +295,34 @@ class CohortGrid(GridWrapper):
         packed = []
         for (node, message_type), group in groups.items():
             partial = message_type == keys.TRAIN and all(id(m) in allowed for m in group)
-            content = pack([(self.partition_of(m.metadata.dst_node_id), m.content) for m in group], partial_sums=partial)
-            ttl = min(m.metadata.ttl for m in group)
-            packed.append(
-                (Message(content, dst_node_id=node, message_type=message_type, ttl=ttl, group_id=group[0].metadata.group_id), group)
-            )
+            chunks = [group] if message_type == keys.TRAIN else self._chunks(group)
+            for chunk in chunks:
+                content = pack([(self.partition_of(m.metadata.dst_node_id), m.content) for m in chunk], partial_sums=partial)
+                ttl = min(m.metadata.ttl for m in chunk)
+                packed.append(
+                    (Message(content, dst_node_id=node, message_type=message_type, ttl=ttl, group_id=chunk[0].metadata.group_id), chunk)
+                )
         return packed
+
+    def _chunks(self, group: list[Message]) -> list[list[Message]]:
+        """A node's virtual messages of one type in chunks whose replies hold about `reply_budget_bytes` of arrays.
+
+        The replies to a gradient query or a caching round carry one model-sized vector per client: 64 of the
+        McMahan CNN's are 425 MB per packed reply, held by the worker, Ray's copy and the driver at once (the memory
+        benchmark measured it). The size of the largest array record a message carries (the model it is sent) stands
+        for the size of its reply. Training messages are never chunked: the cohort trains as one computation, and
+        its reply is one partial sum when the strategy allows it.
+        """
+        largest = max((record.count_bytes() for record in group[0].content.values() if isinstance(record, ArrayRecord)), default=0)
+        if largest == 0 or len(group) * largest <= self.reply_budget_bytes:
+            return [group]
+        count = math.ceil(len(group) / max(1, self.reply_budget_bytes // largest))
+        size = math.ceil(len(group) / count)  # even chunks: 64 clients at 9 per chunk go 8 x 8, not 7 x 9 + 1
+        return [group[i : i + size] for i in range(0, len(group), size)]
+
+    def _node_of_message(self, group: list[Message]) -> int:
+        assert self._node_of is not None
+        return self._node_of[self.partition_of(group[0].metadata.dst_node_id)]
 
     @staticmethod
     def _unpack(reply: Message, group: list[Message]) -> list[Message]:
@@ -308,17 +339,44 @@ class CohortGrid(GridWrapper):
         return replies
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Pack and push; returns the virtual messages' ids."""
+        """Pack and push; returns the virtual messages' ids.
+
+        A node's chunks (see `_chunks`) go one at a time: the next is pushed when the previous one's reply is pulled,
+        so a worker never serves two messages at once (its Context would be written back by both) and at most one
+        chunk's replies per node are on their way.
+        """
+        return self._schedule(self._pack(messages))
+
+    def _schedule(self, packed: list[tuple[Message, list[Message]]]) -> list[str]:
+        """Push each node's first chunk now and queue the rest (`_push_next`); the virtual messages' ids."""
         ids: list[str] = []
-        packed = self._pack(messages)
+        now: list[tuple[Message, list[Message]]] = []
+        for message, group in packed:
+            ids.extend(m.metadata.message_id for m in group)
+            node = message.metadata.dst_node_id
+            if node in self._later or any(p.metadata.dst_node_id == node for p, _ in now):
+                self._later.setdefault(node, []).append((message, group))
+            else:
+                now.append((message, group))
+        self._push(now)
+        return ids
+
+    def _push(self, packed: list[tuple[Message, list[Message]]]) -> None:
         pushed = set(self.grid.push_messages([p for p, _ in packed]))
         for message, group in packed:
             packed_id = message.metadata.message_id
-            ids.extend(m.metadata.message_id for m in group)
             if packed_id in pushed:
                 self._pending[packed_id] = group
                 self._packed_of.update({m.metadata.message_id: packed_id for m in group})
-        return ids
+
+    def _push_next(self, node: int) -> None:
+        """The node answered its chunk: push its next one, if it has one waiting."""
+        waiting = self._later.get(node)
+        if not waiting:
+            return
+        self._push([waiting.pop(0)])
+        if not waiting:
+            del self._later[node]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Replies available for these virtual message ids, unpacked one physical reply at a time as the caller consumes them.
@@ -341,6 +399,7 @@ class CohortGrid(GridWrapper):
                 group = self._pending.pop(reply.metadata.reply_to_message_id, None)
                 if group is None:
                     continue
+                self._push_next(self._node_of_message(group))
                 for message in group:
                     self._packed_of.pop(message.metadata.message_id, None)
                 virtuals = self._unpack(reply, group)[::-1]
@@ -365,6 +424,8 @@ class CohortGrid(GridWrapper):
         if not messages:
             return []
         packed = self._pack(messages)
+        if len({p.metadata.dst_node_id for p, _ in packed}) < len(packed):  # some node has several chunks: one at a time
+            return list(ReplyStream(self, self._schedule(packed), timeout, poll_interval_of(self.grid)))
         replies = list(self.grid.send_and_receive([p for p, _ in packed], timeout=timeout))
         group_of = {p.metadata.message_id: group for p, group in packed}
         out: list[Message] = []

@@ -6,9 +6,10 @@ import copy
 import math
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
@@ -19,6 +20,7 @@ from fedunlearn.training import TrainSettings, local_train
 from simulations import runner
 from simulations.runner import Experiment
 from strategies import app_config
+from strategies import cohort as cohort_module
 from strategies.client_app import build_client_app
 from strategies.cohort import (
     VIRTUAL_NODE_BASE,
@@ -220,6 +222,89 @@ def test_cohort_grid_replies_look_like_per_node_replies(small_cfg, tmp_path):
     assert sorted(r.metadata.src_node_id for r in replies) == [nodes[0], nodes[2], nodes[3]]
 
 
+def array_echo_app() -> ClientApp:
+    """Answers query.vector with a vector the size of the model it was sent, filled with its partition id."""
+    app = ClientApp()
+
+    @app.query("vector")
+    def vector(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        size = int(msg.content["model"]["w"].numpy().size)
+        record = ArrayRecord({"v": Array(np.full(size, pid, dtype=np.float32))})
+        return Message(RecordDict({"vector": record, "metrics": MetricRecord({"pid": pid})}), reply_to=msg)
+
+    return app
+
+
+class InFlight(LocalGrid):
+    """A LocalGrid that records, per node, how many packed messages were pushed and not yet pulled, at most."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.outstanding: dict[int, int] = {}
+        self.most: dict[int, int] = {}
+        self.pushed_clients: list[int] = []
+        self._node_of_reply: dict[str, int] = {}
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        for message, message_id in zip(messages, ids, strict=True):
+            node = message.metadata.dst_node_id
+            if message.metadata.message_type == "query.cohort":
+                continue
+            self.outstanding[node] = self.outstanding.get(node, 0) + 1
+            self.most[node] = max(self.most.get(node, 0), self.outstanding[node])
+            self.pushed_clients.append(len(unpack(message.content)))
+            self._node_of_reply[message_id] = node
+        return ids
+
+    def pull_messages(self, message_ids):
+        for reply in super().pull_messages(message_ids):
+            node = self._node_of_reply.pop(reply.metadata.reply_to_message_id, None)
+            if node is not None:
+                self.outstanding[node] -= 1
+            yield reply
+
+
+@pytest.mark.parametrize("how", ["send_and_receive", "push-pull"])
+def test_replies_of_model_sized_messages_go_in_chunks_one_at_a_time_per_node(small_cfg, tmp_path, how):
+    """Each packed message holds at most the budget's worth of clients; a node never has two in flight; the replies are
+    the same as from one packed message per node (compared with a grid whose budget fits a whole cohort)."""
+    cfg = small_cfg.replace(num_clients=7)
+    spec = app_config.client_spec_for(cfg, str(tmp_path / "caches"))
+    model = ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})  # 4000 bytes per client's reply
+    outcomes = {}
+    for budget in (10_000, 10**9):  # two clients per chunk; the whole cohort of 4
+        local = InFlight(CohortClientApp(spec, 4, array_echo_app()), 2)
+        grid = CohortGrid(local, num_clients=7, cohort_size=4, timeout=5, reply_budget_bytes=budget)
+        nodes = list(grid.get_node_ids())
+        messages = [Message(RecordDict({"model": model}), dst_node_id=n, message_type="query.vector") for n in nodes]
+        if how == "send_and_receive":
+            replies = list(grid.send_and_receive(messages, timeout=5))
+        else:
+            ids = list(grid.push_messages(messages))
+            replies = []
+            while len(replies) < len(ids):
+                pulled = list(grid.pull_messages(ids))
+                assert pulled, "a chunk was never pushed"
+                replies.extend(pulled)
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        assert set(by_node) == set(nodes)
+        for message in messages:
+            reply = by_node[message.metadata.dst_node_id]
+            assert reply.metadata.reply_to_message_id == message.metadata.message_id
+        outcomes[budget] = (
+            {n: (r.content["metrics"]["pid"], r.content["vector"]["v"].numpy().tolist()) for n, r in by_node.items()},
+            local.pushed_clients,
+            max(local.most.values()),
+        )
+    chunked, whole = outcomes[10_000], outcomes[10**9]
+    assert chunked[0] == whole[0]  # every virtual reply the same
+    assert whole[1] == [4, 3] and sorted(chunked[1]) == [1, 2, 2, 2]  # cohort 1 (3 clients) splits evenly: 2 + 1
+    assert chunked[2] == 1 and whole[2] == 1  # never two packed messages in flight to one node
+
+
 # ----- (b) a whole experiment: per-node == cohort --------------------------------------------------------------
 def run_experiment(cfg, tmp_path, monkeypatch, mode: str, cohort_size: int = 2, capture_errors: bool = False, vectorise: bool = True):
     """Drive `cfg` in-process; returns (results, every model the evaluator saw, in order)."""
@@ -263,9 +348,15 @@ def assert_same_run(per_node, cohort):
         assert results_b["models"][name]["acc_test"] == pytest.approx(model["acc_test"], abs=0.01), name
 
 
-@pytest.mark.parametrize("vectorise", [True, False], ids=["vmap", "loop"])
-def test_a_whole_run_in_cohort_mode_equals_per_node_mode(small_cfg, tmp_path, monkeypatch, vectorise):
-    """Training (sampled rounds, momentum), caches, two withdrawals in a stream, every unlearning method; cohorts of 2, 2 and 1."""
+@pytest.mark.parametrize("vectorise, chunked", [(True, False), (False, False), (False, True)], ids=["vmap", "loop", "loop-chunked"])
+def test_a_whole_run_in_cohort_mode_equals_per_node_mode(small_cfg, tmp_path, monkeypatch, vectorise, chunked):
+    """Training (sampled rounds, momentum), caches, two withdrawals in a stream, every unlearning method; cohorts of 2, 2 and 1.
+
+    `loop-chunked`: every non-training message goes one virtual client per packed message (a reply budget of one
+    byte), each node's chunks one after another, as 1000 clients of a large model would.
+    """
+    if chunked:
+        monkeypatch.setattr(cohort_module, "REPLY_BUDGET_BYTES", 1)
     cfg = small_cfg.replace(
         num_clients=5,
         rounds=3,
