@@ -372,12 +372,11 @@ def _partition_cache_file(labels: np.ndarray, spec: DataSpec, seed: int) -> Path
     setting = os.environ.get("FEDUNLEARN_PARTITION_CACHE", "")
     if spec.num_clients < PARTITION_CACHE_FROM or setting.lower() == "off":
         return None
-    import datasets
-    import flwr_datasets
+    from importlib.metadata import version  # not `import datasets`: a process that reads the file never pays its 190 MB
 
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(labels.astype(np.int64)).tobytes())
-    key = f"{PARTITION_CACHE_VERSION}|{_partition_settings(spec)}|seed={seed}|flwr-datasets={flwr_datasets.__version__}|datasets={datasets.__version__}"
+    key = f"{PARTITION_CACHE_VERSION}|{_partition_settings(spec)}|seed={seed}|flwr-datasets={version('flwr-datasets')}|datasets={version('datasets')}"
     digest.update(key.encode())
     folder = Path(setting) if setting else Path(tempfile.gettempdir()) / "fedunlearn-partitions"
     return folder / f"parts-{spec.num_clients}-{digest.hexdigest()[:24]}.npz"
