@@ -348,6 +348,8 @@ def partition_labels(labels: np.ndarray, spec: DataSpec, seed: int | None = None
     cache = _partition_cache_file(labels, spec, seed)
     if cache is not None:
         cached = _read_partition_cache(cache, spec.num_clients)
+        if cached is None and _partition_in_child(labels, spec, seed, cache):
+            cached = _read_partition_cache(cache, spec.num_clients)
         if cached is not None:
             return cached
     parts = _partition_labels(labels, spec, seed)
@@ -407,6 +409,35 @@ def _write_partition_cache(path: Path, parts: list[np.ndarray]) -> None:
         os.replace(temporary, path)
     except OSError:  # a read-only or full temp folder: the parts are still returned, only not kept
         pass
+
+
+def _partition_in_child(labels: np.ndarray, spec: DataSpec, seed: int, path: Path) -> bool:
+    """Partition in a short-lived Python process that writes the file: this process never imports `datasets`
+    (190 MB of RSS, kept for the process's life; at 1000 clients two Ray workers and the driver paid it). False when
+    the child failed (then the caller partitions here, and raises the partitioner's own error if there is one)."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.environ.get("FEDUNLEARN_PARTITION_CHILD"):  # already the child: partition here
+        return False
+    with tempfile.TemporaryDirectory(prefix="fedunlearn-partition-") as tmp:
+        job = Path(tmp) / "job.pkl"
+        job.write_bytes(pickle.dumps((labels, spec, seed, str(path))))
+        code = "import pickle, sys; from fedunlearn.data import _partition_child; _partition_child(sys.argv[1])"
+        env = {**os.environ, "FEDUNLEARN_PARTITION_CHILD": "1"}
+        done = subprocess.run([sys.executable, "-c", code, str(job)], env=env, capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def _partition_child(job: str) -> None:
+    """The child of `_partition_in_child`: partition and write the file."""
+    import pickle
+
+    labels, spec, seed, path = pickle.loads(Path(job).read_bytes())
+    _write_partition_cache(Path(path), _partition_labels(labels, spec, seed))
 
 
 def _partition_labels(labels: np.ndarray, spec: DataSpec, seed: int) -> list[np.ndarray]:

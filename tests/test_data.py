@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -514,6 +515,7 @@ def test_many_clients_partition_once_per_machine(tmp_path: Path, monkeypatch: py
     from fedunlearn import data as data_module
 
     monkeypatch.setattr(data_module, "PARTITION_CACHE_FROM", 20)
+    monkeypatch.setenv("FEDUNLEARN_PARTITION_CHILD", "1")  # partition in this process, where the calls can be counted
     labels = np.random.default_rng(0).integers(0, 10, 400)
     spec = DataSpec(num_clients=20, partition="dirichlet", alpha=0.5, min_partition_size=2, seed=1)
     monkeypatch.setenv("FEDUNLEARN_PARTITION_CACHE", "off")
@@ -540,3 +542,34 @@ def test_many_clients_partition_once_per_machine(tmp_path: Path, monkeypatch: py
     small = DataSpec(num_clients=10, partition="iid")
     partition_labels(labels, small)  # below the threshold: never cached
     assert not list(tmp_path.glob("parts-10-*.npz"))
+
+
+def test_a_cache_miss_partitions_in_a_child_process(tmp_path: Path) -> None:
+    """A fresh process that partitions 1000 clients leaves `datasets` (190 MB of RSS) to a short-lived child and reads
+    its file; the parts equal the partitioner's run in-process (the reference, with the cache off)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, numpy as np
+from fedunlearn.data import DataSpec, partition_labels
+labels = np.random.default_rng(0).integers(0, 10, 3000)
+spec = DataSpec(num_clients=1000, partition="iid", seed=5)
+parts = partition_labels(labels, spec)
+assert "datasets" not in sys.modules and "flwr_datasets" not in sys.modules, "the parent imported datasets"
+np.savez({str(tmp_path / "parts.npz")!r}, *parts)
+"""
+    env = {**os.environ, "FEDUNLEARN_PARTITION_CACHE": str(tmp_path / "cache")}
+    env.pop("FEDUNLEARN_PARTITION_CHILD", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "cache").glob("parts-1000-*.npz"))) == 1
+    labels = np.random.default_rng(0).integers(0, 10, 3000)
+    os.environ["FEDUNLEARN_PARTITION_CACHE"] = "off"
+    try:
+        reference = partition_labels(labels, DataSpec(num_clients=1000, partition="iid", seed=5))
+    finally:
+        del os.environ["FEDUNLEARN_PARTITION_CACHE"]
+    with np.load(tmp_path / "parts.npz") as stored:
+        got = [stored[f"arr_{i}"] for i in range(1000)]
+    assert all(np.array_equal(a, b) for a, b in zip(got, reference, strict=True))
