@@ -77,7 +77,7 @@ def overrides_for(clients: int, rounds: int, dataset_root: str, args: argparse.N
         "local_epochs": 1,
         "batch_size": 32,
         "lr": 0.05,
-        "methods": ",".join(METHODS),
+        "methods": ",".join(args.methods),
         "seed": args.seed,
         "execution": "cohort" if cohort else "per-node",
         # cheap evaluation: this benchmark is about cost; the removal metrics are other benchmarks' business
@@ -218,15 +218,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one point may run")
     parser.add_argument("--memory-cap-gb", type=float, default=None)
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated methods, retrain first (default {','.join(METHODS)}; leave iau out where its rounds over every client would not fit --timeout)",
+    )
     add_point_arguments(parser)
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/scaling.json; the plot goes beside it)")
     args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+    if not args.methods or args.methods[0] != "retrain" or not set(args.methods) <= set(METHODS):
+        parser.error(f"--methods {','.join(args.methods)!s}: a subset of {','.join(METHODS)} that starts with retrain (the reference)")
     grid = parse_grid(args.grid) if args.grid else default_grid()
     for _, _, examples in grid:
         data.partition_size(examples)  # refuses example counts the held-out split cannot leave exactly, before anything runs
     out = Path(args.out) if args.out else RESULTS_DIR / "scaling.json"
     result = envelope(
-        "scaling", {**{k: v for k, v in vars(args).items() if k != "out"}, "grid": [list(p) for p in grid], "methods": list(METHODS)}, argv
+        "scaling",
+        {**{k: v for k, v in vars(args).items() if k != "out"}, "grid": [list(p) for p in grid], "methods": list(args.methods)},
+        argv,
     )
     result["points"] = []
     cap = int(args.memory_cap_gb * 1e9) if args.memory_cap_gb else None
@@ -260,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             "process_wall_s": child.get("process_wall_s"),
         }
         if results is not None:
-            point["methods"] = {name: method_row(model) for name, model in results.get("models", {}).items() if name in METHODS}
+            point["methods"] = {name: method_row(model) for name, model in results.get("models", {}).items() if name in args.methods}
             point["training_wall_s"] = (results.get("phases") or {}).get("training", {}).get("wall_s")
         unfinished = [n for n, r in point["methods"].items() if r.get("status") not in FINISHED]
         if unfinished:
