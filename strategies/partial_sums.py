@@ -163,6 +163,7 @@ class PartialSumBook:
         self.covered: dict[int, int] = {}  # partition -> carrier partition, for every accepted sum
         self.refused: dict[int, str] = {}  # carrier partition -> why its sum was refused
         self.waiting: dict[int, int] = {}  # covered client -> the carrier it names, while that carrier has not come
+        self._base: dict[str, np.ndarray] | None = None  # the global model in float64, decoded once per round
 
     def take(
         self, partition: int, content: RecordDict, models: WeightedModelSum, metric_keys: set[str] | None, who: str
@@ -241,9 +242,9 @@ class PartialSumBook:
         if not all(np.isfinite(v).all() for v in arrays.values()):
             raise InvalidReplyError(f"{who}: its partial sum holds non-finite values (NaN or inf): never aggregated")
         total = sum(counts)
-        distance = math.sqrt(
-            sum(float(np.sum((arrays[name] / total - array.numpy().astype(np.float64)) ** 2)) for name, array in self.template.items())
-        )
+        if self._base is None:
+            self._base = {name: array.numpy().astype(np.float64) for name, array in self.template.items()}
+        distance = math.sqrt(sum(float(np.sum((arrays[name] / total - base) ** 2)) for name, base in self._base.items()))
         bound = sum(n * v for n, v in zip(counts, norms, strict=True)) / total
         if distance > bound * (1 + TRIANGLE_RTOL) + 1e-12:
             raise InvalidReplyError(
